@@ -1,0 +1,329 @@
+"""The fused ops, registered with ``torch.library`` as ``torch.ops.lifelong.<name>``.
+
+Each op validates its inputs (:mod:`lifelong_engine.checks`), then runs the
+implementation of the selected backend (:mod:`lifelong_engine.backends`): the
+``reference`` backend is :mod:`lifelong_engine.reference`; faster ones plug in there
+without changing callers. Every op has a fake (meta) implementation for
+``torch.compile`` and an autograd formula whose backward is itself a registered op,
+dispatched to the backend chosen when the forward ran.
+
+Backends: ``LIFELONG_BACKEND=auto|triton|cuda|reference`` or ``with use_backend(name):``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from . import backends, checks
+from .backends import available_backends, requested_backend, use_backend
+
+__all__ = [
+    "lora_kv_projection",
+    "regional_cross_attention",
+    "ewa_weights",
+    "ewa_merge",
+    "use_backend",
+    "available_backends",
+    "requested_backend",
+]
+
+
+def _custom_op(name: str):
+    """torch.library.custom_op that keeps the function's docstring and signature for help()."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.__doc__, op.__signature__ = fn.__doc__, inspect.signature(fn)
+        return op
+
+    return register
+
+
+def _run(op: str, *args, backend: str | None = None):
+    return backends.select(op, args, backend)(*args)
+
+
+def _keep_needed(ctx, grads: tuple) -> tuple:
+    """Drop gradients of inputs that do not need one (autograd wants None there)."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+# --------------------------------------------------------------------------- lora_kv
+
+
+@_custom_op("lifelong::lora_kv_projection")
+def lora_kv_projection(
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    a_k: Tensor,
+    b_k: Tensor,
+    a_v: Tensor,
+    b_v: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Base K/V projection of text embeddings plus a weighted sum of LoRA adapters per sample.
+
+    c: (B, T, Din) text embeddings of this layer; w_k, w_v: (Dout, Din) frozen base weights;
+    a_k, a_v: (N, r, Din) adapter pool lora_A; b_k, b_v: (N, Dout, r) lora_B;
+    ids: (B, S) int adapters of each sample, -1 = empty slot; weights: (B, S) float.
+    Semantics: k[b] = c[b]·W_kᵀ + Σ_s weights[b,s]·scale·(c[b]·a_k[ids[b,s]]ᵀ)·b_k[ids[b,s]]ᵀ,
+    v likewise. Returns (k, v), each (B, T, Dout) in the dtype of c.
+    Differentiable in c, w_k, w_v, a_k, b_k, a_v, b_v and weights.
+    """
+    checks.lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=True)
+    return _run("lora_kv_projection", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+
+@lora_kv_projection.register_fake
+def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    checks.lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+    shape = (c.shape[0], c.shape[1], w_k.shape[0])
+    return c.new_empty(shape), c.new_empty(shape)
+
+
+@_custom_op("lifelong::_lora_kv_projection_backward")
+def _lora_kv_projection_backward(
+    grad_k: Tensor,
+    grad_v: Tensor,
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    a_k: Tensor,
+    b_k: Tensor,
+    a_v: Tensor,
+    b_v: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dc, da_k, db_k, da_v, db_v, dweights); see reference.lora_kv_projection_backward."""
+    args = (grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+    return _run("lora_kv_projection_backward", *args, backend=backend)
+
+
+@_lora_kv_projection_backward.register_fake
+def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, backend):
+    return (
+        torch.empty_like(c),
+        torch.empty_like(a_k),
+        torch.empty_like(b_k),
+        torch.empty_like(a_v),
+        torch.empty_like(b_v),
+        torch.empty_like(weights),
+    )
+
+
+def _lora_kv_setup(ctx, inputs, output):
+    *tensors, scale = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+
+
+def _lora_kv_backward(ctx, grad_k, grad_v):
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights = ctx.saved_tensors
+    grad_k = c.new_zeros(c.shape[:2] + w_k.shape[:1]) if grad_k is None else grad_k
+    grad_v = torch.zeros_like(grad_k) if grad_v is None else grad_v
+    dc, da_k, db_k, da_v, db_v, dweights = torch.ops.lifelong._lora_kv_projection_backward(
+        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, ctx.backend
+    )
+    # Base weights are usually frozen; their gradient is a plain GEMM, computed only when asked.
+    dw_k = torch.einsum("bto,btd->od", grad_k, c) if ctx.needs_input_grad[1] else None
+    dw_v = torch.einsum("bto,btd->od", grad_v, c) if ctx.needs_input_grad[2] else None
+    return _keep_needed(ctx, (dc, dw_k, dw_v, da_k, db_k, da_v, db_v, None, dweights, None))
+
+
+lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+
+
+# ------------------------------------------------------------------ regional attention
+
+
+@_custom_op("lifelong::regional_cross_attention")
+def regional_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    region_ids: Tensor,
+    kv_len: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Cross-attention where each query attends only to the prompt slot of its region.
+
+    q: (B, H, N, d) image queries; k, v: (B, P, H, T, d), P prompt slots, slot 0 = global prompt;
+    region_ids: (B, N) int, slot of each query (0 outside every box); kv_len: (B, P) int valid
+    keys per slot (None = all T); scale: softmax scale, d**-0.5 when None.
+    Semantics: out[b,h,n] = softmax(q[b,h,n]·k[b,p,h,:kv_len]ᵀ·scale)·v[b,p,h,:kv_len],
+               p = region_ids[b,n]. With P = 1 it is plain cross-attention.
+    Returns (B, H, N, d). Differentiable in q, k, v.
+    """
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=True)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@regional_cross_attention.register_fake
+def _(q, k, v, region_ids, kv_len=None, scale=None):
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return torch.empty_like(q)
+
+
+@_custom_op("lifelong::_regional_cross_attention_backward")
+def _regional_cross_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    region_ids: Tensor,
+    kv_len: Tensor | None,
+    scale: float | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); see reference.regional_cross_attention_backward."""
+    args = (grad_out, q, k, v, region_ids, kv_len, scale)
+    return _run("regional_cross_attention_backward", *args, backend=backend)
+
+
+@_regional_cross_attention_backward.register_fake
+def _(grad_out, q, k, v, region_ids, kv_len, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _regional_setup(ctx, inputs, output):
+    q, k, v, region_ids, kv_len, scale = inputs
+    ctx.save_for_backward(q, k, v, region_ids, kv_len)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+
+
+def _regional_backward(ctx, grad_out):
+    q, k, v, region_ids, kv_len = ctx.saved_tensors
+    dq, dk, dv = torch.ops.lifelong._regional_cross_attention_backward(
+        grad_out, q, k, v, region_ids, kv_len, ctx.scale, ctx.backend
+    )
+    return _keep_needed(ctx, (dq, dk, dv, None, None, None))
+
+
+regional_cross_attention.register_autograd(_regional_backward, setup_context=_regional_setup)
+
+
+# ------------------------------------------------------------------------------- EWA
+
+
+@_custom_op("lifelong::ewa_weights")
+def ewa_weights(
+    prompt: Tensor,
+    concepts: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 2.0,
+    norm: str = "fro",
+) -> Tensor:
+    """Elastic weight aggregation (EWA) weights ψ of every concept, per sample and layer.
+
+    prompt: (B, L, T, D) the prompt's text embedding for each layer (ĉ^l);
+    concepts: (L, G, D) per layer, each concept's embedding ê^l_g;
+    prompt_mask: (B, T) bool, tokens that count (exclude padding); None = all.
+    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖ with norm "fro" (L2, the paper's)
+               or "l1" (the official code's, used with power 4).
+    Returns psi (B, L, G). Differentiable in prompt and concepts.
+    """
+    checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=True)
+    return _run("ewa_weights", prompt, concepts, prompt_mask, power, norm)
+
+
+@ewa_weights.register_fake
+def _(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
+    checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=False)
+    return prompt.new_empty((prompt.shape[0], prompt.shape[1], concepts.shape[1]))
+
+
+@_custom_op("lifelong::_ewa_weights_backward")
+def _ewa_weights_backward(
+    grad_psi: Tensor,
+    prompt: Tensor,
+    concepts: Tensor,
+    prompt_mask: Tensor | None,
+    power: float,
+    norm: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dprompt, dconcepts); see reference.ewa_weights_backward."""
+    args = (grad_psi, prompt, concepts, prompt_mask, power, norm)
+    return _run("ewa_weights_backward", *args, backend=backend)
+
+
+@_ewa_weights_backward.register_fake
+def _(grad_psi, prompt, concepts, prompt_mask, power, norm, backend):
+    return torch.empty_like(prompt), torch.empty_like(concepts)
+
+
+def _ewa_weights_setup(ctx, inputs, output):
+    prompt, concepts, prompt_mask, power, norm = inputs
+    ctx.save_for_backward(prompt, concepts, prompt_mask)
+    ctx.power, ctx.norm = power, norm
+    ctx.backend = requested_backend()
+
+
+def _ewa_weights_bwd(ctx, grad_psi):
+    prompt, concepts, prompt_mask = ctx.saved_tensors
+    dprompt, dconcepts = torch.ops.lifelong._ewa_weights_backward(
+        grad_psi, prompt, concepts, prompt_mask, ctx.power, ctx.norm, ctx.backend
+    )
+    return _keep_needed(ctx, (dprompt, dconcepts, None, None, None))
+
+
+ewa_weights.register_autograd(_ewa_weights_bwd, setup_context=_ewa_weights_setup)
+
+
+@_custom_op("lifelong::ewa_merge")
+def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """Merge G LoRA adapters into one dense weight delta per sample (LoRA-M, merged export).
+
+    psi: (B, G) float mixing weights (finite); a: (G, r, Din) lora_A; b: (G, Dout, r) lora_B.
+    Semantics: delta[b] = Σ_g psi[b,g]·scale·b[g]·a[g].
+    Returns delta (B, Dout, Din) in the dtype of a. Differentiable in psi, a and b.
+    """
+    checks.ewa_merge(psi, a, b, scale, values=True)
+    return _run("ewa_merge", psi, a, b, scale)
+
+
+@ewa_merge.register_fake
+def _(psi, a, b, scale=1.0):
+    checks.ewa_merge(psi, a, b, scale, values=False)
+    return a.new_empty((psi.shape[0], b.shape[1], a.shape[2]))
+
+
+@_custom_op("lifelong::_ewa_merge_backward")
+def _ewa_merge_backward(
+    grad_delta: Tensor, psi: Tensor, a: Tensor, b: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dpsi, da, db); see reference.ewa_merge_backward."""
+    return _run("ewa_merge_backward", grad_delta, psi, a, b, scale, backend=backend)
+
+
+@_ewa_merge_backward.register_fake
+def _(grad_delta, psi, a, b, scale, backend):
+    return torch.empty_like(psi), torch.empty_like(a), torch.empty_like(b)
+
+
+def _ewa_merge_setup(ctx, inputs, output):
+    psi, a, b, scale = inputs
+    ctx.save_for_backward(psi, a, b)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+
+
+def _ewa_merge_bwd(ctx, grad_delta):
+    psi, a, b = ctx.saved_tensors
+    dpsi, da, db = torch.ops.lifelong._ewa_merge_backward(grad_delta, psi, a, b, ctx.scale, ctx.backend)
+    return _keep_needed(ctx, (dpsi, da, db, None))
+
+
+ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)

@@ -1,0 +1,289 @@
+"""Plain-PyTorch semantics of every fused op: the ground truth the kernels are checked against.
+
+Each forward is the formula of DESIGN §3 written as directly as PyTorch allows; each
+``*_backward`` is the hand-derived vector-Jacobian product of that forward (the math a
+backward kernel must reproduce), checked in the tests against autograd of the forward.
+
+These functions do no input validation; the public ops in :mod:`lifelong_engine.ops`
+validate and then call them (the ``reference`` backend) or a faster kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NORM_EPS",
+    "lora_kv_projection",
+    "lora_kv_projection_backward",
+    "regional_cross_attention",
+    "regional_cross_attention_backward",
+    "ewa_weights",
+    "ewa_weights_backward",
+    "ewa_merge",
+    "ewa_merge_backward",
+]
+
+#: Floor on vector norms in ``ewa_weights`` (cosine denominators and the ψ normaliser),
+#: so that zero vectors give ψ = 0 instead of NaN.
+NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- lora_kv
+
+
+def _gather_adapters(a: Tensor, b: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """a[ids], b[ids] per slot, with empty slots (-1) gathered as zeros (never as adapter 0)."""
+    valid = (ids >= 0)[..., None, None]
+    idx = ids.clamp(min=0).long()
+    return torch.where(valid, a[idx], 0), torch.where(valid, b[idx], 0)
+
+
+def _slot_weights(ids: Tensor, weights: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    return torch.where(ids >= 0, weights.to(dtype) * scale, 0)
+
+
+def lora_kv_projection(
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    a_k: Tensor,
+    b_k: Tensor,
+    a_v: Tensor,
+    b_v: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Base K/V projection plus a weighted sum of LoRA adapters picked per sample.
+
+    c: (B, T, Din); w_k, w_v: (Dout, Din); a_k, a_v: (N, r, Din); b_k, b_v: (N, Dout, r);
+    ids: (B, S) int, -1 = empty slot; weights: (B, S) float.
+    Semantics: k[b] = c[b]·W_kᵀ + Σ_s weights[b,s]·scale·(c[b]·a_k[ids[b,s]]ᵀ)·b_k[ids[b,s]]ᵀ,
+    v likewise with w_v, a_v, b_v. Returns (k, v), each (B, T, Dout).
+    """
+    k, v = c @ w_k.T, c @ w_v.T
+    if ids.numel() == 0 or a_k.shape[0] == 0:
+        return k, v
+    wts = _slot_weights(ids, weights, scale, c.dtype)  # (B, S)
+    for a, b, out in ((a_k, b_k, k), (a_v, b_v, v)):
+        a_s, b_s = _gather_adapters(a, b, ids)  # (B, S, r, Din), (B, S, Dout, r)
+        u = torch.einsum("btd,bsrd->bstr", c, a_s) * wts[:, :, None, None]
+        out += torch.einsum("bstr,bsor->bto", u, b_s)
+    return k, v
+
+
+def lora_kv_projection_backward(
+    grad_k: Tensor,
+    grad_v: Tensor,
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    a_k: Tensor,
+    b_k: Tensor,
+    a_v: Tensor,
+    b_v: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lora_kv_projection`.
+
+    With u_s = c·A_sᵀ (B, S, T, r), ω = weights·scale (0 on empty slots), per projection:
+      dc      = dK·W_k + Σ_s ω_s·(dK·B_s)·A_s              (+ the same for V)
+      dA[n]   = Σ_{(b,s): ids=n} ω_bs·(dK[b]·B_n)ᵀ·c[b]
+      dB[n]   = Σ_{(b,s): ids=n} ω_bs·dK[b]ᵀ·u_bs
+      dweights[b,s] = scale·Σ_{t,o} dK[b,t,o]·(u_bs·B_sᵀ)[t,o]  (+ V), 0 on empty slots
+    The base weights' gradient, dW_k = Σ_b dK[b]ᵀ·c[b], is a plain GEMM left to the caller.
+    Returns (dc, da_k, db_k, da_v, db_v, dweights).
+    """
+    dc = grad_k @ w_k + grad_v @ w_v
+    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
+    dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
+    if ids.numel() and a_k.shape[0]:
+        valid = ids >= 0
+        idx = ids.clamp(min=0).long().reshape(-1)
+        wts = _slot_weights(ids, weights, scale, c.dtype)
+        for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
+            a_s, b_s = _gather_adapters(a, b, ids)
+            u = torch.einsum("btd,bsrd->bstr", c, a_s)  # (B, S, T, r)
+            gb = torch.einsum("bto,bsor->bstr", g, b_s)  # dK·B_s
+            dc += torch.einsum("bstr,bs,bsrd->btd", gb, wts, a_s)
+            da_s = torch.einsum("bstr,bs,btd->bsrd", gb, wts, c)
+            db_s = torch.einsum("bto,bs,bstr->bsor", g, wts, u)
+            grads[2 * j].index_add_(0, idx, da_s.reshape(-1, *a.shape[1:]))
+            grads[2 * j + 1].index_add_(0, idx, db_s.reshape(-1, *b.shape[1:]))
+            dweights += torch.where(valid, torch.einsum("bstr,bstr->bs", gb, u) * scale, 0)
+    return (dc, *grads, dweights.to(weights.dtype))
+
+
+# ------------------------------------------------------------------ regional attention
+
+
+def _regional_scores(q: Tensor, k: Tensor, region_ids: Tensor, kv_len: Tensor | None, scale: float) -> Tensor:
+    """Scores of every query against every slot's keys, flattened to (B, H, N, P·T),
+    with -inf on keys of other slots than the query's region and on keys ≥ kv_len."""
+    bsz, n_slots, heads, t_len, _ = k.shape
+    s = torch.einsum("bhnd,bphtd->bhnpt", q, k) * scale
+    slot = torch.arange(n_slots, device=q.device)
+    allowed = region_ids[:, None, :, None, None] == slot[:, None]  # (B, 1, N, P, 1)
+    if kv_len is not None:
+        allowed = allowed & (torch.arange(t_len, device=q.device) < kv_len[:, None, None, :, None])
+    return s.masked_fill(~allowed, float("-inf")).flatten(-2)
+
+
+def _flat_kv(x: Tensor) -> Tensor:
+    """(B, P, H, T, d) → (B, H, P·T, d), slot-major, matching ``_regional_scores``."""
+    return x.transpose(1, 2).flatten(2, 3)
+
+
+def regional_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    region_ids: Tensor,
+    kv_len: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Cross-attention in which every query attends only to its region's prompt slot.
+
+    q: (B, H, N, d); k, v: (B, P, H, T, d), slot 0 = global prompt; region_ids: (B, N) int in
+    [0, P); kv_len: (B, P) int in [1, T] or None (all T keys valid); scale: d**-0.5 if None.
+    Semantics: out[b,h,n] = softmax(q[b,h,n]·k[b,p,h,:L]ᵀ·scale)·v[b,p,h,:L],
+               p = region_ids[b,n], L = kv_len[b,p]. Returns (B, H, N, d).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax(_regional_scores(q, k, region_ids, kv_len, scale), dim=-1)
+    return probs @ _flat_kv(v)
+
+
+def regional_cross_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    region_ids: Tensor,
+    kv_len: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`regional_cross_attention` (the softmax-attention backward on the
+    masked scores): with P = softmax(S), O = P·V and D = rowsum(dO ⊙ O),
+      dV = Pᵀ·dO,  dS = P ⊙ (dO·Vᵀ − D),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
+    Returns (dq, dk, dv) shaped like q, k, v.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax(_regional_scores(q, k, region_ids, kv_len, scale), dim=-1)
+    kf, vf = _flat_kv(k), _flat_kv(v)
+    out = probs @ vf
+    d_s = probs * (grad_out @ vf.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
+    dq = scale * d_s @ kf
+    dk = scale * d_s.transpose(-1, -2) @ q
+    dv = probs.transpose(-1, -2) @ grad_out
+
+    def unflat(x: Tensor) -> Tensor:
+        return x.unflatten(2, (k.shape[1], k.shape[3])).transpose(1, 2)
+
+    return dq, unflat(dk), unflat(dv)
+
+
+# ------------------------------------------------------------------------------- EWA
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _ewa_similarity(prompt: Tensor, concepts: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """M[b,l,g] = max over allowed t of cos(prompt[b,l,t], concepts[l,g]), and the argmax t."""
+    cos = torch.einsum("bltd,lgd->bltg", _normalize(prompt), _normalize(concepts))
+    if prompt_mask is not None:
+        cos = cos.masked_fill(~prompt_mask[:, None, :, None], float("-inf"))
+    return cos.max(dim=2)
+
+
+def _ewa_normaliser(m_pow: Tensor, norm: str) -> Tensor:
+    n = m_pow.norm(dim=-1, keepdim=True) if norm == "fro" else m_pow.abs().sum(-1, keepdim=True)
+    return n.clamp_min(NORM_EPS)
+
+
+def ewa_weights(
+    prompt: Tensor,
+    concepts: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 2.0,
+    norm: str = "fro",
+) -> Tensor:
+    """Elastic weight aggregation weights ψ of each concept for each sample and layer.
+
+    prompt: (B, L, T, D) per-layer prompt embeddings ĉ^l; concepts: (L, G, D) per-layer concept
+    embeddings ê^l_g; prompt_mask: (B, T) bool, tokens that count (None = all).
+    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖, the norm L2 ("fro") or L1 ("l1").
+    Cosines use max(‖x‖, NORM_EPS) as each norm, and the normaliser is floored at NORM_EPS,
+    so zero vectors give ψ = 0. Returns psi (B, L, G).
+    """
+    m, _ = _ewa_similarity(prompt, concepts, prompt_mask)
+    m_pow = m.pow(power)
+    return m_pow / _ewa_normaliser(m_pow, norm)
+
+
+def ewa_weights_backward(
+    grad_psi: Tensor,
+    prompt: Tensor,
+    concepts: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 2.0,
+    norm: str = "fro",
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`ewa_weights` (the max routes the gradient to its argmax token t*):
+      P = M^power, n = ‖P‖:  dP = (dψ − s·Σ_g dψ·ψ) / n,  s = ψ ("fro") or sign(P) ("l1")
+      dM = dP·power·M^(power−1);  dcos[b,l,t*,g] = dM
+      dx̂ = Σ_g dcos·ê,  dê = Σ_{b,t} dcos·x̂;  through x̂ = x / ‖x‖:  dx = (dx̂ − x̂·(x̂·dx̂)) / ‖x‖
+    Returns (dprompt, dconcepts).
+    """
+    xh, eh = _normalize(prompt), _normalize(concepts)
+    m, t_star = _ewa_similarity(prompt, concepts, prompt_mask)
+    m_pow = m.pow(power)
+    n = _ewa_normaliser(m_pow, norm)
+    psi = m_pow / n
+    s = psi if norm == "fro" else m_pow.sign()
+    s = torch.where(n > NORM_EPS, s, 0)  # a floored normaliser is a constant
+    d_pow = (grad_psi - s * (grad_psi * psi).sum(-1, keepdim=True)) / n
+    d_m = d_pow * power * m.pow(power - 1)
+    d_cos = torch.zeros(*prompt.shape[:3], concepts.shape[1], dtype=prompt.dtype, device=prompt.device)
+    d_cos.scatter_(2, t_star.unsqueeze(2), d_m.unsqueeze(2))  # (B, L, T, G)
+    d_xh = torch.einsum("bltg,lgd->bltd", d_cos, eh)
+    d_eh = torch.einsum("bltg,bltd->lgd", d_cos, xh)
+
+    def through_normalize(x: Tensor, xh: Tensor, d_xh: Tensor) -> Tensor:
+        nx = x.norm(dim=-1, keepdim=True)
+        inside = nx > NORM_EPS  # below the floor the norm is a constant
+        d = torch.where(inside, d_xh - xh * (xh * d_xh).sum(-1, keepdim=True), d_xh)
+        return d / nx.clamp_min(NORM_EPS)
+
+    return through_normalize(prompt, xh, d_xh), through_normalize(concepts, eh, d_eh)
+
+
+def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """Merge G LoRA adapters into one dense weight delta per sample.
+
+    psi: (B, G) float; a: (G, r, Din); b: (G, Dout, r).
+    Semantics: delta[b] = Σ_g psi[b,g]·scale·b[g]·a[g]. Returns delta (B, Dout, Din).
+    """
+    return torch.einsum("bg,gor,grd->bod", psi.to(a.dtype) * scale, b, a)
+
+
+def ewa_merge_backward(
+    grad_delta: Tensor, psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`ewa_merge`:
+    dpsi[b,g] = scale·⟨dΔ[b], b[g]·a[g]⟩,  da[g] = scale·Σ_b psi[b,g]·b[g]ᵀ·dΔ[b],
+    db[g] = scale·Σ_b psi[b,g]·dΔ[b]·a[g]ᵀ.  Returns (dpsi, da, db).
+    """
+    w = psi.to(a.dtype) * scale
+    d_ba = torch.einsum("bod,grd->bgor", grad_delta, a)  # dΔ[b]·a[g]ᵀ
+    dpsi = torch.einsum("bgor,gor->bg", d_ba, b) * scale
+    da = torch.einsum("bg,gor,bod->grd", w, b, grad_delta)
+    db = torch.einsum("bg,bgor->gor", w, d_ba)
+    return dpsi.to(psi.dtype), da, db

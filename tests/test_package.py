@@ -1,0 +1,29 @@
+"""The installed package: op registration, the kernels sub-package mapping, the CLI."""
+
+import importlib.util
+
+import torch
+
+import lifelong_engine
+from lifelong_engine import cli
+
+
+def test_ops_registered_under_torch_ops_lifelong():
+    for name in ("lora_kv_projection", "regional_cross_attention", "ewa_weights", "ewa_merge"):
+        assert getattr(torch.ops.lifelong, name) is not None
+        assert getattr(lifelong_engine.ops, name).__doc__.strip()
+
+
+def test_kernels_installed_under_the_package_only():
+    """`kernels/` is lifelong_engine.kernels; no top-level `kernels` module (another package's name)."""
+    assert importlib.util.find_spec("lifelong_engine.kernels") is not None
+    assert importlib.util.find_spec("kernels") is None
+
+
+def test_cli_info(capsys, monkeypatch):
+    monkeypatch.setenv("LIFELONG_BACKEND", "reference")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"lifelong-engine {lifelong_engine.__version__}" in out
+    assert "backends available: " in out and "reference" in out
+    assert "backend requested: reference" in out
