@@ -7,7 +7,8 @@ None when it can.
 
 The requested backend is, in order: the innermost :func:`use_backend` context, else the
 ``LIFELONG_BACKEND`` environment variable, else ``auto``. ``auto`` takes the first backend
-of ``cuda → triton → reference`` that can run the inputs (the reference always can); an
+of ``cuda → triton → reference`` that can run the inputs on their device (the reference
+always can, and is the only one ``auto`` uses for CPU tensors); an
 explicitly requested backend that cannot run them raises :class:`BackendUnavailableError`
 with the reason.
 """
@@ -19,6 +20,8 @@ import contextvars
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+
+import torch
 
 from . import reference
 from .errors import BackendUnavailableError
@@ -41,11 +44,14 @@ ENV_VAR = "LIFELONG_BACKEND"
 @dataclass(frozen=True)
 class Backend:
     """name: one of BACKEND_NAMES; impls: op name → function taking the op's arguments
-    as positional tensors/scalars in schema order; why_not(op, args) → reason or None."""
+    as positional tensors/scalars in schema order; why_not(op, args) → reason or None;
+    auto_devices: device types on which ``auto`` may pick it (None = any). A backend can
+    run more than ``auto`` picks it for (Triton's CPU interpreter is for tests, not speed)."""
 
     name: str
     impls: Mapping[str, Callable]
     why_not: Callable[[str, tuple], str | None]
+    auto_devices: tuple[str, ...] | None = None
 
 
 _registry: dict[str, Backend] = {}
@@ -107,9 +113,14 @@ def select(op: str, args: tuple, requested: str | None = None) -> Callable:
     """The implementation of ``op`` that serves ``args`` under the ``requested`` backend."""
     requested = requested or requested_backend()
     if requested == "auto":
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
         for name in _AUTO_ORDER:
             backend = _registry.get(name)
-            if backend is not None and op in backend.impls and backend.why_not(op, args) is None:
+            if backend is None or op not in backend.impls:
+                continue
+            if backend.auto_devices is not None and device not in backend.auto_devices:
+                continue
+            if backend.why_not(op, args) is None:
                 return backend.impls[op]
         raise AssertionError(f"no backend can run {op}; the reference backend should always be registered")
     backend = _registry.get(requested)

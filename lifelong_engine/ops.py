@@ -17,7 +17,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from . import backends, checks
+from . import backends, checks, triton_backend  # noqa: F401  (registers the triton backend)
 from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [

@@ -115,3 +115,26 @@ def test_backward_runs_on_the_forward_backend(fake_triton):
 def test_register_rejects_unknown_names():
     with pytest.raises(ValueError, match="backend name 'auto'"):
         register_backend(Backend("auto", {}, lambda op, args: None))
+
+
+def test_auto_keeps_cpu_tensors_on_the_reference(monkeypatch, backend_registry):
+    """Triton's CPU interpreter is for tests: auto never picks it, even when it is on."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    picked = backend_registry.select("ewa_merge", inputs.merge(dtype=torch.float32), "auto")
+    assert picked is reference.ewa_merge
+
+
+def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ops.ewa_merge(*inputs.merge(dtype=torch.float32))
+
+
+def test_explicit_triton_refuses_float64_and_interpreted_bf16(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="float64 is not supported"):
+        ops.ewa_merge(*inputs.merge(dtype=torch.float64))
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="bfloat16"):
+        ops.ewa_merge(*inputs.merge(dtype=torch.bfloat16))
