@@ -1,0 +1,197 @@
+"""ConceptStore: versions, listing, deletion, corruption reports, crash safety, concurrency."""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from concept_factory import assert_same, make_adapter
+
+from lifelong_engine.errors import ConceptNotFoundError, ConceptStoreError
+from lifelong_engine.store import ConceptStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    with ConceptStore(tmp_path / "store") as s:
+        yield s
+
+
+def test_save_load_round_trip(store):
+    adapter = make_adapter()
+    assert store.save(adapter) == 1
+    assert_same(store.load("my-dog"), adapter)
+    assert "my-dog" in store and len(store) == 1
+
+
+def test_versions_and_listing(store):
+    store.save(make_adapter(seed=1))
+    store.save(make_adapter(seed=2))
+    store.save(make_adapter("my-mug", seed=3), namespace="alice")
+    assert_same(store.load("my-dog"), make_adapter(seed=2))
+    assert_same(store.load("my-dog", version=1), make_adapter(seed=1))
+    latest = store.list()
+    assert [(r.namespace, r.name, r.version) for r in latest] == [("alice", "my-mug", 1), ("default", "my-dog", 2)]
+    assert [r.version for r in store.list("default", all_versions=True)] == [1, 2]
+    rec = store.list("alice")[0]
+    assert (rec.token, rec.words, rec.rank, rec.method, rec.base_fingerprint) == (
+        "<my-mug>",
+        ["<my-mug>", "<my-mug>_1"],
+        2,
+        "cidm",
+        "tiny-base",
+    )
+    assert rec.created <= time.time()
+
+
+def test_unknown_concept(store):
+    with pytest.raises(ConceptNotFoundError, match="concept default/nobody is not in the store"):
+        store.load("nobody")
+    store.save(make_adapter())
+    with pytest.raises(ConceptNotFoundError, match="v7"):
+        store.load("my-dog", version=7)
+
+
+def test_delete_and_prune(store):
+    for seed in range(3):
+        store.save(make_adapter(seed=seed))
+    store.save(make_adapter("my-mug"))
+    assert store.prune(keep=1) == 2
+    assert [r.version for r in store.list(all_versions=True) if r.name == "my-dog"] == [3]
+    assert len(list((store.root / "concepts/default/my-dog").iterdir())) == 1
+    assert store.delete("my-dog") == 1
+    assert "my-dog" not in store and "my-mug" in store
+    assert not (store.root / "concepts/default/my-dog/v3.safetensors").exists()
+    with pytest.raises(ConceptNotFoundError):
+        store.delete("my-dog")
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        store.prune(keep=0)
+
+
+def test_refuses_non_finite(store):
+    adapter = make_adapter()
+    adapter.concept_embeddings[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        store.save(adapter)
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("namespace", ["../up", "a/b", ""])
+def test_bad_namespace_writes_nothing(store, namespace):
+    with pytest.raises(ValueError, match="namespace"):
+        store.save(make_adapter(), namespace=namespace)
+    assert store.list() == [] and not (store.root.parent / "up").exists()
+
+
+def _damage(store, name, how):
+    path = store.root / store.record(name).file
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "altered":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    elif how == "missing":
+        path.unlink()
+    elif how == "garbage":  # a file the index vouches for, but not safetensors
+        path.write_bytes(b"\x00" * len(data))
+
+
+@pytest.mark.parametrize(
+    "how,reason",
+    [("truncated", "truncated"), ("altered", "does not match the index"), ("missing", "the file is missing")],
+)
+def test_corruption_is_reported_by_name_and_isolated(store, how, reason):
+    store.save(make_adapter("my-dog"))
+    store.save(make_adapter("my-mug"))
+    _damage(store, "my-dog", how)
+    with pytest.raises(ConceptStoreError, match=f"concept default/my-dog v1 .*{reason}"):
+        store.load("my-dog")
+    assert_same(store.load("my-mug"), make_adapter("my-mug"))
+    problems = store.verify()
+    assert len(problems) == 1 and "my-dog" in problems[0] and reason in problems[0]
+
+
+def test_unparseable_file_with_matching_index_is_reported(store):
+    """If the index itself vouches for a file that is not a concept, load says so clearly."""
+    store.save(make_adapter())
+    rec = store.record("my-dog")
+    garbage = b"\xff" * rec.size
+    (store.root / rec.file).write_bytes(garbage)
+    import hashlib
+
+    store._db.execute("UPDATE concepts SET sha256=?", (hashlib.sha256(garbage).hexdigest(),))
+    with pytest.raises(ConceptStoreError, match="not a valid concept file"):
+        store.load("my-dog")
+
+
+def test_store_files_are_safetensors_not_pickles(store):
+    store.save(make_adapter())
+    data = (store.root / store.record("my-dog").file).read_bytes()
+    assert data[8:9] == b"{" and b"__metadata__" in data[:4096]
+
+
+def _fork(fn) -> int:
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _save_forever(root, seed):
+    torch.set_num_threads(1)
+    store = ConceptStore(root)
+    rng = random.Random(seed)
+    while True:
+        name = rng.choice(["my-dog", "my-mug", "my-cat"])
+        store.save(make_adapter(name, seed=rng.randrange(1000)))
+        if rng.random() < 0.2:
+            store.prune(keep=2)
+
+
+def test_sigkill_at_random_moments_leaves_store_consistent(tmp_path):
+    """A writer killed with SIGKILL anywhere inside save/prune never leaves a broken concept."""
+    root = tmp_path / "store"
+    ConceptStore(root).close()
+    rng = random.Random(0)
+    for i in range(25):
+        pid = _fork(lambda i=i: _save_forever(root, i))
+        time.sleep(rng.uniform(0.01, 0.25))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with ConceptStore(root) as store:
+            assert store.verify() == [], f"iteration {i}"
+            for rec in store.list(all_versions=True):
+                store.load(rec.name, rec.namespace, rec.version)
+    with ConceptStore(root) as store:
+        assert len(store) >= 1  # the loop did save something
+        store.prune(keep=1)
+        assert list(store.staging.glob("*.tmp")) == []
+
+
+def test_concurrent_writers(tmp_path):
+    root = tmp_path / "store"
+    ConceptStore(root).close()
+
+    def write(seed):
+        store = ConceptStore(root)
+        for j in range(15):
+            store.save(make_adapter("shared", seed=seed * 100 + j))
+            store.save(make_adapter(f"own-{seed}", seed=j))
+
+    pids = [_fork(lambda s=s: write(s)) for s in range(3)]
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    with ConceptStore(root) as store:
+        assert store.verify() == []
+        versions = [r.version for r in store.list(all_versions=True) if r.name == "shared"]
+        assert versions == list(range(1, 46))
+        assert len(store) == 4
