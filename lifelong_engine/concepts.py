@@ -53,7 +53,8 @@ class ConceptAdapter:
     class_word: the class it belongs to (``dog``), if any; layers: the ``attn2`` module paths it
     adapts, in UNet order (down → mid → up); lora: ``{layer}.{proj}.lora_A/B.weight`` → tensor;
     rank, alpha: LoRA rank and alpha (scale = alpha / rank); token_embeddings: (L, len(words), D)
-    layer-wise token rows, or None; concept_embeddings: (L, D) ê^l per layer, or None;
+    layer-wise token rows, (1, len(words), D) when every layer shares them (textual inversion), or None;
+    concept_embeddings: (L, D) ê^l per layer, or None;
     base_fingerprint: identity of the base model it was learned on; method: training method;
     metadata: free string key/values.
     """
@@ -88,11 +89,13 @@ class ConceptAdapter:
         self._check_lora()
         n_layers = len(self.layers)
         if self.token_embeddings is not None and (
-            self.token_embeddings.ndim != 3 or self.token_embeddings.shape[:2] != (n_layers, len(self.words))
+            self.token_embeddings.ndim != 3
+            or self.token_embeddings.shape[0] not in (n_layers, 1)
+            or self.token_embeddings.shape[1] != len(self.words)
         ):
             raise ValueError(
                 f"concept {self.name!r}: token_embeddings has shape {tuple(self.token_embeddings.shape)}; "
-                f"expected (L={n_layers}, words={len(self.words)}, D)"
+                f"expected (L={n_layers} or 1, words={len(self.words)}, D)"
             )
         if self.concept_embeddings is not None and (
             self.concept_embeddings.ndim != 2 or self.concept_embeddings.shape[0] != n_layers
