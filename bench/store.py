@@ -10,19 +10,18 @@ Prints a table and the JSON line it appends to bench/results/<host>/store.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 from tqdm import tqdm
 
-from lifelong_engine.concepts import ConceptAdapter
-from lifelong_engine.store import ConceptStore
+common.ensure_engine_importable()
+from lifelong_engine.concepts import ConceptAdapter  # noqa: E402
+from lifelong_engine.store import ConceptStore  # noqa: E402
 
 SD15_DOUT = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 
@@ -75,25 +74,20 @@ def main(argv: list[str] | None = None) -> int:
                 "load_ms": timed(lambda: store.load(f"c{args.concepts // 2}"), 20),
                 "save_ms": timed(lambda: store.save(sd15_concept("extra")), 20),
             }
+    device = common.describe_device(torch.device("cpu"))
     record = {
         "subject": "store",
+        "case": f"concepts={args.concepts}",
         "concepts": args.concepts,
         "concept_mb": round(size_mb, 3),
         **{k: round(v, 2) for k, v in results.items()},
-        "host": platform.node(),
-        "cpu_count": __import__("os").cpu_count(),
-        "torch": torch.__version__,
-        "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/store.py " + " ".join(argv or []),
+        "device": device.name,
+        **common.environment(argv),
     }
     print(f"store of {args.concepts} concepts ({size_mb:.2f} MB each)")
     for key, value in results.items():
         print(f"  {key.removesuffix('_ms'):5s} {value:8.2f} ms")
-    out = Path(__file__).parent / "results" / "cpu" / "store.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    common.ResultWriter(Path(__file__).parent / "results" / device.slug).write(record)
     return 0
 
 

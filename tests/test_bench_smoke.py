@@ -1,0 +1,128 @@
+"""Smoke test of the kernel benchmark (bench/kernels.py): ``--quick`` runs end to end on the CPU,
+checks every provider against the fp32 reference and writes complete JSON-lines records.
+
+The Triton providers run only under TRITON_INTERPRET=1 (as in CI), at --quick's tiny shapes,
+timed once; the torch.compile / FlexAttention providers compile per case, so they have their own
+(slow) test limited to one subject.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "kernels.py"
+SUBJECTS = (
+    "regional_cross_attention",
+    "lora_kv_projection",
+    "lora_kv_projection_unet",
+    "ewa_weights",
+    "ewa_merge",
+)
+REQUIRED = ("subject", "case", "shape", "provider", "dtype", "status", "ms", "device", "git_sha", "versions")
+REQUIRED += ("command", "correct", "tolerance", "gbps", "roofline_fraction")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _bench_common():
+    """bench/common.py (bench/ is a folder of scripts, not a package), under a private name."""
+    name = "_lifelong_bench_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _run(out: Path, *args: str, timeout: float = 240) -> dict[str, list[dict]]:
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n{output}"
+    return {path.stem: [json.loads(line) for line in path.read_text().splitlines()] for path in out.glob("*.jsonl")}
+
+
+def _check_records(records: list[dict]) -> None:
+    for rec in records:
+        missing = [key for key in REQUIRED if key not in rec]
+        assert not missing, f"{rec.get('provider')} {rec.get('case')}: missing {missing}"
+        assert rec["device"] and rec["git_sha"] and rec["versions"]["torch"] == torch.__version__
+        assert isinstance(rec["shape"], dict) and rec["shape"]
+        assert rec["status"] in ("ok", "skipped"), f"{rec['provider']} {rec['case']}: {rec['status']}: {rec['reason']}"
+        if rec["status"] == "ok":
+            assert rec["correct"] is True and rec["max_abs_err"] <= rec["tolerance"]
+            assert rec["ms"] > 0 and rec["ms_p20"] <= rec["ms"] <= rec["ms_p80"]
+        else:
+            assert rec["reason"] and rec["ms"] is None
+
+
+def test_quick_run_checks_and_records_every_provider(tmp_path):
+    results = _run(tmp_path, "--exclude", "compile,flex,ours_kernel")
+    assert sorted(results) == sorted(SUBJECTS)
+    for subject, records in results.items():
+        _check_records(records)
+        by_provider = {}
+        for rec in records:
+            assert rec["subject"] == subject and rec["dtype"] == "float32"
+            assert rec["provider"] not in ("compile", "flex", "ours_kernel")
+            by_provider.setdefault(rec["provider"], []).append(rec)
+        assert all(r["status"] == "ok" for r in by_provider["reference"])
+        ours = by_provider["ours_grouped" if subject == "lora_kv_projection_unet" else "ours"]
+        if INTERPRET:  # the Triton kernels themselves, in the interpreter
+            assert all(r["status"] == "ok" and r["interpreted"] for r in ours)
+        else:
+            assert all(r["status"] == "skipped" and "TRITON_INTERPRET" in r["reason"] for r in ours)
+    regional = {r["provider"] for r in results["regional_cross_attention"] if r["status"] == "ok"}
+    assert {"sdpa", "sdpa_mask", "sdpa_per_region"} <= regional
+    lora = [r for r in results["lora_kv_projection"] if r["provider"] == "peft"]
+    assert lora and all(r["status"] == "ok" for r in lora)  # peft is a test dependency
+
+
+@pytest.mark.slow
+def test_quick_run_compiled_providers(tmp_path):
+    """torch.compile and FlexAttention either pass the check or are skipped with the compiler's reason."""
+    results = _run(tmp_path, "--subject", "regional", "--providers", "reference,compile,flex")
+    records = results["regional_cross_attention"]
+    _check_records(records)
+    assert {r["provider"] for r in records} == {"reference", "compile", "flex"}
+    for rec in records:
+        if rec["status"] == "skipped":
+            assert rec["reason"].startswith(("torch.compile failed", "FlexAttention failed"))
+
+
+def test_roofline_and_device_table():
+    common = _bench_common()
+    h100 = common.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3", 3350.0, 989.0)
+    r = common.roofline(1.0, int(3.35e9), int(0.5 * 989e9), h100, torch.bfloat16)
+    assert r["gbps"] == pytest.approx(3350) and r["frac_hbm"] == pytest.approx(1.0)
+    assert r["frac_tflops"] == pytest.approx(0.5) and r["roofline_fraction"] == pytest.approx(1.0)
+    assert common.roofline(1.0, 10**9, 10**9, h100, torch.float32)["frac_tflops"] is None  # bf16/fp16 peak only
+    cpu = common.describe_device(torch.device("cpu"))
+    assert cpu.slug == "cpu" and cpu.peak_gbps is None
+    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+    rows = [
+        {"case": "c", "provider": "ours", "status": "ok", "ms": 1.0, "gbps": 10.0},
+        {"case": "c", "provider": "sdpa", "status": "ok", "ms": 3.0},
+        {"case": "c", "provider": "flex", "status": "skipped", "reason": "why"},
+    ]
+    table = common.format_table(rows)
+    assert "3 (3.00x)" in table and "skip" in table and "flex: skipped (1 case): why" in table
+
+
+def test_result_writer_replaces_same_measurement(tmp_path):
+    common = _bench_common()
+    rec = {"subject": "s", "case": "c", "provider": "p", "dtype": torch.float32, "ms": 1.0}
+    common.ResultWriter(tmp_path).write(rec)
+    writer = common.ResultWriter(tmp_path)
+    writer.write({**rec, "ms": 2.0})
+    writer.write({**rec, "provider": "q"})
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(r["provider"], r["ms"], r["dtype"]) for r in lines] == [("p", 2.0, "float32"), ("q", 1.0, "float32")]
