@@ -92,18 +92,14 @@ def import_lora(
         return _import_custom_diffusion(sd, name, unet, token, class_word)
     alphas = {}
     if any(k.startswith(("lora_unet_", "lora_te")) for k in sd):
-        from diffusers.loaders.lora_conversion_utils import (
-            _convert_non_diffusers_lora_to_diffusers,
-            _maybe_map_sgm_blocks_to_diffusers,
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        if any(k.startswith(_SGM) for k in sd) and unet is None:
+            raise ValueError(f"import_lora({name!r}): SGM (SDXL-original) block names need unet= to map them")
+        sd, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            sd, unet_config=unet.config if unet is not None else None
         )
-
-        if any(k.startswith(_SGM) for k in sd):
-            if unet is None:
-                raise ValueError(f"import_lora({name!r}): SGM (SDXL-original) block names need unet= to map them")
-            sd = _maybe_map_sgm_blocks_to_diffusers(sd, unet.config)
-
-        sd, network_alphas = _convert_non_diffusers_lora_to_diffusers(sd)
-        for key, value in network_alphas.items():
+        for key, value in (network_alphas or {}).items():
             m = _ALPHA.match(key)
             if m:
                 alphas[(m["layer"], _proj(m["proj"]))] = float(value)
