@@ -92,10 +92,11 @@ def _concepts_prune(args: argparse.Namespace) -> int:
 def _add_concepts(sub) -> None:
     concepts = sub.add_parser("concepts", help="manage a concept store").add_subparsers(dest="action", required=True)
 
-    def action(name: str, func, help: str, namespace: str | None = "default"):
+    def action(name: str, func, help: str, namespace: str | None = "default", scoped: bool = True):
+        """scoped: the command takes --namespace (default ``namespace``; None = all namespaces)."""
         p = concepts.add_parser(name, help=help)
         p.add_argument("--store", required=True, help="the store directory")
-        if name != "verify" and name != "prune":
+        if scoped:
             p.add_argument("--namespace", default=namespace, help=f"namespace (default: {namespace or 'all'})")
         p.set_defaults(func=func)
         return p
@@ -113,11 +114,11 @@ def _add_concepts(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=("peft", "kohya"), default="peft")
     p.add_argument("--version", type=int, default=None)
-    action("verify", _concepts_verify, "check every file against the index", namespace=None)
+    action("verify", _concepts_verify, "check every file against the index", scoped=False)
     p = action("delete", _concepts_delete, "delete a concept (all versions, or one)")
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None)
-    action("prune", _concepts_prune, "keep only the newest versions", namespace=None).add_argument(
+    action("prune", _concepts_prune, "keep only the newest versions", scoped=False).add_argument(
         "--keep", type=int, default=1
     )
 

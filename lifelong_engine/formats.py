@@ -201,9 +201,9 @@ def _looks_like_textual_inversion(sd: dict) -> bool:
 
 def _import_textual_inversion(sd, name, token) -> ConceptAdapter:
     if "string_to_param" in sd:
-        ((found, emb),) = sd["string_to_param"].items() if len(sd["string_to_param"]) == 1 else (None, None)
-        if emb is None:
+        if len(sd["string_to_param"]) != 1:
             raise ValueError(f"import_lora({name!r}): string_to_param holds {len(sd['string_to_param'])} embeddings")
+        (emb,) = sd["string_to_param"].values()
         token = token or (sd.get("name") if isinstance(sd.get("name"), str) else None)
     elif "emb_params" in sd:
         emb = sd["emb_params"]

@@ -226,3 +226,10 @@ def test_bad_files(tmp_path):
 def kohya_file_sd():
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     return {f"{key}.lora_down.weight": torch.randn(2, 24), f"{key}.lora_up.weight": torch.randn(32, 2)}
+
+
+def test_textual_inversion_with_several_embeddings_is_refused(tmp_path):
+    path = tmp_path / "two.pt"
+    torch.save({"string_to_param": {"*": torch.randn(1, 24), "#": torch.randn(1, 24)}}, path)
+    with pytest.raises(ValueError, match="string_to_param holds 2 embeddings"):
+        import_lora(path, "two")
