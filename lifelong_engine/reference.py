@@ -63,15 +63,21 @@ def lora_kv_projection(
     Semantics: k[b] = c[b]·W_kᵀ + Σ_s weights[b,s]·scale·(c[b]·a_k[ids[b,s]]ᵀ)·b_k[ids[b,s]]ᵀ,
     v likewise with w_v, a_v, b_v. Returns (k, v), each (B, T, Dout).
     """
-    k, v = c @ w_k.T, c @ w_v.T
-    if ids.numel() == 0 or a_k.shape[0] == 0:
-        return k, v
-    wts = _slot_weights(ids, weights, scale, c.dtype)  # (B, S)
-    for a, b, out in ((a_k, b_k, k), (a_v, b_v, v)):
-        a_s, b_s = _gather_adapters(a, b, ids)  # (B, S, r, Din), (B, S, Dout, r)
-        u = torch.einsum("btd,bsrd->bstr", c, a_s) * wts[:, :, None, None]
-        out += torch.einsum("bstr,bsor->bto", u, b_s)
-    return k, v
+    return c @ w_k.T + lora_term(c, a_k, b_k, ids, weights, scale), c @ w_v.T + lora_term(
+        c, a_v, b_v, ids, weights, scale
+    )
+
+
+def lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """The adapters' part of one projection: Σ_s weights[b,s]·scale·(x[b]·a[ids[b,s]]ᵀ)·b[ids[b,s]]ᵀ.
+
+    x: (B, T, Din); a: (N, r, Din); b: (N, Dout, r); ids, weights: (B, S). Returns (B, T, Dout).
+    """
+    if ids.numel() == 0 or a.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], b.shape[1])
+    a_s, b_s = _gather_adapters(a, b, ids)  # (B, S, r, Din), (B, S, Dout, r)
+    u = torch.einsum("btd,bsrd->bstr", x, a_s) * _slot_weights(ids, weights, scale, x.dtype)[:, :, None, None]
+    return torch.einsum("bstr,bsor->bto", u, b_s)
 
 
 def lora_kv_projection_backward(

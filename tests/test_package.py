@@ -27,3 +27,10 @@ def test_cli_info(capsys, monkeypatch):
     assert f"lifelong-engine {lifelong_engine.__version__}" in out
     assert "backends available: " in out and "reference" in out
     assert "backend requested: reference" in out
+
+
+def test_top_level_names():
+    from lifelong_engine.pipeline import LifelongPipeline
+
+    assert lifelong_engine.LifelongPipeline is LifelongPipeline
+    assert lifelong_engine.ConceptAdapter is not None and lifelong_engine.ConceptStore is not None
