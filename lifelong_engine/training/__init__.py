@@ -1,0 +1,5 @@
+"""Lifelong training: losses and regularisers of the continual methods (DESIGN §4)."""
+
+from . import losses
+
+__all__ = ["losses"]
