@@ -281,6 +281,19 @@ class LifelongPipeline:
             psi, ids = psi.topk(top_k, dim=-1)
         return ids, psi
 
+    def text_kv(
+        self, per_layer: Tensor, pool: AdapterPool | None, ids: Tensor, weights: Tensor, slots: Tensor | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """K/V of every ``attn2`` layer for texts per_layer (n, L, T, D), concepts of ``pool`` mixed in
+        per text and layer by ids/weights (n, L, S). Returns layer → (k, v), each (n, 1, H, T, d), or
+        (rows, P, H, T, d) gathered by ``slots`` (rows, P) text indices. Differentiable (training)."""
+        kv = {}
+        for l, layer in enumerate(self.layers):
+            c = per_layer[:, l].to(self.dtype)
+            k, v = layer_kv(self._attn[layer], c, pool, layer, ids[:, l], weights[:, l].to(self.dtype))
+            kv[layer] = (k[slots], v[slots]) if slots is not None else (k[:, None], v[:, None])
+        return kv
+
     # ------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -295,7 +308,7 @@ class LifelongPipeline:
         ewa_power: float = 2.0,
         ewa_norm: str = "fro",
         ewa_top_k: int | None = None,
-        ewa: bool = True,
+        ewa: bool | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -314,7 +327,8 @@ class LifelongPipeline:
         ``alpha < 1`` each region also gets its own noise estimate E_u, aggregated as
         ``E* = α·E + Σ_u (1−α)·E_u ⊙ m_u`` (DESIGN §5; ``alpha=1`` is the single-pass mode).
         ewa_power / ewa_norm / ewa_top_k: EWA weighting of the library (paper: 2 / "fro"; the official code:
-        4 / "l1"); ``ewa=False`` sums every concept with weight 1 (the LoRA-M merge).
+        4 / "l1"); ``ewa=False`` sums every concept with weight 1 (LoRA-M, C-LoRA and peft's merge);
+        the default uses EWA when every concept was learned with CIDM (``method == "cidm"``), else the sum.
         capture_attention: attn2 layer names whose attention maps to return (``output.attention_maps``,
         layer → (rows, N, T) for the last step).
         """
@@ -445,7 +459,7 @@ class LifelongPipeline:
         return _Plan(texts, torch.tensor(slots), torch.tensor(owner), paint, kinds, B * per_prompt, image_texts)
 
     def prepare(
-        self, plan: _Plan, power: float, norm: str, top_k: int | None, ewa: bool, size: tuple[int, int]
+        self, plan: _Plan, power: float, norm: str, top_k: int | None, ewa: bool | None, size: tuple[int, int]
     ) -> _Prepared:
         """Encode the plan's texts, weight the library and compute every layer's text K/V once."""
         real = [i for i, t in enumerate(plan.texts) if t is not None]
@@ -457,7 +471,9 @@ class LifelongPipeline:
         if encoded.pooled is not None:
             pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
             pooled[real] = encoded.pooled
-        ids, psi = self.concept_weights(encoded, power, norm, top_k)
+        if ewa is None:
+            ewa = bool(self._concepts) and all(c.method == "cidm" for c in self._concepts.values())
+        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None)
         G = len(self._concepts)
         full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=self.device)
         full_psi = torch.zeros(n, L, ids.shape[-1], device=self.device)
@@ -469,11 +485,7 @@ class LifelongPipeline:
         full_ids, full_psi = full_ids[text_owner], full_psi[text_owner]
 
         pool = self.pool() if G else None
-        kv = {}
-        for l, layer in enumerate(self.layers):
-            c = per_layer[:, l].to(self.dtype)
-            k, v = layer_kv(self._attn[layer], c, pool, layer, full_ids[:, l], full_psi[:, l].to(self.dtype))
-            kv[layer] = (k[plan.slots], v[plan.slots])  # (rows, P, H, T, d)
+        kv = self.text_kv(per_layer, pool, full_ids, full_psi, plan.slots)
         latent = tuple(s // self.pipe.vae_scale_factor for s in size)
         regions = RegionPlan(plan.paint, latent, self.device) if any(plan.paint) else None
         ctx = GenerationContext(kv, regions)

@@ -1,6 +1,7 @@
 """LifelongPipeline and its attention processors on tiny SD / SDXL pipelines (random weights, CPU)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_psi_follows_the_ewa_formula_on_the_pipelines_own_embeddings(sd):
     lp.add_concept(dog)
     lp.add_concept(mug)
     prompt = "a <dog1> next to a cup"
-    out = run(lp, prompt, ewa_power=2.0, ewa_norm="fro")
+    out = run(lp, prompt, ewa=True, ewa_power=2.0, ewa_norm="fro")
 
     enc = lp.encode_prompt(prompt)
     # ê of a concept without stored embeddings: its token encoded alone, averaged over its positions
@@ -113,8 +114,14 @@ def test_psi_follows_the_ewa_formula_on_the_pipelines_own_embeddings(sd):
     torch.testing.assert_close(out.psi[0].float(), psi, atol=1e-5, rtol=1e-5)
     assert out.concepts == ["dog1", "mug2"]
 
-    out_l1 = run(lp, prompt, ewa_power=4.0, ewa_norm="l1", ewa_top_k=1)
+    out_l1 = run(lp, prompt, ewa=True, ewa_power=4.0, ewa_norm="l1", ewa_top_k=1)
     assert out_l1.psi.shape == (1, len(lp.layers), 1)  # top-1 of each layer
+
+    # default: EWA only when every concept was learned with CIDM, else the plain sum
+    assert torch.equal(run(lp, prompt).psi, torch.ones(1, len(lp.layers), 2))
+    for name in ("dog1", "mug2"):
+        lp.add_concept(dataclasses.replace(lp.remove_concept(name), method="cidm"))
+    torch.testing.assert_close(run(lp, prompt).psi, out.psi)
 
 
 def test_layerwise_tokens_give_each_layer_its_own_rows(sd):
