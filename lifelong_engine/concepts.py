@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["ConceptAdapter", "validate_name", "PROJECTIONS"]
+__all__ = ["ConceptAdapter", "validate_name", "factors_from_delta", "PROJECTIONS"]
 
 PROJECTIONS = ("to_k", "to_v", "to_q", "to_out.0")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@-]*$")
@@ -225,6 +225,13 @@ class ConceptAdapter:
             method=header["method"],
             metadata=json.loads(header["metadata"]),
         )
+
+
+def factors_from_delta(delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact LoRA factors (A (r, Din), B (Dout, r)) of a dense delta (Dout, Din), r = min(Dout, Din),
+    by SVD in float64: B·A = delta. Returned in delta's dtype."""
+    u, s, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
+    return vh.to(delta.dtype), (u * s).to(delta.dtype)
 
 
 def _key(layer: str, proj: str, kind: str) -> str:

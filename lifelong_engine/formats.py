@@ -28,7 +28,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .concepts import PROJECTIONS, ConceptAdapter
+from .concepts import PROJECTIONS, ConceptAdapter, factors_from_delta
 
 __all__ = ["import_lora", "export_lora", "load_state_dict", "attn2_layers"]
 
@@ -189,9 +189,8 @@ def _import_custom_diffusion(sd, name, unet, token, class_word) -> ConceptAdapte
             raise ValueError(
                 f"import_lora({name!r}): {key} has shape {tuple(weight.shape)}, the UNet's {tuple(base.shape)}"
             )
-        delta = weight.double() - base.detach().double().cpu()
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # exact: rank min(Dout, Din)
-        factors[(layer, proj)] = {"lora_A": vh.to(weight.dtype), "lora_B": (u * s).to(weight.dtype)}
+        a, b = factors_from_delta(weight.double() - base.detach().double().cpu())  # exact: rank min(Dout, Din)
+        factors[(layer, proj)] = {"lora_A": a.to(weight.dtype), "lora_B": b.to(weight.dtype)}
     return _adapter_from_factors(name, factors, {}, token, class_word, method="custom-diffusion")
 
 
