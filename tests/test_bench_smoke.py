@@ -8,6 +8,7 @@ timed once; the torch.compile / FlexAttention providers compile per case, so the
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,3 +127,43 @@ def test_result_writer_replaces_same_measurement(tmp_path):
     writer.write({**rec, "provider": "q"})
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(r["provider"], r["ms"], r["dtype"]) for r in lines] == [("p", 2.0, "float32"), ("q", 1.0, "float32")]
+
+
+TRAIN_SCRIPT = ROOT / "bench" / "train.py"
+TRAIN_PROVIDERS = ("peft", "peft+ti", "engine:cidm", "engine:lora-m:frozen")
+
+
+def test_train_quick_run_records_every_provider(tmp_path):
+    """bench/train.py --quick: both baselines and the engine (as handed over, and with a frozen base)
+    train the same LoRA on the tiny model, with warm-up excluded, peak memory and engine ÷ baseline ratios."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
+    cmd += ["--providers", ",".join(TRAIN_PROVIDERS)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n{output}"
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["provider"] for r in records] == list(TRAIN_PROVIDERS)
+    for rec in records:
+        missing = [k for k in ("case", "shape", "dtype", "device", "git_sha", "versions", "command") if k not in rec]
+        assert not missing, f"{rec['provider']}: missing {missing}"
+        assert rec["status"] == "ok", f"{rec['provider']}: {rec['status']}: {rec['reason']}"
+        assert rec["subject"] == "train" and rec["quick"] and rec["dtype"] == "float32"
+        assert "--quick" in rec["command"] and rec["shape"]["model"] == "tiny"
+        assert rec["measured_steps"] == rec["steps"] > 0 and rec["warmup"] >= 1  # warm-up steps not timed
+        assert rec["steps_per_second"] > 0 and rec["ms_p20"] <= rec["ms"] <= rec["ms_p80"]
+        assert rec["lora_params"] == records[0]["lora_params"] > 0  # the same LoRA everywhere
+        assert all(map(math.isfinite, (rec["first_loss"], rec["final_loss"])))
+        if rec["memory_metric"].startswith("n/a"):
+            assert rec["peak_memory_bytes"] is None
+        else:
+            assert rec["peak_memory_bytes"] >= rec["start_memory_bytes"] > 0
+    by = {r["provider"]: r for r in records}
+    assert by["peft"]["token_params"] == 0 and by["peft+ti"]["token_params"] > 0
+    assert by["engine:cidm"]["base_requires_grad"] and by["engine:cidm"]["base_grads_computed"] > 0
+    frozen = by["engine:lora-m:frozen"]
+    assert not frozen["base_requires_grad"] and frozen["base_grads_computed"] == 0
+    for name in ("engine:cidm", "engine:lora-m:frozen"):
+        ratio = by[name]["speed_vs_peft"]
+        assert ratio == pytest.approx(by[name]["steps_per_second"] / by["peft"]["steps_per_second"])
+    assert "speed vs peft" in done.stdout and "engine:cidm" in done.stdout
