@@ -158,6 +158,7 @@ class CrossAttentionProcessor:
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             region_ids = ctx.region_ids(n_queries, query.device)
+            k, v = k.to(query.dtype), v.to(query.dtype)
             out = ops.regional_cross_attention(query, k, v, region_ids, None, attn.scale)
             if self.layer in ctx.capture:
                 probs = reference._regional_scores(query, k, region_ids, None, attn.scale).softmax(-1)
@@ -206,6 +207,14 @@ class PassThroughProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on for ``device``, else ``default``.
+    The fused ops take inputs of one dtype and are not autocast ops themselves."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
+
+
 def layer_kv(
     attn, c: Tensor, pool: AdapterPool | None, layer: str, ids: Tensor, weights: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -217,7 +226,11 @@ def layer_kv(
     if ab_k is None:
         ab_k = ab_v = (c.new_zeros(0, 1, c.shape[-1]), c.new_zeros(0, attn.to_k.out_features, 1))
         ids, weights = ids[:, :0], weights[:, :0]
-    k, v = ops.lora_kv_projection(c, attn.to_k.weight, attn.to_v.weight, *ab_k, *ab_v, ids, weights, 1.0)
+    w_k, w_v = attn.to_k.weight, attn.to_v.weight
+    dtype = compute_dtype(c.device, w_k.dtype)  # under autocast, the autocast dtype: the ops take one dtype
+    c, w_k, w_v = c.to(dtype), w_k.to(dtype), w_v.to(dtype)
+    ab_k, ab_v = tuple(t.to(dtype) for t in ab_k), tuple(t.to(dtype) for t in ab_v)
+    k, v = ops.lora_kv_projection(c, w_k, w_v, *ab_k, *ab_v, ids, weights.to(dtype), 1.0)
     if attn.to_k.bias is not None:
         k = k + attn.to_k.bias
     if attn.to_v.bias is not None:

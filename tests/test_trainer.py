@@ -193,3 +193,14 @@ def test_bad_arguments(tmp_path):
         tr.learn("x1", images(CONCEPTS[0]), "")
     with pytest.raises(ValueError, match="mask"):
         tr.learn("x1", images(CONCEPTS[0]), "circle", masks=[torch.zeros(16, 16)] * 4)
+
+
+def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
+    lp = new_pipeline()
+    tr = trainer(lp, tmp_path, "cidm", max_steps=4, mixed_precision="bf16", gradient_checkpointing=True)
+    adapter = tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
+    assert adapter.is_finite() and next(iter(adapter.lora.values())).dtype == torch.float32
+    assert tr.stats[CONCEPTS[0]].skipped_steps == 0
+    assert not lp.unet.is_gradient_checkpointing  # switched off again after learn
+    with pytest.raises(ValueError, match="bf16"):
+        trainer(lp, tmp_path, mixed_precision="fp16")

@@ -111,7 +111,10 @@ class ContinualTrainer:
     rank: LoRA rank (alpha = rank); max_steps, learning_rate, batch_size: the optimisation
     (token rows use ``token_learning_rate``, default the same); store: a ConceptStore the learned
     concepts are saved to (checkpoints go to its staging area); run_dir: checkpoint directory
-    without a store; seed: makes a run reproducible (and resumable to the same result).
+    without a store; seed: makes a run reproducible (and resumable to the same result);
+    mixed_precision: "bf16" runs the forward under autocast (parameters and optimizer stay fp32);
+    gradient_checkpointing: recompute UNet activations in the backward to save memory.
+    The remaining keywords weight each method's terms (DESIGN §4); their defaults are untuned.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class ContinualTrainer:
         distill_weight: float = 0.5,
         max_bad_steps: int = 5,
         gradient_checkpointing: bool = False,
+        mixed_precision: str | None = None,
         progress: bool = True,
     ):
         if method not in METHODS:
@@ -165,6 +169,11 @@ class ContinualTrainer:
             distill_weight,
         )
         self.gradient_checkpointing = gradient_checkpointing
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(
+                f"mixed_precision must be None or 'bf16', got {mixed_precision!r} (fp16 would need loss scaling)"
+            )
+        self.mixed_precision = mixed_precision
         pipe = pipeline.pipe
         self.resolution = resolution or pipeline.unet.config.sample_size * pipe.vae_scale_factor
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -433,6 +442,12 @@ class ContinualTrainer:
         return AdapterPool(["<training>", *(c.name for c in frozen)], factors), 1 + len(frozen)
 
     def _predict(self, state, task, captions, noisy, t, teacher=False) -> Tensor:
+        """The UNet's prediction for noisy latents and captions, with the trained concept (or the teacher)."""
+        amp = self.mixed_precision is not None
+        with torch.autocast(self.pipeline.device.type, dtype=torch.bfloat16, enabled=amp):
+            return self._forward(state, task, captions, noisy, t, teacher).float()
+
+    def _forward(self, state, task, captions, noisy, t, teacher) -> Tensor:
         lp = self.pipeline
         concepts = {c.token: c for c in state["past"]}
         concepts[task.token] = self._live(task, state)
@@ -452,7 +467,7 @@ class ContinualTrainer:
             cross_attention_kwargs={CONTEXT_KWARG: GenerationContext(kv)},
             added_cond_kwargs=added,
             return_dict=False,
-        )[0].float()
+        )[0]
 
     def _noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
