@@ -182,11 +182,12 @@ class LifelongPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """The UNet's device (read off one weight: diffusers' ``unet.device`` walks every module)."""
+        return self._attn[self.layers[0]].to_k.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self._attn[self.layers[0]].to_k.weight.dtype
 
     def add_concept(self, adapter: ConceptAdapter, *, replace: bool = False) -> None:
         """Add a concept to the library (moved to the UNet's device and dtype)."""

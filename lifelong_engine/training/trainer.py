@@ -145,6 +145,7 @@ class ContinualTrainer:
         class_images: int = 4,
         replay_weight: float = 0.5,
         replay_per_concept: int = 2,
+        sample_steps: int = 20,
         distill_weight: float = 0.5,
         max_bad_steps: int = 5,
         gradient_checkpointing: bool = False,
@@ -169,6 +170,7 @@ class ContinualTrainer:
             distill_weight,
         )
         self.gradient_checkpointing = gradient_checkpointing
+        self.sample_steps = sample_steps  # denoising steps of generated class / replay images
         if mixed_precision not in (None, "bf16"):
             raise ValueError(
                 f"mixed_precision must be None or 'bf16', got {mixed_precision!r} (fp16 would need loss scaling)"
@@ -643,7 +645,7 @@ class ContinualTrainer:
             images = lp(
                 caption,
                 num_images_per_prompt=self.class_images,
-                num_inference_steps=20,
+                num_inference_steps=self.sample_steps,
                 generator=_child_generator(gen, lp.device),
                 output_type="pt",
                 height=self.resolution,
@@ -663,7 +665,7 @@ class ContinualTrainer:
                 images = lp(
                     caption,
                     num_images_per_prompt=2 * self.replay_per_concept,
-                    num_inference_steps=20,
+                    num_inference_steps=self.sample_steps,
                     generator=torch.Generator(lp.device).manual_seed(
                         int(torch.randint(0, 2**31, (1,), generator=gen))
                     ),
