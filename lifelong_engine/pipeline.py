@@ -45,7 +45,7 @@ from .formats import attn2_layers
 from .pool import AdapterPool
 from .prompts import EncodedPrompts, PromptEncoder
 
-__all__ = ["LifelongPipeline", "LifelongPipelineOutput", "unet_fingerprint"]
+__all__ = ["LifelongPipeline", "LifelongPipelineOutput", "Library", "unet_fingerprint", "aggregate_noise"]
 
 Box = tuple[float, float, float, float]
 _REPLACERS = "enable_xformers_memory_efficient_attention, fuse_qkv_projections, set_attention_slice, load_ip_adapter"
@@ -78,6 +78,32 @@ class _Plan:
     kinds: int
     images: int
     image_texts: Tensor  # (images,) the prompt of each image
+
+
+@dataclasses.dataclass
+class Library:
+    """The concepts one generation uses: adapters (in order), their ê stacked (L, G, D) float32, the
+    pool holding their factors and each one's id in it (G,). LifelongPipeline's own library is
+    :meth:`LifelongPipeline.library`; the serving engine builds one per request from its pool."""
+
+    adapters: list[ConceptAdapter]
+    embeddings: Tensor | None
+    pool: object | None  # AdapterPool or anything with .get(layer, proj) -> (a, b) | None
+    ids: Tensor
+
+    @property
+    def tokens(self) -> dict[str, ConceptAdapter]:
+        return {c.token: c for c in self.adapters}
+
+    @property
+    def default_ewa(self) -> bool:
+        """EWA when every concept was learned with CIDM; otherwise the plain sum."""
+        return bool(self.adapters) and all(c.method == "cidm" for c in self.adapters)
+
+    @property
+    def image_side(self) -> bool:
+        """True when some concept adapts to_q or to_out (applied to image tokens at every step)."""
+        return any(p in c.projections for c in self.adapters for p in ("to_q", "to_out.0"))
 
 
 @dataclasses.dataclass
@@ -260,27 +286,39 @@ class LifelongPipeline:
 
     # ------------------------------------------------------------------- text
 
-    def encode_prompt(self, prompts: str | Sequence[str]) -> EncodedPrompts:
+    def library(self) -> Library:
+        """The pipeline's own concepts as a :class:`Library` (pool ids 0..G-1)."""
+        adapters = list(self._concepts.values())
+        embeddings = torch.stack(list(self._embeddings.values()), 1).to(self.device) if adapters else None
+        ids = torch.arange(len(adapters), device=self.device)
+        return Library(adapters, embeddings, self.pool() if adapters else None, ids)
+
+    def encode_prompt(self, prompts: str | Sequence[str], library: Library | None = None) -> EncodedPrompts:
         """Layer-wise text embeddings ĉ^l of prompts (concept tokens resolved against the library)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens = {c.token: c for c in self._concepts.values()}
+        tokens = library.tokens if library is not None else {c.token: c for c in self._concepts.values()}
         return self.text.encode(prompts, tokens)
 
     def concept_weights(
-        self, encoded: EncodedPrompts, power: float = 2.0, norm: str = "fro", top_k: int | None = None
+        self,
+        encoded: EncodedPrompts,
+        power: float = 2.0,
+        norm: str = "fro",
+        top_k: int | None = None,
+        library: Library | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """EWA over the library: (ids, psi), each (n, L, S): the concepts each prompt mixes into each
-        layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3)."""
+        """EWA over the library: (ids, psi), each (n, L, S): the pool ids of the concepts each prompt mixes
+        into each layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3)."""
+        library = library or self.library()
         n, L = encoded.per_layer.shape[:2]
-        G = len(self._concepts)
+        G = len(library.adapters)
         if G == 0:
             return torch.zeros(n, L, 0, dtype=torch.long, device=self.device), torch.zeros(n, L, 0, device=self.device)
-        concepts = torch.stack(list(self._embeddings.values()), 1).to(self.device)  # (L, G, D)
-        psi = ops.ewa_weights(encoded.per_layer.float(), concepts, encoded.ewa_mask, power, norm)
-        ids = torch.arange(G, device=self.device).expand(n, L, G)
+        psi = ops.ewa_weights(encoded.per_layer.float(), library.embeddings, encoded.ewa_mask, power, norm)
+        order = torch.arange(G, device=self.device).expand(n, L, G)
         if top_k is not None and top_k < G:
-            psi, ids = psi.topk(top_k, dim=-1)
-        return ids, psi
+            psi, order = psi.topk(top_k, dim=-1)
+        return library.ids[order], psi
 
     def text_kv(
         self, per_layer: Tensor, pool: AdapterPool | None, ids: Tensor, weights: Tensor, slots: Tensor | None = None
@@ -460,11 +498,19 @@ class LifelongPipeline:
         return _Plan(texts, torch.tensor(slots), torch.tensor(owner), paint, kinds, B * per_prompt, image_texts)
 
     def prepare(
-        self, plan: _Plan, power: float, norm: str, top_k: int | None, ewa: bool | None, size: tuple[int, int]
+        self,
+        plan: _Plan,
+        power: float,
+        norm: str,
+        top_k: int | None,
+        ewa: bool | None,
+        size: tuple[int, int],
+        library: Library | None = None,
     ) -> _Prepared:
         """Encode the plan's texts, weight the library and compute every layer's text K/V once."""
+        library = library or self.library()
         real = [i for i, t in enumerate(plan.texts) if t is not None]
-        encoded = self.encode_prompt([plan.texts[i] for i in real])
+        encoded = self.encode_prompt([plan.texts[i] for i in real], library)
         n, (L, T, D) = len(plan.texts), encoded.per_layer.shape[1:]
         per_layer = encoded.per_layer.new_zeros(n, L, T, D)
         per_layer[real] = encoded.per_layer
@@ -473,9 +519,9 @@ class LifelongPipeline:
             pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
             pooled[real] = encoded.pooled
         if ewa is None:
-            ewa = bool(self._concepts) and all(c.method == "cidm" for c in self._concepts.values())
-        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None)
-        G = len(self._concepts)
+            ewa = library.default_ewa
+        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None, library)
+        G = len(library.adapters)
         full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=self.device)
         full_psi = torch.zeros(n, L, ids.shape[-1], device=self.device)
         full_ids[real] = ids
@@ -485,12 +531,12 @@ class LifelongPipeline:
         text_owner[plan.slots[:, 0]] = plan.owner
         full_ids, full_psi = full_ids[text_owner], full_psi[text_owner]
 
-        pool = self.pool() if G else None
+        pool = library.pool if G else None
         kv = self.text_kv(per_layer, pool, full_ids, full_psi, plan.slots)
         latent = tuple(s // self.pipe.vae_scale_factor for s in size)
         regions = RegionPlan(plan.paint, latent, self.device) if any(plan.paint) else None
         ctx = GenerationContext(kv, regions)
-        if pool is not None and any(p in c.projections for c in self._concepts.values() for p in ("to_q", "to_out.0")):
+        if pool is not None and library.image_side:
             ctx.pool = pool
             for l, layer in enumerate(self.layers):
                 ctx.row_ids[layer] = full_ids[plan.owner, l]

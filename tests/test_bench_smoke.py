@@ -133,16 +133,19 @@ TRAIN_SCRIPT = ROOT / "bench" / "train.py"
 TRAIN_PROVIDERS = ("peft", "peft+ti", "engine:cidm", "engine:lora-m:frozen")
 
 
-def test_train_quick_run_records_every_provider(tmp_path):
-    """bench/train.py --quick: both baselines and the engine (as handed over, and with a frozen base)
-    train the same LoRA on the tiny model, with warm-up excluded, peak memory and engine ÷ baseline ratios."""
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
-    cmd += ["--providers", ",".join(TRAIN_PROVIDERS)]
+def _run_train(out: Path, *args: str) -> tuple[list[dict], str]:
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--out", str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n{output}"
-    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
-    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [p.name for p in out.iterdir()] == ["train.jsonl"]
+    return [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()], done.stdout
+
+
+def test_train_quick_run_records_every_provider(tmp_path):
+    """bench/train.py --quick: both baselines and the engine (as handed over, and with a frozen base)
+    train the same LoRA on the tiny model, with warm-up excluded, peak memory and engine ÷ baseline ratios."""
+    records, stdout = _run_train(tmp_path, "--providers", ",".join(TRAIN_PROVIDERS))
     assert [r["provider"] for r in records] == list(TRAIN_PROVIDERS)
     for rec in records:
         missing = [k for k in ("case", "shape", "dtype", "device", "git_sha", "versions", "command") if k not in rec]
@@ -166,4 +169,15 @@ def test_train_quick_run_records_every_provider(tmp_path):
     for name in ("engine:cidm", "engine:lora-m:frozen"):
         ratio = by[name]["speed_vs_peft"]
         assert ratio == pytest.approx(by[name]["steps_per_second"] / by["peft"]["steps_per_second"])
-    assert "speed vs peft" in done.stdout and "engine:cidm" in done.stdout
+    assert "speed vs peft" in stdout and "engine:cidm" in stdout
+
+
+@pytest.mark.slow
+def test_train_quick_run_bf16_autocast(tmp_path):
+    """bf16 base weights with every forward under bf16 autocast (the engine's mixed_precision="bf16")."""
+    records, _ = _run_train(tmp_path, "--dtype", "bf16", "--autocast", "--providers", "peft,engine:lora-m:frozen")
+    assert [r["provider"] for r in records] == ["peft", "engine:lora-m:frozen"]
+    for rec in records:
+        assert rec["status"] == "ok", f"{rec['provider']}: {rec['status']}: {rec['reason']}"
+        assert rec["dtype"] == "bfloat16" and rec["autocast"] and rec["case"].endswith(" autocast")
+        assert rec["lora_params"] == records[0]["lora_params"] and math.isfinite(rec["final_loss"])
