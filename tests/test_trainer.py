@@ -55,6 +55,7 @@ def test_each_method_learns_two_tasks_and_keeps_frozen_weights(method, tmp_path)
         assert stats.eval_loss_after < stats.eval_loss_before, (method, name, stats)
         assert stats.steps == 10 and stats.skipped_steps == 0 and stats.steps_per_second > 0
     assert fingerprint(lp.unet, lp.pipe.text_encoder, lp.pipe.vae) == frozen  # base model bit-for-bit
+    assert all(p.grad is None for p in lp.unet.parameters())  # and no gradient was ever computed for it
     assert torch.equal(first.token_embeddings, first_tokens)  # the returned past concept is untouched
     assert all(torch.equal(first.lora[k], v) for k, v in first_lora.items())
     assert torch.equal(lp.concepts[CONCEPTS[0]].token_embeddings, first_tokens)  # and so is its copy in use

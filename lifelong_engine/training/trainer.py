@@ -232,6 +232,7 @@ class ContinualTrainer:
             warnings.warn(f"no checkpoint for {name!r} in {self.run_dir}; starting from the beginning", stacklevel=2)
 
         unet = lp.unet
+        frozen = _freeze(lp)  # no gradients for the base model: only the concept's parameters train
         if self.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         eval_before = self._eval_loss(task, state)
@@ -267,6 +268,7 @@ class ContinualTrainer:
                     self._save_checkpoint(ckpt, state, gen, step + 1)
         finally:
             bar.close()
+            frozen.restore()
             if self.gradient_checkpointing and hasattr(unet, "disable_gradient_checkpointing"):
                 unet.disable_gradient_checkpointing()
         seconds = time.perf_counter() - t0
@@ -768,6 +770,20 @@ class _TokenOnly:
     token: str
     words: list[str]
     token_embeddings: Tensor
+
+
+class _freeze:
+    """Turn off requires_grad on the pipeline's UNet, text encoders and VAE; restore() puts it back."""
+
+    def __init__(self, lp):
+        modules = [lp.unet, lp.pipe.vae, *lp.text.text_encoders]
+        self.saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+
+    def restore(self) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
 
 
 def _child_generator(gen: torch.Generator, device) -> torch.Generator:
