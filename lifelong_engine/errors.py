@@ -20,3 +20,11 @@ class ConceptNotFoundError(ConceptStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class EngineClosedError(LifelongError, RuntimeError):
+    """The serving engine is closed (or closing) and takes no more requests."""
+
+
+class EngineBusyError(LifelongError, RuntimeError):
+    """The serving engine's queue stayed full for the whole submit timeout."""

@@ -243,6 +243,12 @@ class LifelongPipeline:
         for other in self._concepts.values():
             if other.token == adapter.token and other.name != adapter.name:
                 raise ValueError(f"{who}: token {adapter.token!r} is already used by concept {other.name!r}")
+        self.check_adapter(adapter)
+
+    def check_adapter(self, adapter: ConceptAdapter) -> None:
+        """Raise ValueError unless ``adapter`` fits this base model: fingerprint, layers, widths, token
+        rows, concept embeddings, finite values."""
+        who = f"concept {adapter.name!r}"
         if adapter.base_fingerprint and adapter.base_fingerprint != self.fingerprint:
             raise ValueError(
                 f"{who} was learned on base model {adapter.base_fingerprint!r}, this pipeline is {self.fingerprint!r}"
