@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from .concepts import ConceptAdapter, validate_name
 from .errors import ConceptNotFoundError, ConceptStoreError
@@ -352,3 +353,14 @@ def _pid_alive(pid: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save that never leaves a torn file: temp file, fsync, rename (checkpoints, training state)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -3,7 +3,9 @@
 :mod:`~lifelong_engine.tinyworld.world` renders 32×32 scenes of simple objects with captions and
 holds the personal concepts the base model never sees; :mod:`~lifelong_engine.tinyworld.tokenizer`
 builds the CLIP tokenizer of the world's vocabulary in code. Importing this package imports
-neither diffusers nor transformers.
+neither diffusers nor transformers. The base model lives in ``tinyworld.model``
+(``load_tinyworld_pipeline``), its training script in ``tinyworld.train_base`` and the
+evaluator in ``tinyworld.evaluator``; import those modules directly.
 """
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, build_tokenizer, build_vocab, write_tokenizer_files

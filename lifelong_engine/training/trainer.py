@@ -61,6 +61,7 @@ from ..attention import CONTEXT_KWARG, GenerationContext
 from ..concepts import ConceptAdapter, factors_from_delta, validate_name
 from ..errors import LifelongError
 from ..pool import AdapterPool
+from ..store import atomic_torch_save as _atomic_save
 from . import losses
 from .memory import MemorySample, RainbowMemory
 
@@ -808,15 +809,6 @@ def _mask_tensor(mask, i: int, size: int) -> Tensor:
     if isinstance(mask, Tensor) and mask.ndim == 2:
         return F.interpolate(mask.float()[None, None], size=(size, size), mode="area")[0, 0]
     raise TypeError(f"masks[{i}]: expected a PIL image or an (H, W) tensor, got {type(mask).__name__}")
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _peak_memory() -> int:
