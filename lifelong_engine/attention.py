@@ -97,15 +97,20 @@ class GenerationContext:
     row_weights: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     capture: frozenset[str] = frozenset()
     maps: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    _zeros: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def rows(self) -> int:
         return next(iter(self.kv.values()))[0].shape[0]
 
     def region_ids(self, n_queries: int, device) -> Tensor:
-        if self.regions is None:
-            return torch.zeros(self.rows, n_queries, dtype=torch.int32, device=device)
-        return self.regions.region_ids(n_queries)
+        """(rows, n_queries) slot of each query; all zeros without regions (made once per resolution)."""
+        if self.regions is not None:
+            return self.regions.region_ids(n_queries)
+        ids = self._zeros.get(n_queries)
+        if ids is None:
+            ids = self._zeros[n_queries] = torch.zeros(self.rows, n_queries, dtype=torch.int32, device=device)
+        return ids
 
     def lora(self, layer: str, proj: str, x: Tensor) -> Tensor | None:
         """The image-side LoRA term of one projection for x (rows, N, Din), or None."""

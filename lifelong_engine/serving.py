@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import queue
@@ -304,7 +305,9 @@ class Engine:
                 if not self._active:
                     if self._closing and not self._waiting and self._queue.empty():
                         return
-                    time.sleep(0.002)
+                    if not self._waiting:  # idle: block on the queue instead of spinning
+                        with contextlib.suppress(queue.Empty):
+                            self._waiting.append(self._queue.get(timeout=0.05))
                     continue
                 self._step()
             except Exception as exc:  # a bug in a step: fail the running requests, keep serving

@@ -389,7 +389,12 @@ class ContinualTrainer:
             "past": past,
         }
         # the frozen concepts the forward adds (c-lora sums them), and the previous model (lwf, l2dm)
-        state["frozen"] = past if self.method == "c-lora" else []
+        frozen = past if self.method == "c-lora" else []
+        kv_widths = {key: w for key, w in lp._widths.items() if key[1] in _KV}
+        state["frozen"] = AdapterPool.build(frozen, kv_widths, dev, torch.float32) if frozen else None
+        state["frozen_names"] = [c.name for c in frozen]
+        if frozen:  # C-LoRA's Σ_past ΔW, fixed for the whole task
+            state["prev_delta"] = {key: sum(c.delta(*key).float() for c in frozen) for key in kv_widths}
         if self.method in ("lwf", "l2dm") and shared_src is not None:
             state["teacher"] = {k: t.detach().clone() for k, t in params.items() if k != "tokens"}
         if self.method == "custom-diffusion":
@@ -434,17 +439,14 @@ class ContinualTrainer:
                 else:
                     a = params[f"{layer}.{proj}.lora_A.weight"][None]
                     b = params[f"{layer}.{proj}.lora_B.weight"][None]
-                for c in frozen:
-                    fa, fb = c.factors(layer, proj)
-                    r = max(a.shape[1], fa.shape[0])
-                    a = torch.cat(
-                        [F.pad(a, (0, 0, 0, r - a.shape[1])), F.pad(fa.float(), (0, 0, 0, r - fa.shape[0]))[None]]
-                    )
-                    b = torch.cat(
-                        [F.pad(b, (0, r - b.shape[2])), F.pad(fb.float() * c.scale, (0, r - fb.shape[1]))[None]]
-                    )
+                if frozen is not None:  # past concepts (stacked once per task), ranks padded to a common r
+                    fa, fb = frozen.get(layer, proj)
+                    r = max(a.shape[1], fa.shape[1])
+                    a = torch.cat([F.pad(a, (0, 0, 0, r - a.shape[1])), F.pad(fa, (0, 0, 0, r - fa.shape[1]))])
+                    b = torch.cat([F.pad(b, (0, r - b.shape[2])), F.pad(fb, (0, r - fb.shape[2]))])
                 factors[layer, proj] = (a.to(lp.dtype), b.to(lp.dtype))
-        return AdapterPool(["<training>", *(c.name for c in frozen)], factors), 1 + len(frozen)
+        names = ["<training>", *state["frozen_names"]]
+        return AdapterPool(names, factors), len(names)
 
     def _predict(self, state, task, captions, noisy, t, teacher=False) -> Tensor:
         """The UNet's prediction for noisy latents and captions, with the trained concept (or the teacher)."""
@@ -529,7 +531,7 @@ class ContinualTrainer:
             reg = zero
             for layer in self.pipeline.layers:
                 for proj in _KV:
-                    prev = sum(c.delta(layer, proj).float() for c in state["past"])
+                    prev = state["prev_delta"][layer, proj]
                     a, b = params[f"{layer}.{proj}.lora_A.weight"], params[f"{layer}.{proj}.lora_B.weight"]
                     reg = reg + losses.c_lora_forget_loss(prev, b @ a)
             return self.c_lora_lambda * reg
