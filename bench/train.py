@@ -291,8 +291,10 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
         elif self.start is not None:
+            # The kernel's RSS counters are per-CPU and synced in batches, so VmHWM can read a few
+            # pages below the VmRSS read at begin(); the region's peak is at least its start.
             hwm = _proc_status_kib("VmHWM")
-            self.peak = hwm * 1024 if hwm is not None else None
+            self.peak = max(hwm * 1024, self.start) if hwm is not None else None
 
 
 @dataclass
