@@ -10,9 +10,7 @@ Prints a table and the JSON line it appends to bench/results/<host>/store.jsonl.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -47,15 +45,6 @@ def sd15_concept(name: str, rank: int = 4, din: int = 768) -> ConceptAdapter:
     )
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", type=int, default=1000)
@@ -70,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                 store.save(template)
             size_mb = template.nbytes / 2**20
             results = {
-                "list_ms": timed(store.list, 5),
-                "load_ms": timed(lambda: store.load(f"c{args.concepts // 2}"), 20),
-                "save_ms": timed(lambda: store.save(sd15_concept("extra")), 20),
+                "list_ms": common.median_ms(store.list, 5),
+                "load_ms": common.median_ms(lambda: store.load(f"c{args.concepts // 2}"), 20),
+                "save_ms": common.median_ms(lambda: store.save(sd15_concept("extra")), 20),
             }
     device = common.describe_device(torch.device("cpu"))
     record = {

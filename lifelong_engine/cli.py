@@ -123,11 +123,36 @@ def _add_concepts(sub) -> None:
     )
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lifelong_engine.tinyworld.demo import run_demo
+
+    report = run_demo(
+        args.out, quick=args.quick, device=args.device, weights_dir=args.weights, progress=not args.no_progress
+    )
+    s = {k: "n/a" if v is None else f"{v:.3f}" for k, v in report["summary"].items()}
+    print(
+        f"IA {s['ia_final']} (base model {s['base_ia']}), TA {s['ta_final']}, forgetting {s['forgetting']}, "
+        f"both concepts present {s['both_present']}; wrote grid.png, report.md, report.json to {args.out}"
+    )
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="learn TinyWorld concepts with CIDM and report IA / TA / forgetting")
+    p.add_argument("--quick", action="store_true", help="three concepts, fewer steps (about 3 minutes on a CPU)")
+    p.add_argument("--out", default="tinyworld-demo", help="output directory (default: ./tinyworld-demo)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifelong-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and op backends of this installation").set_defaults(func=_info)
     _add_concepts(sub)
+    _add_demo(sub)
     args = parser.parse_args(argv)
     from lifelong_engine.errors import LifelongError
 

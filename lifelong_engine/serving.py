@@ -59,6 +59,10 @@ class GenerationRequest:
     alpha: float = 0.7
     height: int | None = None
     width: int | None = None
+    ewa_power: float = 2.0
+    ewa_norm: str = "fro"
+    ewa_top_k: int | None = None
+    ewa: bool | None = None
 
 
 @dataclasses.dataclass
@@ -393,7 +397,9 @@ class Engine:
             library = self.cache.acquire(keys)
             height, width = req.height or lp._default_size(), req.width or lp._default_size()
             with torch.no_grad():
-                prepared = lp.prepare(plan, 2.0, "fro", None, None, (height, width), library)
+                prepared = lp.prepare(
+                    plan, req.ewa_power, req.ewa_norm, req.ewa_top_k, req.ewa, (height, width), library
+                )
             if library.image_side:
                 raise ValueError("the engine serves K/V concepts only; this request's concepts adapt to_q/to_out")
             scheduler = copy.deepcopy(lp.pipe.scheduler)

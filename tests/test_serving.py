@@ -1,6 +1,7 @@
 """Engine: step-level batching of requests with different concepts and regions (tiny SD, CPU)."""
 
 import concurrent.futures
+import dataclasses
 import threading
 
 import numpy as np
@@ -67,6 +68,21 @@ def test_batched_equals_alone_and_equals_the_pipeline(lp, store):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     np.testing.assert_allclose(np.asarray(direct, dtype=np.int16), pixels(alone), atol=2)
+
+
+def test_ewa_options_per_request(lp, store):
+    """A request's EWA options (the official code's power 4 / "l1", top-k) give the pipeline's image."""
+    options = dict(ewa_power=4.0, ewa_norm="l1", ewa_top_k=1)
+    target = request("a <dog1> dog and a <mug2> mug", ("dog1", "mug2"), seed=2, **options)
+    with Engine(lp, store) as engine:
+        served = engine.generate([target, dataclasses.replace(target, ewa_power=2.0, ewa_norm="fro", ewa_top_k=None)])
+    for name in ("dog1", "mug2"):
+        lp.add_concept(store.load(name))
+    direct = lp(target.prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(2), **options).images[0]
+    np.testing.assert_allclose(np.asarray(direct, dtype=np.int16), pixels(served[0]), atol=2)
+    assert np.abs(pixels(served[0]) - pixels(served[1])).max() > 2  # the options mattered
+    with Engine(lp, store) as engine, pytest.raises(ValueError, match="norm"):
+        engine.submit(request(ewa_norm="l3")).result()
 
 
 def test_many_threads_each_request_answered_once(lp, store):

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from tiny_pipes import tiny_sd_pipeline
+from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from lifelong_engine import ConceptStore, LifelongPipeline
 from lifelong_engine.tinyworld import get_concept
@@ -206,3 +206,27 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
     assert not lp.unet.is_gradient_checkpointing  # switched off again after learn
     with pytest.raises(ValueError, match="bf16"):
         trainer(lp, tmp_path, mixed_precision="fp16")
+
+
+@pytest.mark.parametrize("method", ["cidm", "custom-diffusion"])
+def test_learns_on_sdxl(method, tmp_path):
+    """SDXL: two text encoders (token rows 32 + 32 wide), the pooled embedding and time ids in the UNet call."""
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    lp = LifelongPipeline.from_pipe(pipe)
+    frozen = fingerprint(lp.unet, pipe.text_encoder, pipe.text_encoder_2)
+    tr = trainer(lp, tmp_path, method, class_images=2)
+    adapter = tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
+    stats = tr.stats[CONCEPTS[0]]
+    assert stats.eval_loss_after < stats.eval_loss_before and adapter.is_finite()
+    assert adapter.token_embeddings.shape[-1] == 64  # rows for both encoders, concatenated
+    assert fingerprint(lp.unet, pipe.text_encoder, pipe.text_encoder_2) == frozen
+    out = lp("a photo of a <tw-badge> circle", num_inference_steps=2, output_type="np")
+    assert np.isfinite(out.images).all()
+
+
+def test_without_a_run_dir_each_trainer_has_its_own():
+    """Method state (CIDM's W_*, EWC's Fisher, …) of one run must not leak into another's."""
+    lp = new_pipeline()
+    first, second = (ContinualTrainer(lp, progress=False) for _ in range(2))
+    assert first.run_dir != second.run_dir and first.run_dir.is_dir()

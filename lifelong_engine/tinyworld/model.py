@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: Identity of the architecture and training recipe; bump it when either changes (old weights are refused).
-MODEL_VERSION = "tinyworld-base-v1"
+MODEL_VERSION = "tinyworld-base-v2"
 #: Where the package's own weights live (filled by :data:`TRAIN_COMMAND`).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = "python -m lifelong_engine.tinyworld.train_base"
@@ -122,7 +122,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     beta_start=1e-4,
     beta_end=0.02,
     beta_schedule="linear",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",
     timestep_spacing="trailing",
     clip_sample=False,
     set_alpha_to_one=False,

@@ -112,7 +112,8 @@ class ContinualTrainer:
     rank: LoRA rank (alpha = rank); max_steps, learning_rate, batch_size: the optimisation
     (token rows use ``token_learning_rate``, default the same); store: a ConceptStore the learned
     concepts are saved to (checkpoints go to its staging area); run_dir: checkpoint directory
-    without a store; seed: makes a run reproducible (and resumable to the same result);
+    without a store (default: a fresh temporary one; pass one to resume in another process);
+    seed: makes a run reproducible (and resumable to the same result);
     mixed_precision: "bf16" runs the forward under autocast (parameters and optimizer stay fp32);
     gradient_checkpointing: recompute UNet activations in the backward to save memory.
     The remaining keywords weight each method's terms (DESIGN §4); their defaults are untuned.
@@ -183,7 +184,9 @@ class ContinualTrainer:
         if store is not None:
             self.run_dir = Path(store.staging)
         else:
-            self.run_dir = Path(run_dir or Path(tempfile.gettempdir()) / "lifelong-engine-runs")
+            # without either, a fresh directory: another run's method state must not leak into this one
+            fresh = run_dir is None
+            self.run_dir = Path(tempfile.mkdtemp(prefix="lifelong-engine-run-") if fresh else run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stats: dict[str, TrainingStats] = {}
         # state that outlives a task
@@ -606,7 +609,11 @@ class ContinualTrainer:
                     a, b = params[f"{layer}.{proj}.lora_A.weight"], params[f"{layer}.{proj}.lora_B.weight"]
                 lora[f"{layer}.{proj}.lora_A.weight"] = a.cpu().clone()
                 lora[f"{layer}.{proj}.lora_B.weight"] = b.cpu().clone()
-        rank = next(iter(lora.values())).shape[0]
+        rank = max(t.shape[0] for k, t in lora.items() if k.endswith("lora_A.weight"))
+        if self.method == "custom-diffusion":  # exact SVD ranks differ by layer width: pad with zeros to one rank
+            for k, t in lora.items():
+                pad = rank - (t.shape[0] if k.endswith("lora_A.weight") else t.shape[1])
+                lora[k] = F.pad(t, (0, 0, 0, pad) if k.endswith("lora_A.weight") else (0, pad))
         adapter = ConceptAdapter(
             name=task.name,
             token=task.token,

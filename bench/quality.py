@@ -1,0 +1,110 @@
+"""Lifelong quality benchmark on TinyWorld: the same concept sequence learned by every method.
+
+    python bench/quality.py [--methods cidm,lora-m,...] [--concepts 10] [--steps N] [--device D] [--quick]
+
+Each method starts from the shipped TinyWorld model and learns the concepts in order with the
+same settings (:class:`lifelong_engine.tinyworld.lifelong.SequenceConfig`); then IA / TA per
+concept after the last task, forgetting (IA right after learning − IA after the last task) and
+two-concept presence through regional synthesis (see ``lifelong_engine/tinyworld/lifelong.py``).
+
+Writes ``bench/results/<device>/quality.json`` (every method's report, the environment and the
+command) and ``quality.md`` (the CIDM-paper style table). The JSON is rewritten after every task;
+a method whose finished report with the same settings is already there is not run again, so an
+interrupted run continues where it stopped (``--restart`` runs everything again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+common.ensure_engine_importable()
+from lifelong_engine import LifelongPipeline  # noqa: E402
+from lifelong_engine.tinyworld import CONCEPTS  # noqa: E402
+from lifelong_engine.tinyworld.evaluator import Evaluator  # noqa: E402
+from lifelong_engine.tinyworld.lifelong import SequenceConfig, report_markdown, run_sequence, write_json  # noqa: E402
+from lifelong_engine.tinyworld.model import load_tinyworld_pipeline  # noqa: E402
+from lifelong_engine.training import METHODS  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="the first N TinyWorld concepts")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per concept")
+    parser.add_argument("--pairs", type=int, default=None, help="two-concept layouts (default: concepts // 2)")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--weights", default=None, help="TinyWorld model directory (default: the shipped one)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>")
+    parser.add_argument("--quick", action="store_true", help="3 concepts, 40 steps, 1 sample (a smoke run)")
+    parser.add_argument("--restart", action="store_true", help="ignore finished reports in the output")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    n = 3 if args.quick else args.concepts
+    if not 2 <= n <= len(CONCEPTS):
+        parser.error(f"--concepts must be 2 to {len(CONCEPTS)}")
+    base = SequenceConfig(concepts=tuple(c.name for c in CONCEPTS[:n]), pairs=n // 2)
+    if args.quick:
+        base = dataclasses.replace(base, steps=40, samples=1, inference_steps=10, pairs=1)
+    if args.steps is not None:
+        base = dataclasses.replace(base, steps=args.steps)
+    if args.pairs is not None:
+        base = dataclasses.replace(base, pairs=args.pairs)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = common.describe_device(device)
+    out = args.out or common.BENCH_DIR / "results" / info.slug
+    out.mkdir(parents=True, exist_ok=True)
+    name = "quality-quick" if args.quick else "quality"
+    path = out / f"{name}.json"
+    results = {"reports": {}}
+    if path.is_file() and not args.restart:
+        results = json.loads(path.read_text())
+    results.update(device=info.name, threads=torch.get_num_threads(), **common.environment(argv))
+
+    evaluator = Evaluator.load(Path(args.weights) / "evaluator" if args.weights else None, device=device)
+    for method in methods:
+        config = dataclasses.replace(base, method=method)
+        done = results["reports"].get(method)
+        if done and done.get("status") == "finished" and done["config"] == json.loads(json.dumps(
+                dataclasses.asdict(config))):  # fmt: skip
+            print(f"{method}: finished in {path} with the same settings; skipped")
+            continue
+        lp = LifelongPipeline.from_pipe(load_tinyworld_pipeline(device, args.weights))
+
+        def save(report, method=method):
+            report["git_sha"] = results["git_sha"]
+            results["reports"][method] = report
+            write_json(results, path)
+
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as run_dir:
+            report, _ = run_sequence(lp, evaluator, config, run_dir=run_dir, on_update=save)
+        report["wall_seconds"] = round(time.perf_counter() - started, 1)
+        save(report)
+        s = report["summary"]
+        print(f"{method}: IA {s['ia_final']} TA {s['ta_final']} forgetting {s['forgetting']} "
+              f"presence {s['presence']} ({report['wall_seconds']:.0f} s)")  # fmt: skip
+
+    finished = [results["reports"][m] for m in METHODS if results["reports"].get(m, {}).get("status") == "finished"]
+    if finished:
+        title = f"TinyWorld lifelong quality: {n} concepts, {base.steps} steps each ({info.name})"
+        footer = f"\n{results['date']}, git {results['git_sha'][:10]}, command: `{results['command']}`\n"
+        (out / f"{name}.md").write_text(report_markdown(finished, title) + footer)
+        print(f"wrote {path} and {out / f'{name}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""Lifelong runs on TinyWorld: learn personal concepts one after another with one method, and measure
+what the CIDM paper measures. Shared by ``lifelong-engine demo`` and ``bench/quality.py``.
+
+For every concept, the evaluation images are the concept's held-out :func:`~.world.context_prompts`
+(backgrounds, corners, a size, a companion object: none is a training caption), each rendered
+``samples`` times with fixed seeds, so two evaluations of one concept differ only by the model:
+
+- **IA** (image alignment, like CLIP-I): mean cosine similarity of the evaluator's object embeddings
+  between the generated images and the concept's training images;
+- **TA** (text alignment): the fraction of the evaluator's checks of what each prompt specifies
+  (background, position, size, companion) that hold;
+- **forgetting**: IA right after the concept was learned − IA after the last task;
+- **base IA**: the same prompts with the token removed (``a circle …``) on the base model, the level
+  IA starts from;
+- **presence** (multi-concept): two learned concepts, each in its own half of the image through
+  regional synthesis; the evaluator's confidence that each concept is in its box (counted at > 0.5).
+
+``run_sequence`` returns a JSON-ready report; ``report_markdown`` and ``save_grid`` present it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .world import CONCEPTS, Concept, context_prompts, get_concept, two_concept_layout
+
+__all__ = ["SequenceConfig", "run_sequence", "report_markdown", "save_grid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig:
+    """One lifelong run. Training: ``steps`` per concept at ``learning_rate``, LoRA ``rank``, batch
+    ``batch_size``, on ``images`` training images per concept; evaluation: ``samples`` images per
+    context prompt, ``inference_steps`` DDIM steps at ``guidance_scale``; ``pairs`` two-concept
+    layouts of consecutive concepts. ``trainer_options`` go to :class:`ContinualTrainer` as keywords."""
+
+    method: str = "cidm"
+    concepts: tuple[str, ...] = tuple(c.name for c in CONCEPTS)
+    images: int = 5
+    steps: int = 100
+    rank: int = 4
+    learning_rate: float = 5e-3
+    batch_size: int = 4
+    seed: int = 0
+    samples: int = 2
+    inference_steps: int = 20
+    guidance_scale: float = 4.0
+    pairs: int = 2
+    trainer_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in self.concepts:
+            get_concept(name)  # KeyError naming the choices
+        if len(set(self.concepts)) != len(self.concepts) or not self.concepts:
+            raise ValueError(f"concepts: expected distinct names, got {self.concepts}")
+        if self.pairs > len(self.concepts) // 2:
+            n = len(self.concepts)
+            raise ValueError(f"pairs={self.pairs}: {n} concepts make at most {n // 2}")
+        for field in ("images", "steps", "rank", "batch_size", "samples", "inference_steps"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _generate(lp, prompts: Sequence[str], config: SequenceConfig, seed: int, regions=None) -> np.ndarray:
+    """(len(prompts) · samples, 32, 32, 3) uint8, prompt-major; seeded per prompt so batches do not matter."""
+    generators = [torch.Generator().manual_seed(seed + 1000 * i + k) for i in range(len(prompts))
+                  for k in range(config.samples)]  # fmt: skip
+    out = lp(
+        list(prompts),
+        regions=regions,
+        num_inference_steps=config.inference_steps,
+        guidance_scale=config.guidance_scale,
+        num_images_per_prompt=config.samples,
+        generator=generators,
+        output_type="np",
+    ).images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _strip_token(prompt: str, concept: Concept) -> str:
+    return prompt.replace(concept.token + " ", "")
+
+
+def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarray, samples: int) -> dict:
+    prompts = context_prompts(concept)
+    ta = [evaluator.text_alignment(images[i * samples + k], p.scene, p.specified)
+          for i, p in enumerate(prompts) for k in range(samples)]  # fmt: skip
+    return {"ia": float(evaluator.image_alignment(images, references)), "ta": float(np.mean(ta))}
+
+
+def _evaluate(lp, evaluator, concept: Concept, references: np.ndarray, config: SequenceConfig, base=False) -> tuple:
+    prompts = [p.prompt for p in context_prompts(concept)]
+    if base:
+        prompts = [_strip_token(p, concept) for p in prompts]
+    images = _generate(lp, prompts, config, seed=config.seed + 17)
+    return _score(evaluator, concept, images, references, config.samples), images
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def run_sequence(
+    lp,
+    evaluator,
+    config: SequenceConfig,
+    *,
+    store=None,
+    run_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_update: Callable[[dict], None] | None = None,
+) -> tuple[dict, dict]:
+    """Learn ``config.concepts`` in order into ``lp`` (a LifelongPipeline over the TinyWorld model)
+    and evaluate. Returns ``(report, images)``: the JSON-ready report and the evaluation images
+    (``"references"``/``"final"`` per concept, ``"pairs"``) for :func:`save_grid`. ``on_update`` is
+    called with the report after every task (to save partial results)."""
+    from tqdm.auto import tqdm
+
+    from ..training import ContinualTrainer
+
+    if lp.concepts:
+        raise ValueError(f"run_sequence: the pipeline already has concepts {sorted(lp.concepts)}; start from the base")
+    concepts = [get_concept(n) for n in config.concepts]
+    trainer = ContinualTrainer(
+        lp,
+        method=config.method,
+        rank=config.rank,
+        max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        store=store,
+        seed=config.seed,
+        run_dir=run_dir,
+        progress=progress,
+        **config.trainer_options,
+    )
+    lp.pipe.set_progress_bar_config(disable=True)
+    report: dict = {
+        "method": config.method,
+        "config": {k: v for k, v in dataclasses.asdict(config).items()},
+        "concepts": {},
+        "status": "running",
+    }
+    references = {c.name: np.stack([np.asarray(s.image) for s in c.images(config.images, seed=config.seed)])
+                  for c in concepts}  # fmt: skip
+    images: dict = {"references": references, "final": {}, "pairs": []}
+    started = time.perf_counter()
+    with torch.no_grad():  # the base model, before any task
+        base = {c.name: _evaluate(lp, evaluator, c, references[c.name], config, base=True)[0] for c in concepts}
+    for index, concept in enumerate(tqdm(concepts, desc=f"{config.method}: tasks", disable=not progress)):
+        entry: dict = {"task": index + 1, "class_word": concept.class_word, "base": base[concept.name]}
+        samples = concept.images(config.images, seed=config.seed)
+        t0 = time.perf_counter()
+        trainer.learn(concept.name, [s.image for s in samples], concept.class_word, [s.caption for s in samples])
+        stats = trainer.stats[concept.name]
+        entry["train_seconds"] = round(time.perf_counter() - t0, 2)
+        entry["steps_per_second"] = round(stats.steps_per_second, 2)
+        entry["final_loss"] = round(stats.final_loss, 5)
+        with torch.no_grad():
+            entry["after_learning"] = _evaluate(lp, evaluator, concept, references[concept.name], config)[0]
+        report["concepts"][concept.name] = entry
+        if on_update is not None:
+            on_update(report)
+
+    with torch.no_grad():
+        for concept in tqdm(concepts, desc=f"{config.method}: final evaluation", disable=not progress):
+            entry = report["concepts"][concept.name]
+            entry["final"], images["final"][concept.name] = _evaluate(
+                lp, evaluator, concept, references[concept.name], config
+            )
+            entry["forgetting"] = entry["after_learning"]["ia"] - entry["final"]["ia"]
+        report["pairs"] = []
+        for first, second in zip(concepts[0 : 2 * config.pairs : 2], concepts[1 : 2 * config.pairs : 2]):
+            layout = two_concept_layout(first, second, background="white")
+            regions = [(r.prompt, r.box) for r in layout.regions]
+            generated = _generate(lp, [layout.prompt], config, seed=config.seed + 29, regions=regions)
+            presence = [[evaluator.presence(im, r.box, c) for r, c in zip(layout.regions, (first, second))]
+                        for im in generated]  # fmt: skip
+            report["pairs"].append({
+                "concepts": [first.name, second.name],
+                "prompt": layout.prompt,
+                "presence": [float(np.mean([p[j] for p in presence])) for j in range(2)],
+                "both_present": float(np.mean([min(p) > 0.5 for p in presence])),
+            })  # fmt: skip
+            images["pairs"].append((layout, generated))
+    report["summary"] = _summary(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["status"] = "finished"
+    if on_update is not None:
+        on_update(report)
+    return report, images
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _summary(report: dict) -> dict:
+    entries = list(report["concepts"].values())
+    last = entries[-1] if entries else None
+    return {
+        "ia_after_learning": _mean(e["after_learning"]["ia"] for e in entries),
+        "ta_after_learning": _mean(e["after_learning"]["ta"] for e in entries),
+        "ia_final": _mean(e["final"]["ia"] for e in entries),
+        "ta_final": _mean(e["final"]["ta"] for e in entries),
+        "base_ia": _mean(e["base"]["ia"] for e in entries),
+        "base_ta": _mean(e["base"]["ta"] for e in entries),
+        # the last task cannot have been forgotten yet; average over the earlier ones
+        "forgetting": _mean(e["forgetting"] for e in entries if e is not last),
+        "presence": _mean(p for pair in report.get("pairs", []) for p in pair["presence"]),
+        "both_present": _mean(pair["both_present"] for pair in report.get("pairs", [])),
+    }
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def report_markdown(reports: Sequence[dict], title: str) -> str:
+    """A CIDM-paper style table: one row per method (IA/TA after the last task, forgetting,
+    multi-concept presence), then IA per concept per method."""
+    head = "| method | IA ↑ | TA ↑ | forgetting ↓ | IA right after learning | base IA | presence ↑ | both present ↑ |"
+    lines = [f"# {title}", "", head, "|" + "---|" * 8]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in reports:
+        s = r["summary"]
+        lines.append(
+            f"| {r['method']} | {fmt(s['ia_final'])} | {fmt(s['ta_final'])} | {fmt(s['forgetting'])} | "
+            f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {fmt(s['presence'])} | {fmt(s['both_present'])} |"
+        )
+    names = list(reports[0]["concepts"]) if reports else []
+    lines += ["", "IA / TA per concept after the last task (forgetting in brackets):", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for r in reports:
+        cells = []
+        for n in names:
+            e = r["concepts"][n]
+            cells.append(f"{e['final']['ia']:.2f} / {e['final']['ta']:.2f} ({e['forgetting']:+.2f})")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    for r in reports:
+        if r.get("pairs"):
+            pairs = ", ".join(f"{' + '.join(p['concepts'])}: {p['presence'][0]:.2f} / {p['presence'][1]:.2f}"
+                              for p in r["pairs"])  # fmt: skip
+            lines.append(f"\n{r['method']} presence per pair (left / right): {pairs}")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(images: dict, path: str | os.PathLike, scale: int = 3, per_concept: int = 8) -> Path:
+    """A picture of the run: one row per concept (its first training image, then generated images of
+    its context prompts after the last task), then the two-concept images; ``scale``× nearest upscale."""
+    from PIL import Image, ImageDraw
+
+    tile, gap, label = 32 * scale, 4 * scale, 72 * scale
+    rows = [(name, [images["references"][name][0], None, *generated[:per_concept]])
+            for name, generated in images["final"].items()]  # fmt: skip
+    for layout, generated in images["pairs"]:
+        rows.append((" + ".join(r.prompt.split()[1] for r in layout.regions), list(generated[:per_concept])))
+    width = label + max((len(r) for _, r in rows), default=1) * (tile + gap)
+    canvas = Image.new("RGB", (width, len(rows) * (tile + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, row) in enumerate(rows):
+        y = gap + i * (tile + gap)
+        draw.text((gap, y + tile // 2 - 5), name, fill="black")
+        x = label
+        for im in row:
+            if im is None:  # a gap between the training image and the generated ones
+                x += 2 * gap
+                continue
+            canvas.paste(Image.fromarray(im).resize((tile, tile), Image.NEAREST), (x, y))
+            x += tile + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as JSON through a temp file and rename (a crash leaves the old file or the new)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,117 @@
+"""Lifelong runs on TinyWorld (tinyworld/lifelong.py), the demo and the quality benchmark's plumbing.
+
+These use an untrained TinyWorld model and evaluator saved to a temporary directory, so they check
+what is computed and written, not how good it is; test_tinyworld_quality.py checks the shipped model.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lifelong_engine import ConceptStore
+from lifelong_engine.cli import main as cli_main
+from lifelong_engine.tinyworld import evaluator as ev
+from lifelong_engine.tinyworld import model as tm
+from lifelong_engine.tinyworld.demo import run_demo
+from lifelong_engine.tinyworld.lifelong import SequenceConfig, report_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = SequenceConfig(concepts=("tw-badge", "tw-flag"), images=3, steps=2, batch_size=2, samples=1,
+                      inference_steps=2, pairs=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tinyworld-random")
+    tm.save_weights(tm.build_pipeline(tm.tinyworld_components(seed=0)), directory)
+    torch.manual_seed(0)
+    ev.Evaluator(ev.EvaluatorNet()).save(directory / "evaluator")
+    return directory
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(KeyError, match="tw-nothing"):
+        SequenceConfig(concepts=("tw-nothing",))
+    with pytest.raises(ValueError, match="distinct"):
+        SequenceConfig(concepts=("tw-badge", "tw-badge"))
+    with pytest.raises(ValueError, match="pairs=2"):
+        SequenceConfig(concepts=("tw-badge", "tw-flag", "tw-kite"), pairs=2)
+    with pytest.raises(ValueError, match="steps"):
+        SequenceConfig(steps=0)
+
+
+def test_demo_writes_grid_and_reports(weights, tmp_path):
+    report = run_demo(tmp_path, weights_dir=weights, config=TINY, progress=False)
+    names = list(TINY.concepts)
+    assert report["status"] == "finished" and list(report["concepts"]) == names
+    for task, name in enumerate(names, 1):
+        e = report["concepts"][name]
+        assert e["task"] == task and e["train_seconds"] > 0
+        for stage in ("base", "after_learning", "final"):
+            assert -1 <= e[stage]["ia"] <= 1 and 0 <= e[stage]["ta"] <= 1
+        assert e["forgetting"] == pytest.approx(e["after_learning"]["ia"] - e["final"]["ia"])
+    s = report["summary"]
+    assert s["forgetting"] == pytest.approx(report["concepts"][names[0]]["forgetting"], abs=1e-4)  # not the last
+    assert s["ia_final"] == pytest.approx(np.mean([report["concepts"][n]["final"]["ia"] for n in names]), abs=1e-4)
+    (pair,) = report["pairs"]
+    assert pair["concepts"] == names and all(0 <= p <= 1 for p in pair["presence"])
+
+    assert json.loads((tmp_path / "report.json").read_text())["summary"] == s
+    md = (tmp_path / "report.md").read_text()
+    assert "| cidm |" in md and "tw-flag" in md and "Wall time" in md
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > grid.height > 3 * 32  # two concept rows and a pair row, upscaled
+    with ConceptStore(tmp_path / "concepts") as store:  # the learned concepts are kept
+        assert sorted(r.name for r in store.list()) == sorted(names)
+
+
+def test_reports_are_saved_after_every_task(weights, tmp_path):
+    from lifelong_engine import LifelongPipeline
+    from lifelong_engine.tinyworld.lifelong import run_sequence
+
+    lp = LifelongPipeline.from_pipe(tm.load_tinyworld_pipeline("cpu", weights))
+    seen = []
+    evaluator, config = ev.Evaluator.load(weights / "evaluator"), dataclasses.replace(TINY, method="lora-m")
+    run_sequence(lp, evaluator, config, run_dir=tmp_path, progress=False,
+                 on_update=lambda r: seen.append(json.loads(json.dumps(r))))  # fmt: skip
+    assert [list(r["concepts"]) for r in seen] == [["tw-badge"], ["tw-badge", "tw-flag"], ["tw-badge", "tw-flag"]]
+    assert [r["status"] for r in seen] == ["running", "running", "finished"]
+    with pytest.raises(ValueError, match="already has concepts"):
+        run_sequence(lp, None, TINY, run_dir=tmp_path, progress=False)
+
+
+def test_report_markdown_has_a_row_per_method():
+    concept = {"after_learning": {"ia": 0.5, "ta": 0.5}, "final": {"ia": 0.4, "ta": 0.5}, "forgetting": 0.1}
+    summary = dict.fromkeys(("ia_final", "ta_final", "forgetting", "ia_after_learning", "base_ia", "presence",
+                             "both_present"), 0.25)  # fmt: skip
+    reports = [{"method": m, "summary": {**summary, "forgetting": None}, "concepts": {"tw-badge": concept}}
+               for m in ("cidm", "lwf")]  # fmt: skip
+    md = report_markdown(reports, "t")
+    assert md.count("| cidm |") == 2 and md.count("| lwf |") == 2 and "n/a" in md and "0.40 / 0.50 (+0.10)" in md
+
+
+def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
+    """The CLI entry point and bench/quality.py --quick run end to end (with tiny settings)."""
+    import lifelong_engine.tinyworld.demo as demo
+
+    monkeypatch.setattr(demo, "QUICK", TINY)
+    assert cli_main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--weights", str(weights),
+                     "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["environment"]["quick"] is True
+
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--methods", "lora-m", "--steps", "1",
+           "--weights", str(weights), "--out", str(tmp_path / "q"), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "q" / "quality-quick.json").read_text())
+    assert results["reports"]["lora-m"]["status"] == "finished" and "git_sha" in results
+    assert "| lora-m |" in (tmp_path / "q" / "quality-quick.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished: not run again
+    assert again.returncode == 0 and "skipped" in again.stdout
