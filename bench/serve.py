@@ -85,7 +85,8 @@ def make_requests(n: int, names: list[str], steps: int, guidance: float, seed: i
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        chosen = [names[j] for j in rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False)]
+        k = int(rng.integers(1, min(3, len(names)) + 1))
+        chosen = [names[j] for j in rng.choice(len(names), size=k, replace=False)]
         regions = [(f"a <{c}> object", BOXES[k]) for k, c in enumerate(chosen[: int(rng.integers(0, 3))])]
         prompt = "a photo of " + " and ".join(f"a <{c}> object" for c in chosen)
         out.append(GenerationRequest(prompt, concepts=chosen, namespace=NAMESPACE, regions=regions or None,
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     info = common.describe_device(device)
     env = common.environment(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    if args.requests < 1 or args.concepts < 1 or args.steps < 1:
+        parser.error("--requests, --concepts and --steps must be at least 1")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -182,3 +182,21 @@ def test_train_quick_run_bf16_autocast(tmp_path):
         assert rec["status"] == "ok", f"{rec['provider']}: {rec['status']}: {rec['reason']}"
         assert rec["dtype"] == "bfloat16" and rec["autocast"] and rec["case"].endswith(" autocast")
         assert rec["lora_params"] == records[0]["lora_params"] and math.isfinite(rec["final_loss"])
+
+
+@pytest.mark.skipif(
+    not (ROOT / "lifelong_engine" / "tinyworld" / "weights" / "tinyworld.json").is_file(),
+    reason="needs the shipped TinyWorld weights",
+)
+def test_serve_runs_both_providers(tmp_path):
+    """bench/serve.py on TinyWorld: the Engine and the diffusers + peft baseline serve the same requests."""
+    cmd = [sys.executable, str(ROOT / "bench" / "serve.py"), "--device", "cpu", "--requests", "3", "--concepts", "2",
+           "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "serve.jsonl").read_text().splitlines()]
+    assert [r["provider"] for r in records] == ["engine", "diffusers+peft"]
+    for rec in records:
+        assert rec["images_per_second"] > 0 and 0 < rec["p50_s"] <= rec["p95_s"] and rec["switch_ms"] >= 0
+        assert rec["requests"] == 3 and rec["git_sha"] and rec["bytes_per_concept_device"] > 0
+    assert records[0]["speedup_vs_baseline"] > 0 and records[1]["load_all_s"] > 0
