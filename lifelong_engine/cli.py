@@ -139,7 +139,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="learn TinyWorld concepts with CIDM and report IA / TA / forgetting")
-    p.add_argument("--quick", action="store_true", help="three concepts, fewer steps (about 3 minutes on a CPU)")
+    p.add_argument("--quick", action="store_true", help="three concepts, fewer steps (about 80 s on a 2-core CPU)")
     p.add_argument("--out", default="tinyworld-demo", help="output directory (default: ./tinyworld-demo)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
