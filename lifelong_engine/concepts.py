@@ -227,11 +227,16 @@ class ConceptAdapter:
         )
 
 
-def factors_from_delta(delta: Tensor) -> tuple[Tensor, Tensor]:
+def factors_from_delta(delta: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact LoRA factors (A (r, Din), B (Dout, r)) of a dense delta (Dout, Din), r = min(Dout, Din),
-    by SVD in float64: B·A = delta. Returned in delta's dtype."""
+    by SVD in float64: B·A = delta. Returned in delta's dtype. ``rank`` ≥ r zero-pads the factors to
+    that rank (still exact), so the layers of one adapter, of different widths, share a rank."""
     u, s, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
-    return vh.to(delta.dtype), (u * s).to(delta.dtype)
+    a, b = vh.to(delta.dtype), (u * s).to(delta.dtype)
+    pad = (rank or a.shape[0]) - a.shape[0]
+    if pad < 0:
+        raise ValueError(f"factors_from_delta: rank {rank} < the delta's exact rank {a.shape[0]}")
+    return torch.nn.functional.pad(a, (0, 0, 0, pad)), torch.nn.functional.pad(b, (0, pad))
 
 
 def _key(layer: str, proj: str, kind: str) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from concept_factory import LAYERS, assert_same, make_adapter
 
-from lifelong_engine.concepts import ConceptAdapter, validate_name
+from lifelong_engine.concepts import ConceptAdapter, factors_from_delta, validate_name
 
 
 def test_scale_and_delta():
@@ -67,3 +67,15 @@ def test_missing_factor_rejected():
     del lora[f"{LAYERS[2]}.to_v.lora_B.weight"]
     with pytest.raises(ValueError, match="has no matching"):
         make_adapter(lora=lora)
+
+
+def test_factors_from_delta_exact_and_padded():
+    delta = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    a, b = factors_from_delta(delta)
+    assert a.shape == (3, 3) and b.shape == (5, 3)
+    torch.testing.assert_close(b @ a, delta, rtol=0, atol=1e-5)
+    a, b = factors_from_delta(delta, rank=6)  # zero-padded: the same product
+    assert a.shape == (6, 3) and b.shape == (5, 6) and not a[3:].any() and not b[:, 3:].any()
+    torch.testing.assert_close(b @ a, delta, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="rank 2"):
+        factors_from_delta(delta, rank=2)

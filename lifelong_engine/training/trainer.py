@@ -600,20 +600,17 @@ class ContinualTrainer:
         """The learned concept as a ConceptAdapter (+ method bookkeeping that outlives the task)."""
         lp = self.pipeline
         params = {k: v.detach() for k, v in state["params"].items()}
-        lora = {}
+        lora, rank = {}, self.rank
+        if self.method == "custom-diffusion":  # exact factors; layers of different widths padded to one rank
+            rank = max(min(v.shape) for k, v in params.items() if k.endswith(".delta"))
         for layer in lp.layers:
             for proj in _KV:
                 if self.method == "custom-diffusion":
-                    a, b = factors_from_delta(params[f"{layer}.{proj}.delta"].cpu())
+                    a, b = factors_from_delta(params[f"{layer}.{proj}.delta"].cpu(), rank)
                 else:
                     a, b = params[f"{layer}.{proj}.lora_A.weight"], params[f"{layer}.{proj}.lora_B.weight"]
                 lora[f"{layer}.{proj}.lora_A.weight"] = a.cpu().clone()
                 lora[f"{layer}.{proj}.lora_B.weight"] = b.cpu().clone()
-        rank = max(t.shape[0] for k, t in lora.items() if k.endswith("lora_A.weight"))
-        if self.method == "custom-diffusion":  # exact SVD ranks differ by layer width: pad with zeros to one rank
-            for k, t in lora.items():
-                pad = rank - (t.shape[0] if k.endswith("lora_A.weight") else t.shape[1])
-                lora[k] = F.pad(t, (0, 0, 0, pad) if k.endswith("lora_A.weight") else (0, pad))
         adapter = ConceptAdapter(
             name=task.name,
             token=task.token,
