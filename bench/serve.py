@@ -107,14 +107,13 @@ def run_engine(lp, store, requests, max_batch_rows: int) -> dict:
         cache = engine.cache
         key = (NAMESPACE, requests[0].concepts[0])
         switch_resident = common.median_ms(lambda: (cache.acquire([key]), cache.release([key])), 20)
-        per_concept = next(iter(cache._host.values())).nbytes if cache._host else None
-        slot_bytes = sum((din + dout) * cache.rank for din, dout in cache._kv_widths().values()) * _size(lp.dtype)
+        per_concept = cache.host(key).nbytes
     return {
         "wall_s": wall,
         "latencies": [r.timings["total"] for r in results],
         "switch_ms": switch_resident,
         "switch_note": "acquire + release of a resident concept (store and host-cache loads happen at admission)",
-        "bytes_per_concept_device": slot_bytes,
+        "bytes_per_concept_device": cache.slot_bytes,
         "bytes_per_concept_host": per_concept,
     }
 
@@ -192,10 +191,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tinyworld", "sd15"), default="tinyworld")
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = run_baseline(pipe, requests, side, args.alpha)
                 out["load_all_s"] = load_s
                 adapter_params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
-                out["bytes_per_concept_device"] = adapter_params * _size(dtype) // len(concepts)
+                out["bytes_per_concept_device"] = adapter_params * dtype.itemsize // len(concepts)
             else:
                 parser.error(f"unknown provider {provider!r}")
             lat = sorted(out.pop("latencies"))

@@ -89,10 +89,14 @@ class ConceptCache:
         self.host_bytes = host_bytes
         self._host: collections.OrderedDict[tuple[str, str], ConceptAdapter] = collections.OrderedDict()
         self.rank = max([4, *(c.rank for c in pipeline.concepts.values())])
-        per_slot = sum((din + dout) * self.rank for din, dout in self._kv_widths().values()) * _size(pipeline.dtype)
-        self.slots = max(1, device_bytes // per_slot)
+        self.slots = max(1, device_bytes // self.slot_bytes)
         self._alloc()
         self.stats = collections.Counter()
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device bytes of one concept slot: K and V factors of every layer at the pool's rank."""
+        return sum((din + dout) * self.rank for din, dout in self._kv_widths().values()) * self.lp.dtype.itemsize
 
     def _kv_widths(self) -> dict[tuple[str, str], tuple[int, int]]:
         return {k: v for k, v in self.lp._widths.items() if k[1] in ("to_k", "to_v")}
@@ -494,7 +498,3 @@ class Engine:
             }
             if not a.future.done():
                 a.future.set_result(GenerationResult(images, timings, a.request))
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -94,9 +94,11 @@ def _strip_token(prompt: str, concept: Concept) -> str:
 
 
 def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarray, samples: int) -> dict:
-    prompts = context_prompts(concept)
-    ta = [evaluator.text_alignment(images[i * samples + k], p.scene, p.specified)
-          for i, p in enumerate(prompts) for k in range(samples)]  # fmt: skip
+    from .evaluator import alignment_checks
+
+    pred = evaluator.predict(images)  # one pass for every image's TA checks
+    ta = [np.mean(list(alignment_checks(pred[i * samples + k], p.scene, p.specified).values()))
+          for i, p in enumerate(context_prompts(concept)) for k in range(samples)]  # fmt: skip
     return {"ia": float(evaluator.image_alignment(images, references)), "ta": float(np.mean(ta))}
 
 
@@ -148,7 +150,7 @@ def run_sequence(
     lp.pipe.set_progress_bar_config(disable=True)
     report: dict = {
         "method": config.method,
-        "config": {k: v for k, v in dataclasses.asdict(config).items()},
+        "config": dataclasses.asdict(config),
         "concepts": {},
         "status": "running",
     }
