@@ -12,7 +12,7 @@ draws from; batch ``k`` of a phase comes from ``numpy.random.default_rng([seed, 
    objects in (the personal concepts' teal, navy, magenta, …). At the end the latents are
    standardised per channel (:func:`_standardise_latents`), then ``scaling_factor`` = 1 / std of
    the latents, as in SD (≈ 1).
-2. ``diffusion``: the text encoder and the UNet together on the epsilon loss over latents, with
+2. ``diffusion``: the text encoder and the UNet together on the v-prediction loss over latents, with
    Min-SNR-5 weighting (Hang et al. 2023) and 10 % empty captions (so classifier-free guidance
    works); AdamW, warm-up then cosine decay, gradient clipping, an EMA of both models (the EMA is
    what ships). Every ``probe_every`` steps ``text_gain`` (:meth:`_Run.text_gain`) measures how
