@@ -87,6 +87,23 @@ def test_reports_are_saved_after_every_task(weights, tmp_path):
         run_sequence(lp, None, TINY, run_dir=tmp_path, progress=False)
 
 
+def test_custom_diffusion_runs_are_also_evaluated_composed(weights, tmp_path):
+    from lifelong_engine import LifelongPipeline
+    from lifelong_engine.tinyworld.lifelong import run_sequence
+
+    lp = LifelongPipeline.from_pipe(tm.load_tinyworld_pipeline("cpu", weights))
+    evaluator = ev.Evaluator.load(weights / "evaluator")
+    config = dataclasses.replace(TINY, method="custom-diffusion", pairs=0)
+    report, _ = run_sequence(lp, evaluator, config, run_dir=tmp_path, progress=False)
+    entries = report["concepts"].values()
+    assert all(-1 <= e["final_composed"]["ia"] <= 1 and 0 <= e["final_composed"]["ta"] <= 1 for e in entries)
+    s = report["summary"]
+    assert s["ia_composed"] == pytest.approx(np.mean([e["final_composed"]["ia"] for e in entries]), abs=1e-4)
+    # the learned (summed) concepts are back in the pipeline afterwards
+    assert all(c.method == "custom-diffusion" and "composed_with" not in c.metadata for c in lp.concepts.values())
+    assert "| custom-diffusion, composed |" in report_markdown([report], "t")
+
+
 def test_report_markdown_has_a_row_per_method():
     concept = {"after_learning": {"ia": 0.5, "ta": 0.5}, "final": {"ia": 0.4, "ta": 0.5}, "forgetting": 0.1}
     summary = dict.fromkeys(("ia_final", "ta_final", "forgetting", "ia_after_learning", "base_ia", "presence",

@@ -13,7 +13,10 @@ For every concept, the evaluation images are the concept's held-out :func:`~.wor
 - **base IA**: the same prompts with the token removed (``a circle …``) on the base model, the level
   IA starts from;
 - **presence** (multi-concept): two learned concepts, each in its own half of the image through
-  regional synthesis; the evaluator's confidence that each concept is in its box (counted at > 0.5).
+  regional synthesis; the evaluator's confidence that each concept is in its box (counted at > 0.5);
+- **composed** (``custom-diffusion`` only): IA / TA after the last task once the concepts are
+  composed by Custom Diffusion's closed-form merge (:func:`~lifelong_engine.training.compose_concepts`,
+  200 generic TinyWorld captions as regularisation prompts) instead of summed.
 
 ``run_sequence`` returns a JSON-ready report; ``report_markdown`` and ``save_grid`` present it.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .world import CONCEPTS, Concept, context_prompts, get_concept, two_concept_layout
+from .world import CONCEPTS, Concept, caption, context_prompts, get_concept, sample_scenes, two_concept_layout
 
 __all__ = ["SequenceConfig", "run_sequence", "report_markdown", "save_grid"]
 
@@ -196,12 +199,33 @@ def run_sequence(
                 "both_present": float(np.mean([min(p) > 0.5 for p in presence])),
             })  # fmt: skip
             images["pairs"].append((layout, generated))
+        if config.method == "custom-diffusion":
+            _evaluate_composed(lp, evaluator, concepts, references, config, report)
     report["summary"] = _summary(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["status"] = "finished"
     if on_update is not None:
         on_update(report)
     return report, images
+
+
+def _evaluate_composed(lp, evaluator, concepts, references, config, report) -> None:
+    """Custom Diffusion's multi-concept inference: compose the learned concepts, evaluate each
+    (``final_composed``), then put the learned concepts back."""
+    from ..training import compose_concepts
+
+    names = [c.name for c in concepts]
+    learned = [lp.concepts[n] for n in names]
+    captions = [caption(s) for s in sample_scenes(200, seed=config.seed + 7)]
+    for composed in compose_concepts(lp, names, captions):
+        lp.add_concept(composed, replace=True)
+    try:
+        for concept in concepts:
+            entry = report["concepts"][concept.name]
+            entry["final_composed"] = _evaluate(lp, evaluator, concept, references[concept.name], config)[0]
+    finally:
+        for adapter in learned:
+            lp.add_concept(adapter, replace=True)
 
 
 def _mean(values) -> float | None:
@@ -223,6 +247,8 @@ def _summary(report: dict) -> dict:
         "forgetting": _mean(e["forgetting"] for e in entries if e is not last),
         "presence": _mean(p for pair in report.get("pairs", []) for p in pair["presence"]),
         "both_present": _mean(pair["both_present"] for pair in report.get("pairs", [])),
+        "ia_composed": _mean(e["final_composed"]["ia"] for e in entries if "final_composed" in e),
+        "ta_composed": _mean(e["final_composed"]["ta"] for e in entries if "final_composed" in e),
     }
 
 
@@ -241,6 +267,10 @@ def report_markdown(reports: Sequence[dict], title: str) -> str:
             f"| {r['method']} | {fmt(s['ia_final'])} | {fmt(s['ta_final'])} | {fmt(s['forgetting'])} | "
             f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {fmt(s['presence'])} | {fmt(s['both_present'])} |"
         )
+        if s.get("ia_composed") is not None:
+            lines.append(
+                f"| {r['method']}, composed | {fmt(s['ia_composed'])} | {fmt(s['ta_composed'])} | | | | | |"
+            )
     names = list(reports[0]["concepts"]) if reports else []
     lines += ["", "IA / TA per concept after the last task (forgetting in brackets):", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]

@@ -1,7 +1,9 @@
-"""Lifelong training (DESIGN §4): the ContinualTrainer, its losses and L2DM's rainbow memory."""
+"""Lifelong training (DESIGN §4): the ContinualTrainer, its losses, L2DM's rainbow memory and Custom
+Diffusion's closed-form composition of concepts."""
 
 from . import losses
+from .merge import compose_concepts
 from .memory import MemorySample, RainbowMemory
 from .trainer import METHODS, ContinualTrainer, TrainingError, TrainingStats
 
-__all__ = ["losses", "ContinualTrainer", "TrainingStats", "TrainingError", "METHODS", "RainbowMemory", "MemorySample"]
+__all__ = ["losses", "ContinualTrainer", "TrainingStats", "TrainingError", "METHODS", "RainbowMemory", "MemorySample", "compose_concepts"]

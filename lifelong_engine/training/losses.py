@@ -33,6 +33,7 @@ __all__ = [
     "ewc_penalty",
     "update_fisher",
     "custom_diffusion_merge",
+    "custom_diffusion_merge_factors",
 ]
 
 
@@ -384,7 +385,18 @@ def custom_diffusion_merge(
     Raises ValueError when C lacks full row rank (m > Din, duplicated or collinear token rows):
     the constraints are then redundant or contradictory and C·M⁻¹·Cᵀ is singular.
     """
-    fn = "custom_diffusion_merge"
+    lam, d = custom_diffusion_merge_factors(w0, c_reg, finetuned, eps)
+    return (w0.to(torch.float64) + lam @ d).to(w0.dtype)
+
+
+def custom_diffusion_merge_factors(
+    w0: Tensor, c_reg: Tensor, finetuned: Sequence[tuple[Tensor, Tensor]], eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """The merge's update W − W0 = Λ·D as its two factors, float64: Λ = (V − W0·Cᵀ)·(C·M⁻¹·Cᵀ)⁻¹ (Dout, m)
+    and D = C·M⁻¹ (m, Din), with the m rows of C = [C_1; …; C_N] in order, so the columns of Λ and
+    rows of D that belong to C_i give concept i's share Λ_i·D_i of the update (rank ≤ n_i).
+    Arguments and errors as :func:`custom_diffusion_merge`; no concepts give m = 0 (no update)."""
+    fn = "custom_diffusion_merge_factors"
     _tensor(fn, "w0", w0, 2, "(Dout, Din)")
     _tensor(fn, "c_reg", c_reg, 2, "(n_reg, Din)")
     dout, din = w0.shape
@@ -400,10 +412,9 @@ def custom_diffusion_merge(
         if c_i.shape[0] == 0:
             raise ValueError(f"{fn}: finetuned[{i}][1] has shape {_shape(c_i)}; expected at least one token row")
         _like(fn, f"finetuned[{i}][1]", c_i, (c_i.shape[0], din), "(n_i, Din), Din of w0", w0)
-    if len(finetuned) == 0:
-        return w0.detach().clone()
-
     f64 = torch.float64
+    if len(finetuned) == 0:
+        return torch.zeros(dout, 0, dtype=f64, device=w0.device), torch.zeros(0, din, dtype=f64, device=w0.device)
     with torch.no_grad():
         w0d = w0.to(f64)
         c = torch.cat([c_i.to(f64) for _, c_i in finetuned])  # (m, Din)
@@ -425,4 +436,4 @@ def custom_diffusion_merge(
             lam = torch.linalg.solve(d @ c.T, v - w0d @ c.T, left=False)  # (V − W0·Cᵀ)·(C·M⁻¹·Cᵀ)⁻¹
         except torch.linalg.LinAlgError as e:
             raise ValueError(f"{fn}: C_regᵀ·C_reg + eps·I is singular with eps={eps}; use eps > 0 ({e})") from None
-        return (w0d + lam @ d).to(w0.dtype)
+        return lam, d
