@@ -10,7 +10,8 @@ two-concept presence through regional synthesis (see ``lifelong_engine/tinyworld
 Writes ``bench/results/<device>/quality.json`` (every method's report, the environment and the
 command) and ``quality.md`` (the CIDM-paper style table). The JSON is rewritten after every task;
 a method whose finished report with the same settings is already there is not run again, so an
-interrupted run continues where it stopped (``--restart`` runs everything again).
+interrupted run continues where it stopped (``--restart`` runs the listed methods again and keeps
+the other methods' reports).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="TinyWorld model directory (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>")
     parser.add_argument("--quick", action="store_true", help="3 concepts, 40 steps, 1 sample (a smoke run)")
-    parser.add_argument("--restart", action="store_true", help="ignore finished reports in the output")
+    parser.add_argument("--restart", action="store_true", help="run the listed methods again even when finished")
     args = parser.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "quality-quick" if args.quick else "quality"
     path = out / f"{name}.json"
     results = {"reports": {}}
-    if path.is_file() and not args.restart:
+    if path.is_file():  # other methods' reports stay; --restart only re-runs the listed ones
         results = json.loads(path.read_text())
     results.update(device=info.name, threads=torch.get_num_threads(), **common.environment(argv))
 
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         config = dataclasses.replace(base, method=method)
         done = results["reports"].get(method)
-        if done and done.get("status") == "finished" and done["config"] == json.loads(json.dumps(
+        if not args.restart and done and done.get("status") == "finished" and done["config"] == json.loads(json.dumps(
                 dataclasses.asdict(config))):  # fmt: skip
             print(f"{method}: finished in {path} with the same settings; skipped")
             continue
         lp = LifelongPipeline.from_pipe(load_tinyworld_pipeline(device, args.weights))
 
         def save(report, method=method):
-            report["git_sha"] = results["git_sha"]
+            report["git_sha"], report["command"] = results["git_sha"], results["command"]
             results["reports"][method] = report
             write_json(results, path)
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     finished = [results["reports"][m] for m in METHODS if results["reports"].get(m, {}).get("status") == "finished"]
     if finished:
         title = f"TinyWorld lifelong quality: {n} concepts, {base.steps} steps each ({info.name})"
-        footer = f"\n{results['date']}, git {results['git_sha'][:10]}, command: `{results['command']}`\n"
+        commands = dict.fromkeys(r.get("command", results["command"]) for r in finished)  # runs may add methods
+        footer = f"\n{results['date']}, git {results['git_sha'][:10]}, " + "; ".join(f"`{c}`" for c in commands) + "\n"
         (out / f"{name}.md").write_text(report_markdown(finished, title) + footer)
         print(f"wrote {path} and {out / f'{name}.md'}")
     return 0
