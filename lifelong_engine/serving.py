@@ -78,18 +78,19 @@ class ConceptCache:
     """Concepts by (namespace, name): device slots ← host LRU ← store.
 
     The device pool holds ``slots`` concepts in stacked per-layer tensors (a (slots, r, Din), b (slots,
-    Dout, r), each concept's scale folded into b); ``device_bytes`` sets how many. Pinned slots (concepts a
-    request is being prepared with) are never evicted.
+    Dout, r), each concept's scale folded into b); ``device_bytes`` sets how many. Every slot has the
+    pool's rank r, the highest seen: a concept of higher rank re-allocates the pool with fewer slots, so
+    the pool stays within ``device_bytes`` (at least one slot always). Pinned slots (concepts a request
+    is being prepared with) are never evicted.
     """
 
     def __init__(
         self, pipeline: LifelongPipeline, store=None, device_bytes: int = 256 << 20, host_bytes: int = 1 << 30
     ):
         self.lp, self.store = pipeline, store
-        self.host_bytes = host_bytes
+        self.device_bytes, self.host_bytes = device_bytes, host_bytes
         self._host: collections.OrderedDict[tuple[str, str], ConceptAdapter] = collections.OrderedDict()
         self.rank = max([4, *(c.rank for c in pipeline.concepts.values())])
-        self.slots = max(1, device_bytes // self.slot_bytes)
         self._alloc()
         self.stats = collections.Counter()
 
@@ -102,7 +103,9 @@ class ConceptCache:
         return {k: v for k, v in self.lp._widths.items() if k[1] in ("to_k", "to_v")}
 
     def _alloc(self) -> None:
+        """(Re)allocate the pool at ``self.rank``, as many slots as ``device_bytes`` holds, all empty."""
         lp = self.lp
+        self.slots = max(1, self.device_bytes // self.slot_bytes)
         self.factors = {
             key: (
                 torch.zeros(self.slots, self.rank, din, device=lp.device, dtype=lp.dtype),
@@ -143,12 +146,21 @@ class ConceptCache:
 
     def acquire(self, keys: list[tuple[str, str]]) -> Library:
         """Place the concepts in device slots (evicting unpinned LRU ones), pin them, and return the library."""
+        hosts = {key: self.host(key) for key in keys if key not in self._slot}
+        rank = max((a.rank for a in hosts.values()), default=0)
+        if rank > self.rank:  # grow the pool's rank first: start over with wider (and fewer) slots
+            if self._pins:
+                raise ValueError(f"a concept of rank {rank} cannot join while requests pin the rank-{self.rank} pool")
+            self.rank = rank
+            self._alloc()
+            self.stats["rank_growths"] += 1
+            hosts = {key: self.host(key) for key in keys}
         if len(keys) > self.slots:
             raise ValueError(f"request uses {len(keys)} concepts; the device pool holds {self.slots} (device_bytes)")
         adapters, embeddings, ids = [], [], []
         for key in keys:
             if key not in self._slot:
-                self._place(key, self.host(key))
+                self._place(key, hosts[key])
                 self.stats["device_misses"] += 1
             else:
                 self.stats["device_hits"] += 1
@@ -170,11 +182,6 @@ class ConceptCache:
 
     def _place(self, key: tuple[str, str], adapter: ConceptAdapter) -> None:
         lp = self.lp
-        if adapter.rank > self.rank:  # grow the pool's rank: start over with wider slots
-            if self._pins:
-                raise ValueError(f"concept {adapter.name!r} has rank {adapter.rank} > the pool's {self.rank}")
-            self.rank = adapter.rank
-            self._alloc()
         used = set(self._slot.values())
         free = next((s for s in range(self.slots) if s not in used), None)
         if free is None:
