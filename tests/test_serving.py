@@ -155,7 +155,9 @@ def test_a_higher_rank_concept_regrows_the_pool_within_its_budget(lp, store):
         got = pixels(engine.generate([mixed])[0])
         assert cache.rank == 24 and cache.stats["rank_growths"] == 1
         assert cache.slots == budget // cache.slot_bytes == 2
-        pool_bytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in cache.factors.values())
+        pool_bytes = sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in cache.factors.values()
+        )
         assert pool_bytes <= budget
     np.testing.assert_allclose(got, expected, atol=2)
 

@@ -268,9 +268,7 @@ def report_markdown(reports: Sequence[dict], title: str) -> str:
             f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {fmt(s['presence'])} | {fmt(s['both_present'])} |"
         )
         if s.get("ia_composed") is not None:
-            lines.append(
-                f"| {r['method']}, composed | {fmt(s['ia_composed'])} | {fmt(s['ta_composed'])} | | | | | |"
-            )
+            lines.append(f"| {r['method']}, composed | {fmt(s['ia_composed'])} | {fmt(s['ta_composed'])} | | | | | |")
     names = list(reports[0]["concepts"]) if reports else []
     lines += ["", "IA / TA per concept after the last task (forgetting in brackets):", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]

@@ -2,8 +2,17 @@
 Diffusion's closed-form composition of concepts."""
 
 from . import losses
-from .merge import compose_concepts
 from .memory import MemorySample, RainbowMemory
+from .merge import compose_concepts
 from .trainer import METHODS, ContinualTrainer, TrainingError, TrainingStats
 
-__all__ = ["losses", "ContinualTrainer", "TrainingStats", "TrainingError", "METHODS", "RainbowMemory", "MemorySample", "compose_concepts"]
+__all__ = [
+    "losses",
+    "ContinualTrainer",
+    "TrainingStats",
+    "TrainingError",
+    "METHODS",
+    "RainbowMemory",
+    "MemorySample",
+    "compose_concepts",
+]
