@@ -14,7 +14,7 @@ from .store import ConceptStore
 
 __version__ = "0.1.0"
 
-_LAZY = {"LifelongPipeline": "pipeline", "LifelongPipelineOutput": "pipeline"}
+_LAZY = {"LifelongPipeline": "pipeline", "LifelongPipelineOutput": "pipeline", "AttentionGuidance": "guidance"}
 
 __all__ = [
     "ops",
@@ -22,6 +22,7 @@ __all__ = [
     "ConceptStore",
     "LifelongPipeline",
     "LifelongPipelineOutput",
+    "AttentionGuidance",
     "BackendUnavailableError",
     "ConceptNotFoundError",
     "ConceptStoreError",

@@ -44,6 +44,16 @@ def box_mask(box: tuple[float, float, float, float], height: int, width: int, de
     return mask
 
 
+def layer_size(latent_size: tuple[int, int], n_queries: int) -> tuple[int, int]:
+    """(h, w) of a UNet layer with n_queries cells: the latent size divided by 2^k, rounded up."""
+    h, w = latent_size
+    for k in range(12):
+        hl, wl = math.ceil(h / 2**k), math.ceil(w / 2**k)
+        if hl * wl == n_queries:
+            return hl, wl
+    raise ValueError(f"no layer resolution of latents {h}x{w} has {n_queries} cells")
+
+
 @dataclasses.dataclass
 class RegionPlan:
     """Which prompt slot each image query reads, per UNet row.
@@ -58,13 +68,7 @@ class RegionPlan:
     _cache: dict[int, Tensor] = dataclasses.field(default_factory=dict)
 
     def layer_size(self, n_queries: int) -> tuple[int, int]:
-        """(h, w) of a layer with n_queries cells: the latent size divided by 2^k, rounded up."""
-        h, w = self.latent_size
-        for k in range(12):
-            hl, wl = math.ceil(h / 2**k), math.ceil(w / 2**k)
-            if hl * wl == n_queries:
-                return hl, wl
-        raise ValueError(f"no layer resolution of latents {h}x{w} has {n_queries} cells")
+        return layer_size(self.latent_size, n_queries)
 
     def region_ids(self, n_queries: int) -> Tensor:
         """(rows, n_queries) int32 slot per query at the layer with n_queries cells (cached)."""

@@ -10,7 +10,9 @@ diffusers' in three ways:
 - the text K/V of all prompts (negative, global, regions) are computed once per generation for
   all layers and reused at every step;
 - with regions, the U+2 noise estimates (unconditional, global, one per region) come from one
-  batched UNet call per step and are aggregated as ``E* = α·E + Σ_u (1−α)·E_u ⊙ m_u``.
+  batched UNet call per step and are aggregated as ``E* = α·E + Σ_u (1−α)·E_u ⊙ m_u``;
+- optional attention guidance moves the latents in the first steps so that no named concept is
+  neglected (:mod:`lifelong_engine.guidance`).
 
 With no concepts and no regions it produces the images diffusers' own pipeline produces.
 """
@@ -38,10 +40,12 @@ from .attention import (  # noqa: I001
     RegionPlan,
     box_mask,
     layer_kv,
+    layer_size,
 )
 from .concepts import PROJECTIONS, ConceptAdapter
 from .errors import LifelongError
 from .formats import attn2_layers
+from .guidance import AttentionGuidance, guidance_loss, select_layers
 from .pool import AdapterPool
 from .prompts import EncodedPrompts, PromptEncoder
 
@@ -54,11 +58,15 @@ _REPLACERS = "enable_xformers_memory_efficient_attention, fuse_qkv_projections, 
 @dataclasses.dataclass
 class LifelongPipelineOutput(BaseOutput):
     """images: PIL images, a numpy array or a tensor (``output_type``); psi: (images, L, G) EWA weight of
-    each concept in each layer for each image's prompt (None without concepts); concepts: their names."""
+    each concept in each layer for each image's prompt (None without concepts); concepts: their names;
+    attention_maps: the maps ``capture_attention`` asked for; guidance_losses: the attention-guidance loss
+    at each guided step (summed over images)."""
 
     images: list[PIL.Image.Image] | np.ndarray | Tensor
     psi: Tensor | None = None
     concepts: list[str] = dataclasses.field(default_factory=list)
+    attention_maps: dict[str, Tensor] | None = None
+    guidance_losses: list[float] | None = None
 
 
 def unet_fingerprint(unet) -> str:
@@ -104,6 +112,22 @@ class Library:
     def image_side(self) -> bool:
         """True when some concept adapts to_q or to_out (applied to image tokens at every step)."""
         return any(p in c.projections for c in self.adapters for p in ("to_q", "to_out.0"))
+
+
+@dataclasses.dataclass
+class _Guide:
+    """What the attention-guidance forward needs: the conditional rows' context and inputs, each image's
+    concept token positions and EOS, and the layers whose maps it reads (chosen at the first step)."""
+
+    options: AttentionGuidance
+    context: GenerationContext
+    hidden: Tensor
+    added: dict | None
+    timestep_cond: Tensor | None
+    positions: list[list[list[int]]]
+    eos: Tensor
+    layers: list[str] | None
+    losses: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -364,6 +388,7 @@ class LifelongPipeline:
         output_type: str = "pil",
         return_dict: bool = True,
         capture_attention: Sequence[str] = (),
+        attention_guidance: AttentionGuidance | None = None,
     ) -> LifelongPipelineOutput | tuple:
         """Generate images; arguments as in diffusers' pipelines, plus:
 
@@ -376,12 +401,18 @@ class LifelongPipeline:
         the default uses EWA when every concept was learned with CIDM (``method == "cidm"``), else the sum.
         capture_attention: attn2 layer names whose attention maps to return (``output.attention_maps``,
         layer → (rows, N, T) for the last step).
+        attention_guidance: an :class:`~lifelong_engine.guidance.AttentionGuidance`: in the first steps, move
+        the latents so that every concept named in the prompt gets attention (L2DM's concept attention
+        artist) and different concepts attend to different places (its orthogonal attention), as
+        Attend-and-Excite does (:mod:`lifelong_engine.guidance`); prompts without regions only.
         """
         self._check_installed()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         regions = self._check_regions(regions)
+        if attention_guidance is not None and regions:
+            raise ValueError("attention_guidance works on prompts without regions (regions already place concepts)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if num_images_per_prompt < 1 or num_inference_steps < 1:
@@ -412,9 +443,15 @@ class LifelongPipeline:
         masks = self._latent_masks(regions, latents) if regions and alpha < 1 else None
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
+        guide = None
+        if attention_guidance is not None:
+            guide = self._guide_setup(attention_guidance, plan, prepared, cfg, added, timestep_cond)
+            guided = attention_guidance.guided_steps(len(timesteps))
 
         with pipe.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                if guide is not None and i < guided:
+                    latents = self._guide_step(guide, latents, t, attention_guidance.scale(i, len(timesteps)))
                 model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * plan.kinds), t)
                 eps = self.unet(
                     model_input,
@@ -440,7 +477,75 @@ class LifelongPipeline:
         out = LifelongPipelineOutput(image, image_psi, list(self._concepts))
         if ctx.capture:
             out.attention_maps = dict(ctx.maps)
+        if guide is not None:
+            out.guidance_losses = guide.losses
         return out
+
+    # ------------------------------------------------------------ attention guidance
+
+    def _guide_setup(self, options, plan: _Plan, prepared: _Prepared, cfg: bool, added, timestep_cond) -> _Guide:
+        """The conditional (global prompt) rows of the plan, and each image's concept token positions."""
+        images = plan.images
+        rows = torch.arange(images) + (images if cfg else 0)
+        ctx = prepared.context
+        sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
+        sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
+        sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
+        tokens = {c.token: c for c in self._concepts.values()}
+        positions, eos = [], []
+        for text in plan.image_texts.tolist():
+            tokenized = self.text.tokenize(plan.texts[text], tokens, self.text.tokenizers[0])
+            by_concept: dict[str, list[int]] = {}
+            for position, concept, _ in tokenized.concept_rows:
+                by_concept.setdefault(concept.name, []).append(position)
+            positions.append(list(by_concept.values()))
+            eos.append(tokenized.eos)
+        if not any(positions):
+            raise ValueError(
+                "attention_guidance: no prompt names a concept with learned token rows; there is nothing to guide"
+            )
+        layers = list(options.layers) if options.layers is not None else None
+        unknown = [layer for layer in layers or [] if layer not in self._attn]
+        if unknown or layers == []:
+            raise ValueError(f"attention_guidance: layers must be attn2 layers of this UNet, got {unknown or layers}")
+        return _Guide(
+            options,
+            sub,
+            prepared.hidden[rows],
+            {k: v[rows] for k, v in added.items()} if added is not None else None,
+            timestep_cond[rows] if timestep_cond is not None else None,
+            positions,
+            torch.tensor(eos),
+            layers,
+        )
+
+    def _guide_step(self, guide: _Guide, latents: Tensor, t, step_size: float) -> Tensor:
+        """One attention-guidance update of the latents (DESIGN §5, :mod:`lifelong_engine.guidance`)."""
+        ctx, options = guide.context, guide.options
+        ctx.capture = frozenset(guide.layers or self.layers)  # every layer once, to choose the default ones
+        ctx.maps.clear()
+        with torch.enable_grad():
+            z = latents.detach().requires_grad_(True)
+            self.unet(
+                self.pipe.scheduler.scale_model_input(z, t),
+                t,
+                encoder_hidden_states=guide.hidden,
+                timestep_cond=guide.timestep_cond,
+                cross_attention_kwargs={CONTEXT_KWARG: ctx},
+                added_cond_kwargs=guide.added,
+                return_dict=False,
+            )
+            latent_size = tuple(latents.shape[-2:])
+            if guide.layers is None:
+                cells = {layer: m.shape[1] for layer, m in ctx.maps.items()}
+                guide.layers = select_layers(cells, latent_size, options.max_side)
+            maps = torch.stack([ctx.maps[layer].float() for layer in guide.layers]).mean(0)
+            size = layer_size(latent_size, maps.shape[1])
+            loss = guidance_loss(maps, size, guide.eos, guide.positions, options.artist, options.orthogonal)
+            grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
+        ctx.maps.clear()
+        guide.losses.append(float(loss.detach()))
+        return (latents - step_size * grad).to(latents.dtype)
 
     # ----------------------------------------------------------------- pieces
 
