@@ -132,3 +132,17 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert "| lora-m |" in (tmp_path / "q" / "quality-quick.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished: not run again
     assert again.returncode == 0 and "skipped" in again.stdout
+
+
+def test_guidance_bench_quick(weights, tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "guidance.py"), "--quick", "--weights", str(weights),
+           "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "guidance-quick.json").read_text())
+    assert set(record["results"]) == {"none", "artist", "artist+orthogonal"} and record["pairs"] == [
+        ["tw-badge", "tw-target"]
+    ]
+    for name, r in record["results"].items():
+        assert r["images"] == 2 and 0 <= r["two_or_more_objects"] <= 1 and 0 <= r["both_present"] <= 1
+        assert (r["first_step_loss_per_image"] is None) == (name == "none")
