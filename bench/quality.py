@@ -1,6 +1,6 @@
 """Lifelong quality benchmark on TinyWorld: the same concept sequence learned by every method.
 
-    python bench/quality.py [--methods cidm,lora-m,...] [--concepts 10] [--steps N] [--device D] [--quick]
+    python bench/quality.py [--methods cidm,lora-m,...] [--concepts 10] [--steps N] [--lr LR] [--device D] [--quick]
 
 Each method starts from the shipped TinyWorld model and learns the concepts in order with the
 same settings (:class:`lifelong_engine.tinyworld.lifelong.SequenceConfig`); then IA / TA per
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="the first N TinyWorld concepts")
     parser.add_argument("--steps", type=int, default=None, help="training steps per concept")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of every method (default 5e-3)")
     parser.add_argument("--pairs", type=int, default=None, help="two-concept layouts (default: concepts // 2)")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--weights", default=None, help="TinyWorld model directory (default: the shipped one)")
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         base = dataclasses.replace(base, steps=40, samples=1, inference_steps=10, pairs=1)
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
+    if args.lr is not None:
+        base = dataclasses.replace(base, learning_rate=args.lr)
     if args.pairs is not None:
         base = dataclasses.replace(base, pairs=args.pairs)
 
