@@ -116,3 +116,16 @@ def test_concepts_adapting_image_side_projections_are_refused(lp):
     lp.add_concept(q)
     with pytest.raises(ValueError, match="to_k / to_v only"):
         compose_concepts(lp, ["dog1", "sks"], CAPTIONS)
+
+
+def test_a_concept_without_token_rows_is_constrained_on_its_whole_prompt(lp):
+    plain = concept_for_unet(lp.unet, "sks", None, seed=5, class_word="cat", token="sks")  # a trigger word
+    lp.add_concept(plain)
+    composed = compose_concepts(lp, ["sks"], CAPTIONS)  # (the tiny text width holds one such concept)
+    prompts = ["sks cat", "photo of a sks cat"]
+    rows = merge._rows(lp, prompts, from_concept=True)
+    assert rows.shape[1] == int(lp.encode_prompt(prompts).ewa_mask.sum())  # every word and EOS
+    layer = lp.layers[0]
+    w = weights(lp, composed, layer, "to_k")
+    target = rows[0] @ weights(lp, [plain], layer, "to_k").T
+    assert (rows[0] @ w.T - target).abs().max() <= 1e-3 * target.abs().max()

@@ -118,14 +118,12 @@ def compose_concepts(
 
 def _rows(pipeline, prompts: list[str], from_concept: bool) -> Tensor:
     """(L, rows, D) float64 text features of ``prompts``: each prompt's words and EOS, or (from_concept)
-    its tokens from the first concept-token row through EOS."""
+    its tokens from the first concept-token row through EOS (all its words when it has none)."""
     enc = pipeline.encode_prompt(prompts)
     pos = torch.arange(enc.per_layer.shape[2], device=enc.eos.device)
     keep = enc.ewa_mask
-    if from_concept:
-        if not enc.concept_mask.any(1).all():
-            raise ValueError(f"compose_concepts: no concept token in {prompts}")
-        first = enc.concept_mask.float().argmax(1)
+    if from_concept:  # a concept without learned token rows (a trigger word) keeps the whole prompt
+        first = torch.where(enc.concept_mask.any(1), enc.concept_mask.float().argmax(1), 0)
         keep = keep & (pos[None] >= first[:, None])
     per_layer = enc.per_layer.to(torch.float64)  # (n, L, T, D)
     return torch.cat([per_layer[p][:, keep[p]] for p in range(len(prompts))], dim=1)
