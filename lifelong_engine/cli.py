@@ -147,12 +147,181 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_demo)
 
 
+# ------------------------------------------------------------------ learn / generate
+
+# Defaults per base model: TinyWorld (the shipped toy model) and a diffusers SD / SDXL checkpoint.
+_DEFAULTS = {
+    "tinyworld": {"steps": 100, "lr": 5e-3, "batch": 4, "inference_steps": 20, "guidance_scale": 4.0},
+    "diffusers": {"steps": 400, "lr": 1e-3, "batch": 1, "inference_steps": 30, "guidance_scale": 7.5},
+}
+
+
+def _defaults(args: argparse.Namespace) -> dict:
+    return _DEFAULTS["tinyworld" if args.model == "tinyworld" else "diffusers"]
+
+
+def _pipeline(args: argparse.Namespace):
+    """The LifelongPipeline over --model (with --weights for TinyWorld) on --device."""
+    import torch
+
+    from lifelong_engine import LifelongPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model == "tinyworld":
+        from lifelong_engine.tinyworld.model import load_tinyworld_pipeline
+
+        pipe = load_tinyworld_pipeline(device, args.weights)
+    else:
+        from diffusers import DiffusionPipeline
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    return LifelongPipeline.from_pipe(pipe)
+
+
+def _load_concepts(lp, store, namespace: str, names: list[str] | None) -> list[str]:
+    """Add the store's concepts of ``namespace`` learned on this base model (or only ``names``)."""
+    records = {r.name: r for r in store.list(namespace)}
+    if names is None:
+        names = [n for n, r in records.items() if r.base_fingerprint in ("", lp.fingerprint)]
+    missing = [n for n in names if n not in records]
+    if missing:
+        raise ValueError(f"no concept {missing} in namespace {namespace!r} of the store (it has {sorted(records)})")
+    for name in names:
+        lp.add_concept(store.load(name, namespace))
+    return names
+
+
+def _learn(args: argparse.Namespace) -> int:
+    from lifelong_engine.store import ConceptStore
+    from lifelong_engine.training import ContinualTrainer
+
+    d = _defaults(args)
+    lp = _pipeline(args)
+    with ConceptStore(args.store) as store:
+        past = [n for n in _load_concepts(lp, store, args.namespace, None) if n != args.name]
+        if args.name in lp.concepts:
+            lp.remove_concept(args.name)  # learning it again makes a new version
+        trainer = ContinualTrainer(
+            lp, method=args.method, rank=args.rank, max_steps=args.steps or d["steps"],
+            learning_rate=args.lr or d["lr"], batch_size=args.batch_size or d["batch"], store=store,
+            seed=args.seed, namespace=args.namespace, progress=not args.no_progress,
+        )  # fmt: skip
+        adapter = trainer.learn(args.name, args.images, args.class_word, resume=args.resume)
+        stats = trainer.stats[args.name]
+        version = store.list(args.namespace, all_versions=True)
+        version = max(r.version for r in version if r.name == args.name)
+    print(
+        f"learned {adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) with "
+        f"{len(past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "
+        f"{stats.eval_loss_after:.4f}; saved as {args.namespace}/{args.name} v{version} in {args.store}"
+    )
+    return 0
+
+
+def _region(text: str) -> tuple[str, tuple[float, float, float, float]]:
+    prompt, sep, box = text.rpartition("@")
+    try:
+        values = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        values = ()
+    if not sep or not prompt or len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected 'PROMPT@x0,y0,x1,y1' (a box in [0, 1]), got {text!r}")
+    return prompt, values
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from lifelong_engine import AttentionGuidance
+    from lifelong_engine.store import ConceptStore
+
+    d = _defaults(args)
+    lp = _pipeline(args)
+    names: list[str] = []
+    if args.store:
+        wanted = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
+        with ConceptStore(args.store) as store:
+            names = _load_concepts(lp, store, args.namespace, wanted)
+    elif args.concepts:
+        raise ValueError("--concepts needs --store")
+    guidance = None
+    if args.attention_guidance or args.orthogonal:
+        guidance = AttentionGuidance(artist=1.0 if args.attention_guidance else 0.0, orthogonal=args.orthogonal)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    out = lp(
+        args.prompt, negative_prompt=args.negative_prompt, regions=args.region or None, alpha=args.alpha,
+        num_inference_steps=args.steps or d["inference_steps"], guidance_scale=args.guidance_scale or
+        d["guidance_scale"], num_images_per_prompt=args.num_images, generator=generators,
+        attention_guidance=guidance,
+    )  # fmt: skip
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths = (
+        [target] if len(out.images) == 1 else [target.with_stem(f"{target.stem}-{i}") for i in range(len(out.images))]
+    )
+    for image, path in zip(out.images, paths):
+        if args.scale > 1:
+            image = image.resize((image.width * args.scale, image.height * args.scale), resample=0)
+        image.save(path)
+    used = ", ".join(names) if names else "none"
+    print(f"wrote {', '.join(str(p) for p in paths)} (concepts: {used})")
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tinyworld", help="'tinyworld' (default) or a diffusers SD / SDXL directory")
+    p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--namespace", default="default", help="the store namespace (default: default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_learn_generate(sub) -> None:
+    p = sub.add_parser("learn", help="learn a concept from a folder of images into a store (earlier ones frozen)")
+    p.add_argument("name", help="the concept's name; prompts call it <name>")
+    p.add_argument("images", help="a folder of images (or one image file)")
+    p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
+    p.add_argument("--store", required=True, help="the concept store directory (created if missing)")
+    p.add_argument("--method", default="cidm", help="cidm (default), c-lora, lora-m, custom-diffusion, ...")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: TinyWorld 100, else 400)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: TinyWorld 5e-3, else 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: TinyWorld 4, else 1)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of this concept")
+    _model_options(p)
+    p.set_defaults(func=_learn)
+
+    p = sub.add_parser("generate", help="render a prompt with concepts from a store")
+    p.add_argument("prompt", help='e.g. "a <my-dog> dog on a beach"')
+    p.add_argument("--store", default=None, help="the concept store directory")
+    p.add_argument("--concepts", default=None, help="comma list (default: every concept of the namespace)")
+    p.add_argument("--region", action="append", type=_region, help="'PROMPT@x0,y0,x1,y1' (repeatable)")
+    p.add_argument("--alpha", type=float, default=0.7, help="regional noise mixing (1: single pass)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: TinyWorld 20, else 30)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: TinyWorld 4, else 7.5)")
+    p.add_argument("--attention-guidance", action="store_true", help="L2DM's concept attention artist")
+    p.add_argument("--orthogonal", type=float, default=0.0, help="weight of L2DM's orthogonal attention guidance")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=1, help="upscale the saved images by this factor (nearest)")
+    p.add_argument("--out", default="image.png", help="PNG path (several images: name-0.png, name-1.png, ...)")
+    _model_options(p)
+    p.set_defaults(func=_generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifelong-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and op backends of this installation").set_defaults(func=_info)
     _add_concepts(sub)
     _add_demo(sub)
+    _add_learn_generate(sub)
     args = parser.parse_args(argv)
     from lifelong_engine.errors import LifelongError
 
