@@ -483,15 +483,25 @@ class LifelongPipeline:
 
     # ------------------------------------------------------------ attention guidance
 
-    def _guide_setup(self, options, plan: _Plan, prepared: _Prepared, cfg: bool, added, timestep_cond) -> _Guide:
-        """The conditional (global prompt) rows of the plan, and each image's concept token positions."""
+    def _guide_setup(
+        self,
+        options,
+        plan: _Plan,
+        prepared: _Prepared,
+        cfg: bool,
+        added,
+        timestep_cond,
+        library: Library | None = None,
+    ) -> _Guide:
+        """The conditional (global prompt) rows of the plan, and each image's concept token positions
+        (concept tokens resolved against ``library``, default the pipeline's own)."""
         images = plan.images
         rows = torch.arange(images) + (images if cfg else 0)
         ctx = prepared.context
         sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
         sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
         sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
-        tokens = {c.token: c for c in self._concepts.values()}
+        tokens = (library or self.library()).tokens
         positions, eos = [], []
         for text in plan.image_texts.tolist():
             tokenized = self.text.tokenize(plan.texts[text], tokens, self.text.tokenizers[0])
@@ -519,15 +529,16 @@ class LifelongPipeline:
             layers,
         )
 
-    def _guide_step(self, guide: _Guide, latents: Tensor, t, step_size: float) -> Tensor:
-        """One attention-guidance update of the latents (DESIGN §5, :mod:`lifelong_engine.guidance`)."""
+    def _guide_step(self, guide: _Guide, latents: Tensor, t, step_size: float, scheduler=None) -> Tensor:
+        """One attention-guidance update of the latents (DESIGN §5, :mod:`lifelong_engine.guidance`);
+        ``scheduler`` scales the model input (default the pipeline's)."""
         ctx, options = guide.context, guide.options
         ctx.capture = frozenset(guide.layers or self.layers)  # every layer once, to choose the default ones
         ctx.maps.clear()
         with torch.enable_grad():
             z = latents.detach().requires_grad_(True)
             self.unet(
-                self.pipe.scheduler.scale_model_input(z, t),
+                (scheduler or self.pipe.scheduler).scale_model_input(z, t),
                 t,
                 encoder_hidden_states=guide.hidden,
                 timestep_cond=guide.timestep_cond,

@@ -36,6 +36,7 @@ from torch import Tensor
 from .attention import CONTEXT_KWARG, GenerationContext, RegionPlan
 from .concepts import ConceptAdapter
 from .errors import ConceptNotFoundError, EngineBusyError, EngineClosedError
+from .guidance import AttentionGuidance
 from .pipeline import Library, LifelongPipeline, aggregate_noise
 
 __all__ = ["GenerationRequest", "GenerationResult", "Engine", "ConceptCache"]
@@ -63,15 +64,19 @@ class GenerationRequest:
     ewa_norm: str = "fro"
     ewa_top_k: int | None = None
     ewa: bool | None = None
+    attention_guidance: AttentionGuidance | None = None
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """images: PIL images; timings: seconds spent queued, preparing (text K/V), denoising, decoding, total."""
+    """images: PIL images; timings: seconds spent queued, preparing (text K/V), denoising, decoding, total
+    (and ``guidance``: the attention-guidance forwards and backwards, when the request asked for them);
+    guidance_losses: the attention-guidance loss at each guided step, or None."""
 
     images: list[PIL.Image.Image]
     timings: dict[str, float]
     request: GenerationRequest
+    guidance_losses: list[float] | None = None
 
 
 class ConceptCache:
@@ -222,6 +227,8 @@ class _Active:
     masks: Tensor | None = None
     extra: dict = dataclasses.field(default_factory=dict)
     added: dict | None = None
+    guide: object = None  # the pipeline's attention-guidance state, when the request asked for it
+    guided: int = 0  # how many of its first steps are guided
     cfg: bool = True
     size: tuple[int, int] = (0, 0)
 
@@ -397,6 +404,10 @@ class Engine:
             if not 0.0 <= req.alpha <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {req.alpha}")
             regions = lp._check_regions(req.regions)
+            if req.attention_guidance is not None and regions:
+                raise ValueError(
+                    "attention_guidance works on prompts without regions (regions already place concepts)"
+                )
             cfg = req.guidance_scale > 1.0
             plan = lp._plan([req.prompt], lp._negatives(req.negative_prompt, 1), regions, 1, cfg, req.alpha)
             if plan.kinds > self.max_batch_rows:
@@ -432,6 +443,13 @@ class Engine:
         item.extra = lp.pipe.prepare_extra_step_kwargs(generator, 0.0)
         item.masks = lp._latent_masks(regions, latents) if regions and req.alpha < 1 else None
         item.added = lp._added_cond(plan, prepared.pooled, height, width)
+        if req.attention_guidance is not None:
+            try:
+                item.guide = lp._guide_setup(req.attention_guidance, plan, prepared, cfg, item.added, None, library)
+            except Exception as exc:
+                item.future.set_exception(exc)
+                return False
+            item.guided = req.attention_guidance.guided_steps(len(item.timesteps))
         item.times["prepare"] = time.perf_counter() - t0
         return True
 
@@ -457,9 +475,28 @@ class Engine:
             added = {k: torch.cat([a.added[k] for a in active]) for k in active[0].added}
         return GenerationContext(kv, regions), hidden, added
 
+    def _guide(self) -> None:
+        """Attention guidance of the requests in their guided steps, each on its own rows (the update
+        is the pipeline's, so a request's image does not depend on its batch); a failure fails its
+        request alone."""
+        for a in [a for a in self._active if a.guide is not None and a.step < a.guided]:
+            t0 = time.perf_counter()
+            try:
+                scale = a.request.attention_guidance.scale(a.step, len(a.timesteps))
+                a.latents = self.lp._guide_step(a.guide, a.latents, a.timesteps[a.step], scale, a.scheduler)
+            except Exception as exc:
+                self._active.remove(a)
+                self._batch = None
+                a.future.set_exception(exc)
+                continue
+            a.times["guidance"] = a.times.get("guidance", 0.0) + time.perf_counter() - t0
+
     @torch.no_grad()
     def _step(self) -> None:
         lp = self.lp
+        self._guide()
+        if not self._active:
+            return
         if self._batch is None:
             self._batch = self._assemble()
         ctx, hidden, added = self._batch
@@ -503,5 +540,8 @@ class Engine:
                 "decode": a.times["decode"],
                 "total": now - a.times["submitted"],
             }
+            if a.guide is not None:
+                timings["guidance"] = a.times.get("guidance", 0.0)
+            losses = a.guide.losses if a.guide is not None else None
             if not a.future.done():
-                a.future.set_result(GenerationResult(images, timings, a.request))
+                a.future.set_result(GenerationResult(images, timings, a.request, losses))

@@ -162,6 +162,29 @@ def test_a_higher_rank_concept_regrows_the_pool_within_its_budget(lp, store):
     np.testing.assert_allclose(got, expected, atol=2)
 
 
+def test_attention_guidance_per_request(lp, store):
+    """A guided request gives the pipeline's guided image, alone or batched with unguided ones."""
+    from lifelong_engine import AttentionGuidance
+
+    options = AttentionGuidance(orthogonal=1.0, steps=2, step_size=5.0)
+    guided = request("a <dog1> dog and a <mug2> mug", ("dog1", "mug2"), seed=2, steps=4, attention_guidance=options)
+    for name in ("dog1", "mug2"):
+        lp.add_concept(store.load(name))
+    direct = lp(guided.prompt, num_inference_steps=4, guidance_scale=guided.guidance_scale, attention_guidance=options,
+                generator=torch.Generator().manual_seed(2)).images[0]  # fmt: skip
+    for name in ("dog1", "mug2"):
+        lp.remove_concept(name)
+    with Engine(lp, store) as engine:
+        others = [engine.submit(request("a <cat3>", ("cat3",), seed=s, steps=5)) for s in (7, 8)]
+        batched = engine.submit(guided).result()
+        assert all(f.result().guidance_losses is None for f in others)
+        bad = engine.submit(request(attention_guidance=options, regions=[("a <dog1>", (0, 0, 0.5, 1))]))
+        with pytest.raises(ValueError, match="without regions"):
+            bad.result()
+    assert len(batched.guidance_losses) == 2 and batched.timings["guidance"] > 0
+    np.testing.assert_allclose(pixels(batched), np.asarray(direct, dtype=np.int16), atol=2)
+
+
 def test_close_drains_or_cancels(lp, store):
     engine = Engine(lp, store, max_batch_rows=2)
     futures = [engine.submit(request(seed=s, steps=6)) for s in range(4)]
