@@ -176,6 +176,8 @@ def _pipeline(args: argparse.Namespace):
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+            raise ValueError(f"{args.model} holds a {type(pipe).__name__}; expected a Stable Diffusion (XL) pipeline")
     pipe.set_progress_bar_config(disable=args.no_progress)
     return LifelongPipeline.from_pipe(pipe)
 
