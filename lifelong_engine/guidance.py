@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import layer_size
+from .attention import CONTEXT_KWARG, GenerationContext, layer_size
 
-__all__ = ["AttentionGuidance", "guidance_loss", "select_layers"]
+__all__ = ["AttentionGuidance", "GuidanceState", "guidance_loss", "guide_latents", "prepare_guidance", "select_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,3 +130,92 @@ def guidance_loss(
             pairs = torch.triu_indices(len(concepts), len(concepts), offset=1, device=cos.device)
             total = total + orthogonal * cos[pairs[0], pairs[1]].mean()
     return total
+
+
+# ------------------------------------------------------------------------ in the denoising loop
+
+
+@dataclasses.dataclass
+class GuidanceState:
+    """What the guidance forward of one generation needs: the conditional rows' context and UNet inputs,
+    each image's concept token positions and EOS, the layers whose maps it reads (chosen at the first
+    guided step when not given) and the loss of each guided step so far."""
+
+    options: AttentionGuidance
+    context: GenerationContext
+    hidden: Tensor
+    added: dict | None
+    timestep_cond: Tensor | None
+    positions: list[list[list[int]]]
+    eos: Tensor
+    layers: list[str] | None
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def prepare_guidance(lp, options, plan, prepared, cfg: bool, added, timestep_cond, library=None) -> GuidanceState:
+    """The guidance state of a LifelongPipeline generation: the plan's conditional (global prompt) rows,
+    and each image's concept token positions (tokens resolved against ``library``, default the
+    pipeline's own). Raises ValueError when no prompt names a concept, or for unknown layers."""
+    images = plan.images
+    rows = torch.arange(images) + (images if cfg else 0)
+    ctx = prepared.context
+    sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
+    sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
+    sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
+    tokens = (library or lp.library()).tokens
+    positions, eos = [], []
+    for text in plan.image_texts.tolist():
+        tokenized = lp.text.tokenize(plan.texts[text], tokens, lp.text.tokenizers[0])
+        by_concept: dict[str, list[int]] = {}
+        for position, concept, _ in tokenized.concept_rows:
+            by_concept.setdefault(concept.name, []).append(position)
+        positions.append(list(by_concept.values()))
+        eos.append(tokenized.eos)
+    if not any(positions):
+        raise ValueError(
+            "attention_guidance: no prompt names a concept with learned token rows; there is nothing to guide"
+        )
+    layers = list(options.layers) if options.layers is not None else None
+    unknown = [layer for layer in layers or [] if layer not in lp.layers]
+    if unknown or layers == []:
+        raise ValueError(f"attention_guidance: layers must be attn2 layers of this UNet, got {unknown or layers}")
+    return GuidanceState(
+        options,
+        sub,
+        prepared.hidden[rows],
+        {k: v[rows] for k, v in added.items()} if added is not None else None,
+        timestep_cond[rows] if timestep_cond is not None else None,
+        positions,
+        torch.tensor(eos),
+        layers,
+    )
+
+
+def guide_latents(lp, state: GuidanceState, latents: Tensor, t, step_size: float, scheduler=None) -> Tensor:
+    """One guidance update of the latents at timestep t: ``latents − step_size · ∇ loss``, the UNet run
+    with autograd on the conditional rows (``scheduler`` scales its input; default the pipeline's)."""
+    ctx, options = state.context, state.options
+    ctx.capture = frozenset(state.layers or lp.layers)  # every layer once, to choose the default ones
+    ctx.maps.clear()
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        lp.unet(
+            (scheduler or lp.pipe.scheduler).scale_model_input(z, t),
+            t,
+            encoder_hidden_states=state.hidden,
+            timestep_cond=state.timestep_cond,
+            cross_attention_kwargs={CONTEXT_KWARG: ctx},
+            added_cond_kwargs=state.added,
+            return_dict=False,
+        )
+        latent_size = tuple(latents.shape[-2:])
+        if state.layers is None:
+            cells = {layer: m.shape[1] for layer, m in ctx.maps.items()}
+            state.layers = select_layers(cells, latent_size, options.max_side)
+        maps = torch.stack([ctx.maps[layer].float() for layer in state.layers]).mean(0)
+        size = layer_size(latent_size, maps.shape[1])
+        loss = guidance_loss(maps, size, state.eos, state.positions, options.artist, options.orthogonal)
+        grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
+    ctx.maps.clear()
+    state.losses.append(float(loss.detach()))
+    return (latents - step_size * grad).to(latents.dtype)

@@ -40,12 +40,11 @@ from .attention import (  # noqa: I001
     RegionPlan,
     box_mask,
     layer_kv,
-    layer_size,
 )
 from .concepts import PROJECTIONS, ConceptAdapter
 from .errors import LifelongError
 from .formats import attn2_layers
-from .guidance import AttentionGuidance, guidance_loss, select_layers
+from .guidance import AttentionGuidance, guide_latents, prepare_guidance
 from .pool import AdapterPool
 from .prompts import EncodedPrompts, PromptEncoder
 
@@ -112,22 +111,6 @@ class Library:
     def image_side(self) -> bool:
         """True when some concept adapts to_q or to_out (applied to image tokens at every step)."""
         return any(p in c.projections for c in self.adapters for p in ("to_q", "to_out.0"))
-
-
-@dataclasses.dataclass
-class _Guide:
-    """What the attention-guidance forward needs: the conditional rows' context and inputs, each image's
-    concept token positions and EOS, and the layers whose maps it reads (chosen at the first step)."""
-
-    options: AttentionGuidance
-    context: GenerationContext
-    hidden: Tensor
-    added: dict | None
-    timestep_cond: Tensor | None
-    positions: list[list[list[int]]]
-    eos: Tensor
-    layers: list[str] | None
-    losses: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -445,13 +428,13 @@ class LifelongPipeline:
             pipe.scheduler.set_begin_index(0)
         guide = None
         if attention_guidance is not None:
-            guide = self._guide_setup(attention_guidance, plan, prepared, cfg, added, timestep_cond)
+            guide = prepare_guidance(self, attention_guidance, plan, prepared, cfg, added, timestep_cond)
             guided = attention_guidance.guided_steps(len(timesteps))
 
         with pipe.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if guide is not None and i < guided:
-                    latents = self._guide_step(guide, latents, t, attention_guidance.scale(i, len(timesteps)))
+                    latents = guide_latents(self, guide, latents, t, attention_guidance.scale(i, len(timesteps)))
                 model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * plan.kinds), t)
                 eps = self.unet(
                     model_input,
@@ -480,83 +463,6 @@ class LifelongPipeline:
         if guide is not None:
             out.guidance_losses = guide.losses
         return out
-
-    # ------------------------------------------------------------ attention guidance
-
-    def _guide_setup(
-        self,
-        options,
-        plan: _Plan,
-        prepared: _Prepared,
-        cfg: bool,
-        added,
-        timestep_cond,
-        library: Library | None = None,
-    ) -> _Guide:
-        """The conditional (global prompt) rows of the plan, and each image's concept token positions
-        (concept tokens resolved against ``library``, default the pipeline's own)."""
-        images = plan.images
-        rows = torch.arange(images) + (images if cfg else 0)
-        ctx = prepared.context
-        sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
-        sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
-        sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
-        tokens = (library or self.library()).tokens
-        positions, eos = [], []
-        for text in plan.image_texts.tolist():
-            tokenized = self.text.tokenize(plan.texts[text], tokens, self.text.tokenizers[0])
-            by_concept: dict[str, list[int]] = {}
-            for position, concept, _ in tokenized.concept_rows:
-                by_concept.setdefault(concept.name, []).append(position)
-            positions.append(list(by_concept.values()))
-            eos.append(tokenized.eos)
-        if not any(positions):
-            raise ValueError(
-                "attention_guidance: no prompt names a concept with learned token rows; there is nothing to guide"
-            )
-        layers = list(options.layers) if options.layers is not None else None
-        unknown = [layer for layer in layers or [] if layer not in self._attn]
-        if unknown or layers == []:
-            raise ValueError(f"attention_guidance: layers must be attn2 layers of this UNet, got {unknown or layers}")
-        return _Guide(
-            options,
-            sub,
-            prepared.hidden[rows],
-            {k: v[rows] for k, v in added.items()} if added is not None else None,
-            timestep_cond[rows] if timestep_cond is not None else None,
-            positions,
-            torch.tensor(eos),
-            layers,
-        )
-
-    def _guide_step(self, guide: _Guide, latents: Tensor, t, step_size: float, scheduler=None) -> Tensor:
-        """One attention-guidance update of the latents (DESIGN §5, :mod:`lifelong_engine.guidance`);
-        ``scheduler`` scales the model input (default the pipeline's)."""
-        ctx, options = guide.context, guide.options
-        ctx.capture = frozenset(guide.layers or self.layers)  # every layer once, to choose the default ones
-        ctx.maps.clear()
-        with torch.enable_grad():
-            z = latents.detach().requires_grad_(True)
-            self.unet(
-                (scheduler or self.pipe.scheduler).scale_model_input(z, t),
-                t,
-                encoder_hidden_states=guide.hidden,
-                timestep_cond=guide.timestep_cond,
-                cross_attention_kwargs={CONTEXT_KWARG: ctx},
-                added_cond_kwargs=guide.added,
-                return_dict=False,
-            )
-            latent_size = tuple(latents.shape[-2:])
-            if guide.layers is None:
-                cells = {layer: m.shape[1] for layer, m in ctx.maps.items()}
-                guide.layers = select_layers(cells, latent_size, options.max_side)
-            maps = torch.stack([ctx.maps[layer].float() for layer in guide.layers]).mean(0)
-            size = layer_size(latent_size, maps.shape[1])
-            loss = guidance_loss(maps, size, guide.eos, guide.positions, options.artist, options.orthogonal)
-            grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
-        ctx.maps.clear()
-        guide.losses.append(float(loss.detach()))
-        return (latents - step_size * grad).to(latents.dtype)
 
     # ----------------------------------------------------------------- pieces
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from .attention import CONTEXT_KWARG, GenerationContext, RegionPlan
 from .concepts import ConceptAdapter
 from .errors import ConceptNotFoundError, EngineBusyError, EngineClosedError
-from .guidance import AttentionGuidance
+from .guidance import AttentionGuidance, GuidanceState, guide_latents, prepare_guidance
 from .pipeline import Library, LifelongPipeline, aggregate_noise
 
 __all__ = ["GenerationRequest", "GenerationResult", "Engine", "ConceptCache"]
@@ -227,7 +227,7 @@ class _Active:
     masks: Tensor | None = None
     extra: dict = dataclasses.field(default_factory=dict)
     added: dict | None = None
-    guide: object = None  # the pipeline's attention-guidance state, when the request asked for it
+    guide: GuidanceState | None = None  # when the request asked for attention guidance
     guided: int = 0  # how many of its first steps are guided
     cfg: bool = True
     size: tuple[int, int] = (0, 0)
@@ -445,7 +445,9 @@ class Engine:
         item.added = lp._added_cond(plan, prepared.pooled, height, width)
         if req.attention_guidance is not None:
             try:
-                item.guide = lp._guide_setup(req.attention_guidance, plan, prepared, cfg, item.added, None, library)
+                item.guide = prepare_guidance(
+                    lp, req.attention_guidance, plan, prepared, cfg, item.added, None, library
+                )
             except Exception as exc:
                 item.future.set_exception(exc)
                 return False
@@ -483,7 +485,7 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 scale = a.request.attention_guidance.scale(a.step, len(a.timesteps))
-                a.latents = self.lp._guide_step(a.guide, a.latents, a.timesteps[a.step], scale, a.scheduler)
+                a.latents = guide_latents(self.lp, a.guide, a.latents, a.timesteps[a.step], scale, a.scheduler)
             except Exception as exc:
                 self._active.remove(a)
                 self._batch = None

@@ -10,7 +10,13 @@ from concept_factory import concept_for_unet
 from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from lifelong_engine import LifelongPipeline
-from lifelong_engine.guidance import AttentionGuidance, guidance_loss, select_layers
+from lifelong_engine.guidance import (
+    AttentionGuidance,
+    guidance_loss,
+    guide_latents,
+    prepare_guidance,
+    select_layers,
+)
 
 PROMPT = "a <dog1> dog and a <mug2> mug"
 
@@ -95,11 +101,11 @@ def test_guidance_moves_the_latents_and_lowers_its_loss(lp):
     # one update at a fixed step lowers the loss (a small step along the negative gradient)
     plan = lp._plan([PROMPT], [None], [], 1, True, 1.0)
     prepared = lp.prepare(plan, 2.0, "fro", None, None, (16, 16))
-    guide = lp._guide_setup(options, plan, prepared, True, None, None)
+    guide = prepare_guidance(lp, options, plan, prepared, True, None, None)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = lp.pipe.scheduler.timesteps[0]
-    moved = lp._guide_step(guide, latents, t, 0.5)
-    lp._guide_step(guide, moved, t, 0.5)
+    moved = guide_latents(lp, guide, latents, t, 0.5)
+    guide_latents(lp, guide, moved, t, 0.5)
     assert guide.losses[1] < guide.losses[0]
     assert guide.layers and all(layer in lp.layers for layer in guide.layers)
 
