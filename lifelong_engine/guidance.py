@@ -14,6 +14,10 @@ own tokens and re-normalised over them (softmax of 100·attention, BOS and EOS l
 the concept's token words, then smoothed by a 3×3 Gaussian (σ = 0.5). The latent update at step i of n
 is ``z ← z − step_size · sqrt(1 − 0.5·i/(n−1)) · ∇_z (artist·L_artist + orthogonal·L_orth)``; the
 guidance forward runs the UNet on the conditional rows only.
+
+:class:`AttentionGuidance` holds the options, :func:`guidance_loss` the loss; :func:`prepare_guidance`
+and :func:`guide_latents` are the denoising-loop part that ``LifelongPipeline`` and the serving
+``Engine`` call.
 """
 
 from __future__ import annotations
