@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,10 @@ class AttentionGuidance:
     (Attend-and-Excite: 20); steps: the guided steps, counted from the first (an int) or as a fraction
     of all steps (a float in (0, 1]; Attend-and-Excite: 25 of 50); layers: attn2 layer names whose maps
     are used (default: see the module docstring); max_side: the default layers' largest side in cells.
+    refine: Attend-and-Excite's iterative refinement, step index → target peak: at those steps the update
+    repeats (at most ``max_refine`` more times) until every concept's smoothed peak attention reaches the
+    target (its artist loss ≤ 1 − target); Attend-and-Excite uses {0: 0.05, 10: 0.5, 20: 0.8} over 50
+    steps. None (default): one update per guided step.
     """
 
     artist: float = 1.0
@@ -51,6 +55,8 @@ class AttentionGuidance:
     steps: int | float = 0.5
     layers: Sequence[str] | None = None
     max_side: int = 16
+    refine: Mapping[int, float] | None = None
+    max_refine: int = 20
 
     def __post_init__(self):
         if self.artist < 0 or self.orthogonal < 0 or self.artist + self.orthogonal == 0:
@@ -69,6 +75,12 @@ class AttentionGuidance:
             )
         if self.max_side < 1:
             raise ValueError(f"attention guidance: max_side must be ≥ 1, got {self.max_side}")
+        bad = [(k, v) for k, v in (self.refine or {}).items() if not (isinstance(k, int) and k >= 0 and 0 < v <= 1)]
+        if bad or self.max_refine < 1:
+            raise ValueError(
+                "attention guidance: refine maps step indices ≥ 0 to target peaks in (0, 1] and max_refine ≥ 1, "
+                f"got {bad or self.max_refine}"
+            )
 
     def guided_steps(self, total: int) -> int:
         """How many of ``total`` denoising steps are guided."""
@@ -143,7 +155,8 @@ def guidance_loss(
 class GuidanceState:
     """What the guidance forward of one generation needs: the conditional rows' context and UNet inputs,
     each image's concept token positions and EOS, the layers whose maps it reads (chosen at the first
-    guided step when not given) and the loss of each guided step so far."""
+    guided step when not given), the loss of each guided step so far (before its update) and the number
+    of latent updates made (more than the steps when refinement repeats them)."""
 
     options: AttentionGuidance
     context: GenerationContext
@@ -154,6 +167,7 @@ class GuidanceState:
     eos: Tensor
     layers: list[str] | None
     losses: list[float] = dataclasses.field(default_factory=list)
+    updates: int = 0
 
 
 def prepare_guidance(lp, options, plan, prepared, cfg: bool, added, timestep_cond, library=None) -> GuidanceState:
@@ -195,9 +209,25 @@ def prepare_guidance(lp, options, plan, prepared, cfg: bool, added, timestep_con
     )
 
 
-def guide_latents(lp, state: GuidanceState, latents: Tensor, t, step_size: float, scheduler=None) -> Tensor:
-    """One guidance update of the latents at timestep t: ``latents − step_size · ∇ loss``, the UNet run
-    with autograd on the conditional rows (``scheduler`` scales its input; default the pipeline's)."""
+def guide_latents(lp, state: GuidanceState, latents: Tensor, t, step_size: float, scheduler=None, step=None) -> Tensor:
+    """The guidance update of the latents at timestep t (denoising step index ``step``, for refinement):
+    ``latents − step_size · ∇ loss``, the UNet run with autograd on the conditional rows (``scheduler``
+    scales its input; default the pipeline's); repeated while a refinement target is not reached."""
+    options = state.options
+    target = (options.refine or {}).get(step) if step is not None else None
+    for i in range(1 + (options.max_refine if target is not None else 0)):
+        loss, artist, grad = _loss_and_grad(lp, state, latents, t, scheduler)
+        if i == 0:
+            state.losses.append(loss)
+        elif artist <= 1.0 - target:
+            break
+        latents = (latents - step_size * grad).to(latents.dtype)
+        state.updates += 1
+    return latents
+
+
+def _loss_and_grad(lp, state: GuidanceState, latents: Tensor, t, scheduler) -> tuple[float, float, Tensor]:
+    """(loss, its artist part per image at most, ∇_latents loss) at the current latents."""
     ctx, options = state.context, state.options
     ctx.capture = frozenset(state.layers or lp.layers)  # every layer once, to choose the default ones
     ctx.maps.clear()
@@ -220,6 +250,10 @@ def guide_latents(lp, state: GuidanceState, latents: Tensor, t, step_size: float
         size = layer_size(latent_size, maps.shape[1])
         loss = guidance_loss(maps, size, state.eos, state.positions, options.artist, options.orthogonal)
         grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
+    with torch.no_grad():
+        artist = max(
+            float(guidance_loss(maps[i : i + 1], size, state.eos[i : i + 1], state.positions[i : i + 1], 1.0, 0.0))
+            for i in range(len(state.positions))
+        )
     ctx.maps.clear()
-    state.losses.append(float(loss.detach()))
-    return (latents - step_size * grad).to(latents.dtype)
+    return float(loss.detach()), artist, grad

@@ -434,7 +434,8 @@ class LifelongPipeline:
         with pipe.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if guide is not None and i < guided:
-                    latents = guide_latents(self, guide, latents, t, attention_guidance.scale(i, len(timesteps)))
+                    step_size = attention_guidance.scale(i, len(timesteps))
+                    latents = guide_latents(self, guide, latents, t, step_size, step=i)
                 model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * plan.kinds), t)
                 eps = self.unet(
                     model_input,

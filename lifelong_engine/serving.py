@@ -485,7 +485,8 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 scale = a.request.attention_guidance.scale(a.step, len(a.timesteps))
-                a.latents = guide_latents(self.lp, a.guide, a.latents, a.timesteps[a.step], scale, a.scheduler)
+                t = a.timesteps[a.step]
+                a.latents = guide_latents(self.lp, a.guide, a.latents, t, scale, a.scheduler, step=a.step)
             except Exception as exc:
                 self._active.remove(a)
                 self._batch = None

@@ -110,6 +110,23 @@ def test_guidance_moves_the_latents_and_lowers_its_loss(lp):
     assert guide.layers and all(layer in lp.layers for layer in guide.layers)
 
 
+def test_refinement_repeats_the_update_until_its_target(lp):
+    plan = lp._plan([PROMPT], [None], [], 1, True, 1.0)
+    prepared = lp.prepare(plan, 2.0, "fro", None, None, (16, 16))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = lp.pipe.scheduler.timesteps[0]
+    unreachable = AttentionGuidance(refine={0: 1.0}, max_refine=3, step_size=0.5)
+    state = prepare_guidance(lp, unreachable, plan, prepared, True, None, None)
+    guide_latents(lp, state, latents, t, 0.5, step=0)
+    assert state.updates == 4 and len(state.losses) == 1  # one update, then three more
+    guide_latents(lp, state, latents, t, 0.5, step=1)  # no target at step 1
+    assert state.updates == 5
+    met = AttentionGuidance(refine={0: 1e-6}, max_refine=3)  # every peak is above 1e-6 at once
+    state = prepare_guidance(lp, met, plan, prepared, True, None, None)
+    guide_latents(lp, state, latents, t, 0.5, step=0)
+    assert state.updates == 1
+
+
 def test_batched_images_are_guided_independently(lp):
     options = AttentionGuidance(steps=1)
     kwargs = dict(num_inference_steps=2, output_type="np", attention_guidance=options)
@@ -136,6 +153,9 @@ def test_sdxl():
         (lambda: AttentionGuidance(steps=0), "steps"),
         (lambda: AttentionGuidance(steps=1.5), "steps"),
         (lambda: AttentionGuidance(max_side=0), "max_side"),
+        (lambda: AttentionGuidance(refine={0: 1.5}), "refine"),
+        (lambda: AttentionGuidance(refine={-1: 0.5}), "refine"),
+        (lambda: AttentionGuidance(max_refine=0), "max_refine"),
     ],
 )
 def test_bad_options(make, message):
