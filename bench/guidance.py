@@ -11,7 +11,8 @@ evaluator reads every image: how many objects it holds, how often it holds two o
 neglected concept leaves one), and how often each concept is present anywhere
 (:meth:`Evaluator.presence` over the whole image, counted at > 0.5).
 
-Writes ``bench/results/<device>/guidance.json`` (``guidance-quick.json`` with ``--quick``).
+Writes ``bench/results/<device>/guidance.json`` and ``guidance.png`` (one row per setting, the pairs'
+images side by side; ``guidance-quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ common.ensure_engine_importable()
 from lifelong_engine import AttentionGuidance, ConceptStore, LifelongPipeline  # noqa: E402
 from lifelong_engine.tinyworld import CONCEPTS  # noqa: E402
 from lifelong_engine.tinyworld.evaluator import Evaluator  # noqa: E402
-from lifelong_engine.tinyworld.lifelong import write_json  # noqa: E402
+from lifelong_engine.tinyworld.lifelong import image_grid, write_json  # noqa: E402
 from lifelong_engine.tinyworld.model import load_tinyworld_pipeline  # noqa: E402
 from lifelong_engine.training import ContinualTrainer  # noqa: E402
 
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
     }
     pairs = list(zip(concepts[0::2], concepts[1::2]))
-    results = {}
+    results, grid = {}, []
     for name, options in settings.items():
-        objects, present, first_losses = [], [], []
+        objects, present, first_losses, row = [], [], [], []
         t0 = time.perf_counter()
         for a, b in pairs:
             prompt = f"a {a.token} {a.class_word} and a {b.token} {b.class_word} on a white background"
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             result = lp([prompt] * args.seeds, num_inference_steps=args.inference_steps, guidance_scale=4.0,
                         generator=generators, output_type="np", attention_guidance=options)  # fmt: skip
             images = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
+            row += [*images, None]
             for image in images:
                 objects.append(len(evaluator.describe(image)["objects"]))
                 present.append([evaluator.presence(image, (0, 0, 1, 1), c) > 0.5 for c in (a, b)])
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_image": round(seconds / len(objects), 3),
         }
         print(f"{name}: {results[name]}", flush=True)
+        grid.append((name, row[:-1]))
 
     record = {
         "pairs": [[a.name, b.name] for a, b in pairs],
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         **common.environment(argv),
     }
     write_json(record, path)
-    print(f"wrote {path}")
+    picture = image_grid(grid, path.with_suffix(".png"), scale=2)
+    print(f"wrote {path} and {picture}")
     return 0
 
 

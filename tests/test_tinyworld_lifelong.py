@@ -141,7 +141,7 @@ def test_guidance_bench_quick(weights, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "guidance-quick.json").read_text())
     assert set(record["results"]) == {"none", "artist", "artist+orthogonal", "artist+orthogonal+refine"}
-    assert record["pairs"] == [["tw-badge", "tw-target"]]
+    assert record["pairs"] == [["tw-badge", "tw-target"]] and (tmp_path / "guidance-quick.png").is_file()
     for name, r in record["results"].items():
         assert r["images"] == 2 and 0 <= r["two_or_more_objects"] <= 1 and 0 <= r["both_present"] <= 1
         assert (r["first_step_loss_per_image"] is None) == (name == "none")

@@ -36,7 +36,7 @@ import torch
 
 from .world import CONCEPTS, Concept, caption, context_prompts, get_concept, sample_scenes, two_concept_layout
 
-__all__ = ["SequenceConfig", "run_sequence", "report_markdown", "save_grid"]
+__all__ = ["SequenceConfig", "run_sequence", "report_markdown", "save_grid", "image_grid"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,13 +289,18 @@ def report_markdown(reports: Sequence[dict], title: str) -> str:
 def save_grid(images: dict, path: str | os.PathLike, scale: int = 3, per_concept: int = 8) -> Path:
     """A picture of the run: one row per concept (its first training image, then generated images of
     its context prompts after the last task), then the two-concept images; ``scale``× nearest upscale."""
-    from PIL import Image, ImageDraw
-
-    tile, gap, label = 32 * scale, 4 * scale, 72 * scale
     rows = [(name, [images["references"][name][0], None, *generated[:per_concept]])
             for name, generated in images["final"].items()]  # fmt: skip
     for layout, generated in images["pairs"]:
         rows.append((" + ".join(r.prompt.split()[1] for r in layout.regions), list(generated[:per_concept])))
+    return image_grid(rows, path, scale)
+
+
+def image_grid(rows: Sequence[tuple[str, Sequence]], path: str | os.PathLike, scale: int = 3) -> Path:
+    """Save labelled rows of 32×32 uint8 images (None: a small gap), ``scale``× nearest upscale, as PNG."""
+    from PIL import Image, ImageDraw
+
+    tile, gap, label = 32 * scale, 4 * scale, 72 * scale
     width = label + max((len(r) for _, r in rows), default=1) * (tile + gap)
     canvas = Image.new("RGB", (width, len(rows) * (tile + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
