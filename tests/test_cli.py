@@ -91,3 +91,16 @@ def test_learn_and_generate_errors(tinyworld, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(SystemExit):
         cli.main(["generate", "p", "--region", "no box here", *common])
+
+
+def test_generate_on_a_diffusers_directory(tmp_path, capsys):
+    from tiny_pipes import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "model")
+    common = ["--device", "cpu", "--no-progress", "--steps", "2"]
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a dog", "--model", str(tmp_path / "model"), "--out", str(out), *common]) == 0
+    assert Image.open(out).size == (16, 16)  # the tiny pipeline's default size
+    capsys.readouterr()
+    assert cli.main(["generate", "a dog", "--model", str(tmp_path / "missing"), *common]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
