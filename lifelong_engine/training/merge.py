@@ -85,7 +85,7 @@ def compose_concepts(
             attn = pipeline._attn[layer]
             for proj in _KV:
                 w0 = getattr(attn, proj).weight.detach().to(torch.float64)
-                own = [(w0 + c.delta(layer, proj).to(w0), rows[l]) for c, rows in zip(chosen, targets)]
+                own = [(w0 + _delta64(c, layer, proj), rows[l]) for c, rows in zip(chosen, targets)]
                 lam, d = losses.custom_diffusion_merge_factors(w0, c_reg[l], own, eps)
                 start = 0
                 for i, (_, rows) in enumerate(own):
@@ -127,6 +127,12 @@ def _rows(pipeline, prompts: list[str], from_concept: bool) -> Tensor:
         keep = keep & (pos[None] >= first[:, None])
     per_layer = enc.per_layer.to(torch.float64)  # (n, L, T, D)
     return torch.cat([per_layer[p][:, keep[p]] for p in range(len(prompts))], dim=1)
+
+
+def _delta64(concept: ConceptAdapter, layer: str, proj: str) -> Tensor:
+    """The concept's dense delta in float64 (its factors may be half precision on a GPU)."""
+    a, b = concept.factors(layer, proj)
+    return concept.scale * (b.to(torch.float64) @ a.to(torch.float64))
 
 
 def _drop_repeated_rows(targets: list[Tensor]) -> list[Tensor]:
