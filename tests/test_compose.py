@@ -55,6 +55,9 @@ def test_each_concept_keeps_its_own_mapping_and_generic_prompts_move_least(lp):
             blind = w0 + torch.linalg.lstsq(c, (v - w0 @ c.T).T).solution.T
             torch.testing.assert_close(c @ blind.T, v.T)
             assert ((w - w0) @ reg[l].T).norm() < ((blind - w0) @ reg[l].T).norm()
+            # each concept's part is a projection of the update: no part outgrows the sum (no cancellation)
+            parts = [c.delta(layer, proj).double() for c in composed]
+            assert all(p.norm() <= (w - w0).norm() * (1 + 1e-6) for p in parts)
 
 
 def test_result_keeps_tokens_records_the_merge_and_generates(lp, tmp_path):

@@ -103,3 +103,25 @@ def test_serving_batched_equals_alone(tmp_path):
             batched = np.asarray(engine.submit(target).result().images[0], dtype=np.int16)
             assert all(f.result().images for f in futures)
     assert np.abs(batched - alone).max() <= 2
+
+
+def test_compose_concepts_on_the_device():
+    """The merge's float64 solves on the GPU: exact constraints in fp32; usable factors in fp16."""
+    from lifelong_engine.training import compose_concepts, merge
+
+    captions = ["a red circle", "a cat on grass", "two blue squares"]
+    lp = pipeline(torch.float32)
+    composed = compose_concepts(lp, ["dog1", "mug2"], captions)
+    layer = lp.layers[0]
+    with torch.no_grad():
+        rows = merge._rows(lp, ["<dog1>", "photo of a <dog1>"], from_concept=True)[0]
+        w0 = lp.unet.get_submodule(layer).to_k.weight.double()
+        target = rows @ (w0 + merge._delta64(lp.concepts["dog1"], layer, "to_k")).T
+        got = rows @ (w0 + sum(merge._delta64(c, layer, "to_k") for c in composed)).T
+    assert (got - target).abs().max() <= 1e-3 * target.abs().max()
+
+    lp = pipeline(torch.float16)
+    for concept in compose_concepts(lp, ["dog1", "mug2"], captions):
+        assert concept.is_finite()
+        lp.add_concept(concept, replace=True)
+    assert np.isfinite(generate(lp, "triton")).all()

@@ -11,9 +11,10 @@ so each concept's own prompt features C_i map exactly as under its own weights w
 As in the paper's code, C_i holds the text-encoder outputs of "<token> class" and "photo of a <token>
 class" from the concept's token on (EOS included), C_reg those of the captions' words and EOS.
 
-The update W − W0 = Λ·D splits exactly into one term per concept, Λ_i·D_i of rank ≤ n_i (the number of
-rows in C_i), so :func:`compose_concepts` returns the concepts themselves, each with its share as LoRA
-factors: summed (``ewa=False``, the default for any library that is not all CIDM) they give W.
+The update W − W0 = Λ·D splits exactly into one term per concept of rank ≤ n_i (the number of rows in
+C_i): the update on concept i's directions, orthogonal to the other concepts' (see ``_split``). So
+:func:`compose_concepts` returns the concepts themselves, each with its part as LoRA factors: summed
+(``ewa=False``, the default for any library that is not all CIDM) they give W.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def compose_concepts(
     regularization_prompts: generic captions whose K/V must stay the base model's (the paper uses 200
     captions of its regularisation images); eps: ridge term of the merge (needed when the captions
     have fewer token rows than the text width). Returns one adapter per name, in order: same name,
-    token, words and token rows, K/V LoRA factors holding its share of the merged update, method
+    token, words and token rows, K/V LoRA factors holding its part of the merged update, method
     ``custom-diffusion`` and ``metadata["composed_with"]``. The pipeline is not changed; install the
     result with ``add_concept(c, replace=True)``, and generate with the plain sum (``ewa=False``, the
     default unless every concept of the library is CIDM's). Concepts of the library that are not in
@@ -87,11 +88,8 @@ def compose_concepts(
                 w0 = getattr(attn, proj).weight.detach().to(torch.float64)
                 own = [(w0 + _delta64(c, layer, proj), rows[l]) for c, rows in zip(chosen, targets)]
                 lam, d = losses.custom_diffusion_merge_factors(w0, c_reg[l], own, eps)
-                start = 0
-                for i, (_, rows) in enumerate(own):
-                    end = start + rows.shape[0]
-                    shares[i][f"{layer}.{proj}"] = _balanced(lam[:, start:end], d[start:end])
-                    start = end
+                for i, factors in enumerate(_split(lam, d, [rows.shape[0] for _, rows in own])):
+                    shares[i][f"{layer}.{proj}"] = factors
 
     out = []
     for c, share in zip(chosen, shares):
@@ -151,8 +149,20 @@ def _drop_repeated_rows(targets: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _balanced(lam: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """LoRA factors (A (r, Din), B (Dout, r)) of Λ·D with orthonormal A rows: D can hold entries of
-    order 1/eps along directions the captions do not span, which would overflow in half precision."""
-    q, r = torch.linalg.qr(d.T)  # Dᵀ = Q·R, so Λ·D = (Λ·Rᵀ)·Qᵀ
-    return q.T, lam @ r.T
+def _split(lam: Tensor, d: Tensor, sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Λ·D as one LoRA term per concept, (A (n_i, Din), B (Dout, n_i)), that sum to it exactly.
+
+    Dᵀ = Q·R (QR, columns in concept order) gives orthonormal directions Q_i for concept i's rows of D,
+    orthogonalised against the earlier concepts'. The rows of Λ·D lie in their span, so
+    Λ·D = Σ_i (Λ·D·Q_i)·Q_iᵀ. Each term is a projection of the update, never larger than it, so the
+    terms do not cancel and survive half precision (the algebraic split Λ_i·D_i can be far larger
+    than the update when concepts' rows are alike); A = Q_iᵀ is orthonormal.
+    """
+    delta = lam @ d
+    q, _ = torch.linalg.qr(d.T)  # (Din, m)
+    out, start = [], 0
+    for n in sizes:
+        q_i = q[:, start : start + n]
+        out.append((q_i.T, delta @ q_i))
+        start += n
+    return out
