@@ -212,8 +212,7 @@ def _learn(args: argparse.Namespace) -> int:
         )  # fmt: skip
         adapter = trainer.learn(args.name, args.images, args.class_word, resume=args.resume)
         stats = trainer.stats[args.name]
-        version = store.list(args.namespace, all_versions=True)
-        version = max(r.version for r in version if r.name == args.name)
+        version = store.record(args.name, args.namespace).version
     print(
         f"learned {adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) with "
         f"{len(past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "

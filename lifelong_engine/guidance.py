@@ -180,7 +180,7 @@ def prepare_guidance(lp, options, plan, prepared, cfg: bool, added, timestep_con
     sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
     sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
     sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
-    tokens = (library or lp.library()).tokens
+    tokens = library.tokens if library is not None else {c.token: c for c in lp.concepts.values()}
     positions, eos = [], []
     for text in plan.image_texts.tolist():
         tokenized = lp.text.tokenize(plan.texts[text], tokens, lp.text.tokenizers[0])

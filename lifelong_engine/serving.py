@@ -159,7 +159,7 @@ class ConceptCache:
             self.rank = rank
             self._alloc()
             self.stats["rank_growths"] += 1
-            hosts = {key: self.host(key) for key in keys}
+            hosts.update({key: self.host(key) for key in keys if key not in hosts})  # the pool is empty now
         if len(keys) > self.slots:
             raise ValueError(f"request uses {len(keys)} concepts; the device pool holds {self.slots} (device_bytes)")
         adapters, embeddings, ids = [], [], []
