@@ -132,6 +132,14 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert "| lora-m |" in (tmp_path / "q" / "quality-quick.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished: not run again
     assert again.returncode == 0 and "skipped" in again.stdout
+    # --restart runs the listed method again and keeps the other methods' reports
+    path = tmp_path / "q" / "quality-quick.json"
+    other = {**results["reports"]["lora-m"], "method": "finetune"}
+    path.write_text(json.dumps({**results, "reports": {**results["reports"], "finetune": other}}))
+    restarted = subprocess.run([*cmd, "--restart"], capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0 and "skipped" not in restarted.stdout, restarted.stderr[-2000:]
+    kept = json.loads(path.read_text())["reports"]
+    assert kept["finetune"] == other and kept["lora-m"]["status"] == "finished"
 
 
 def test_guidance_bench_quick(weights, tmp_path):
