@@ -765,9 +765,9 @@ class ContinualTrainer:
         try:
             ckpt = torch.load(path, map_location=self.pipeline.device, weights_only=True)
             params = ckpt["params"]
+            have = {k: tuple(v.shape) for k, v in params.items()}
         except Exception as e:  # truncated, not a checkpoint, ...
             raise refuse(" ".join(str(e).split())[:300]) from e
-        have = {k: tuple(v.shape) for k, v in params.items()}
         want = {k: tuple(v.shape) for k, v in state["params"].items()}
         if have != want:
             diff = next(
