@@ -43,6 +43,7 @@ import dataclasses
 import math
 import os
 import resource
+import stat
 import tempfile
 import time
 import warnings
@@ -823,6 +824,8 @@ def _child_generator(gen: torch.Generator, device) -> torch.Generator:
 def _open_image(path: Path) -> PIL.Image.Image:
     """The image at ``path``, decoded now, so a bomb, truncated or unreadable file is named here."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            raise ValueError("not a regular file")
         im = PIL.Image.open(path)
         im.load()
     except (PIL.Image.DecompressionBombError, OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
