@@ -100,7 +100,14 @@ class ConceptRecord:
     @classmethod
     def _from_row(cls, row: tuple) -> ConceptRecord:
         values = list(row)
-        values[4] = json.loads(values[4])
+        types = (str, str, int, str, str, (str, type(None)), str, int, str, str, str, int, (float, int))
+        try:
+            values[4] = json.loads(values[4]) if isinstance(values[4], str) else None
+            ok = all(isinstance(v, t) for v, t in zip(row, types)) and isinstance(values[4], list)
+        except ValueError:
+            ok = False
+        if not ok:  # a tampered or damaged index
+            raise ConceptStoreError(f"index.sqlite: a malformed row for concept {row[0]!r}/{row[1]!r}: {row!r}"[:300])
         return cls(*values)
 
 

@@ -310,3 +310,13 @@ def test_digest_is_still_checked(store):
     assert hashlib.sha256(data).hexdigest() != rec.sha256
     with pytest.raises(ConceptStoreError, match="sha256"):
         store.load("my-dog")
+
+
+@pytest.mark.parametrize("column,value", [("words", "not json"), ("size", "big"), ("words", '{"a": 1}')])
+def test_malformed_index_row_is_a_store_error(store, capsys, column, value):
+    store.save(make_adapter())
+    store._db.execute(f"UPDATE concepts SET {column}=?", (value,))
+    with pytest.raises(ConceptStoreError, match="malformed row"):
+        store.list()
+    assert cli.main(["concepts", "list", "--store", str(store.root)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
