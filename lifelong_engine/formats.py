@@ -120,6 +120,9 @@ def _unet_order(path: str) -> tuple:
 # LoRA tensors must be real floating point; a larger LoRA scale (alpha / rank) than this is refused as absurd.
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_LORA_SCALE = 1024.0
+# Bound on an entry of a module's weight delta, scale·|(B·A)_ij| ≤ scale·max_i‖B_i,:‖·max_j‖A_:,j‖ (Cauchy-Schwarz):
+# real LoRAs stay far below it (weights are O(1)); a file above it would turn every image to NaN or noise.
+MAX_DELTA_BOUND = 1e4
 _TOKEN = re.compile(r"\S{1,64}")
 
 
@@ -284,6 +287,11 @@ def _adapter_from_factors(name, factors, alphas, token, class_word, method) -> C
     )
     if not adapter.is_finite():
         raise ValueError("the LoRA factors overflow to inf once each module's scale is folded in")
+    for (layer, proj), f in factors.items():
+        a, b = f["lora_A"].double(), f["lora_B"].double()
+        bound = scales[(layer, proj)] * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max())
+        if bound > MAX_DELTA_BOUND:
+            raise ValueError(f"{layer}.{proj}: absurd weights: a delta entry may reach {bound:.3g}")
     return adapter
 
 
