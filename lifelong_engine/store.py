@@ -491,5 +491,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"cannot write {path} (disk full?): {' '.join(str(e).split())}") from e
     finally:
         tmp.unlink(missing_ok=True)

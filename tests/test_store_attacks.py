@@ -320,3 +320,22 @@ def test_malformed_index_row_is_a_store_error(store, capsys, column, value):
         store.list()
     assert cli.main(["concepts", "list", "--store", str(store.root)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_checkpoint_write_on_a_full_disk_is_a_clear_oserror(tmp_path):
+    """atomic_torch_save (the trainer's checkpoints) when writes fail: an OSError naming the file, no temp left."""
+    import resource
+    import signal
+
+    import torch
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError, match="cannot write") as info:
+            atomic_torch_save({"x": torch.zeros(10000)}, tmp_path / "cidm-dog.ckpt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "cidm-dog.ckpt" in str(info.value) and list(tmp_path.iterdir()) == []
