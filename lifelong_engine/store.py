@@ -433,8 +433,8 @@ class ConceptStore:
         """Remove version files no index row names, and emptied concept folders (under the write lock)."""
         concepts = self.root / "concepts"
         for folder in concepts.glob("*/*"):
-            if folder.is_symlink() or not folder.is_dir():
-                continue
+            if folder.is_symlink() or folder.parent.is_symlink() or not folder.is_dir():
+                continue  # never follow a link out of the store
             for file in folder.iterdir():
                 rel = file.relative_to(self.root).as_posix()
                 if _FILE.fullmatch(rel) and rel not in listed and not file.is_dir():

@@ -339,3 +339,37 @@ def test_checkpoint_write_on_a_full_disk_is_a_clear_oserror(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert "cidm-dog.ckpt" in str(info.value) and list(tmp_path.iterdir()) == []
+
+
+def test_orphan_collection_never_follows_a_symlinked_namespace(store, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "name").mkdir(parents=True)
+    bait = outside / "name" / "v1-abcdef012345.safetensors"  # looks like a store file
+    bait.write_bytes(b"someone else's")
+    (store.root / "concepts" / "linked").symlink_to(outside)
+    store.prune()
+    assert bait.exists()
+
+
+def test_fifo_in_place_of_the_index_does_not_hang(tmp_path):
+    root = tmp_path / "store"
+    (root / "concepts").mkdir(parents=True)
+    os.mkfifo(root / "index.sqlite")
+    outcome = []
+
+    def open_store():
+        try:
+            ConceptStore(root).close()
+        except ConceptStoreError as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=open_store, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # unblock SQLite's read so the test ends, then fail
+        fd = os.open(root / "index.sqlite", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"not a database" * 100)
+        os.close(fd)
+        t.join()
+        pytest.fail("opening the store blocked on a FIFO index")
+    assert outcome and "not a regular file" in outcome[0]
