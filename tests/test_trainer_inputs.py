@@ -124,3 +124,11 @@ def test_fifo_among_the_images_does_not_hang(tmp_path, lp):
         t.join()
         pytest.fail("loading the images blocked on a FIFO")
     assert outcome and "1.png" in outcome[0] and "not a regular file" in outcome[0]
+
+
+def test_truncated_method_state_names_the_file(tmp_path, lp):
+    state = tmp_path / "lora-m-trainer-state.pt"
+    state.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(TrainingError, match="trainer state") as info:
+        trainer(lp, tmp_path, "lora-m")
+    assert str(state) in str(info.value)

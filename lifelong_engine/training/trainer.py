@@ -741,10 +741,16 @@ class ContinualTrainer:
         path = self._state_path()
         if not path.exists():
             return
-        state = torch.load(path, map_location=self.pipeline.device, weights_only=True)
-        self._r2 = {tuple(k.split("|")): v for k, v in state["r2"].items()}
-        self._fisher, self._anchors = state["fisher"], state["anchors"]
-        self.memory.load_state_dict(*state["memory"])
+        try:
+            state = torch.load(path, map_location=self.pipeline.device, weights_only=True)
+            self._r2 = {tuple(k.split("|")): v for k, v in state["r2"].items()}
+            self._fisher, self._anchors = state["fisher"], state["anchors"]
+            self.memory.load_state_dict(*state["memory"])
+        except Exception as e:  # truncated or not this trainer's state
+            raise TrainingError(
+                f"trainer state {path}: cannot read it: {' '.join(str(e).split())[:300]}; "
+                "delete it to start the run's method state over"
+            ) from e
 
     def _save_checkpoint(self, path: Path, state: dict, gen: torch.Generator, step: int) -> None:
         _atomic_save(
