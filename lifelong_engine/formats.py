@@ -12,8 +12,13 @@ Only the cross-attention projections (attn2 to_k/to_v/to_q/to_out.0) are kept; a
 holds (self-attention, resnets, text encoder) is reported in a warning and left out.
 
 ``export_lora`` writes peft or kohya files that ``diffusers``' ``load_lora_weights`` loads.
-Files are read with safetensors; legacy ``.bin``/``.pt`` only with ``torch.load(weights_only=True)``,
-so a pickle that would run code is refused, never executed.
+Files are recognised by content, not by suffix: safetensors, or a torch zip file (``.bin``/``.pt``) read
+only with ``torch.load(weights_only=True)``, so a pickle that would run code is refused, never executed.
+Hostile files are refused before they cost anything: special files (FIFOs, devices) are not opened for
+reading, a torch zip whose records are compressed or declare more bytes than the file holds (a zip bomb)
+is not inflated, pre-zip torch pickles are not read. Every problem with a file is a ValueError naming
+the file and the problem: non-tensors, non-float dtypes, NaN/inf, shapes, rank 0, alphas outside
+(0, 1e6] or LoRA scales above 1024, absurd weights, unusable textual-inversion tokens.
 """
 
 from __future__ import annotations
