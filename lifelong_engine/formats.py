@@ -128,6 +128,7 @@ MAX_LORA_SCALE = 1024.0
 # Bound on an entry of a module's weight delta, scale·|(B·A)_ij| ≤ scale·max_i‖B_i,:‖·max_j‖A_:,j‖ (Cauchy-Schwarz):
 # real LoRAs stay far below it (weights are O(1)); a file above it would turn every image to NaN or noise.
 MAX_DELTA_BOUND = 1e4
+MAX_TI_VECTORS = 75  # CLIP's 77-token context less its start and end tokens
 _TOKEN = re.compile(r"\S{1,64}")
 
 
@@ -347,6 +348,8 @@ def _import_textual_inversion(sd, name, token) -> ConceptAdapter:
     if emb.ndim not in (1, 2) or emb.numel() == 0:
         raise ValueError(f"{key}: the embedding is empty or not (rows, dim): shape {tuple(emb.shape)}")
     emb = emb.detach().reshape(-1, emb.shape[-1])
+    if emb.shape[0] > MAX_TI_VECTORS:
+        raise ValueError(f"{key}: {emb.shape[0]} embedding vectors; a prompt holds at most {MAX_TI_VECTORS} tokens")
     token = token or f"<{name}>"
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"the token {token!r} is not usable in a prompt (1 to 64 characters, no spaces); pass token=")

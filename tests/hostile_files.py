@@ -118,6 +118,7 @@ CORPUS = {
     ),
     "lone-tensor-bad-token.pt": (_torch({"a token with spaces": torch.randn(1, 24)}), "token"),
     "empty-embedding.pt": (_torch({"<empty>": torch.zeros(0, 24)}), "empty"),
+    "too-many-vectors.safetensors": (_safetensors({"emb_params": torch.randn(500, 24)}), "500 embedding vectors"),
     "legacy-pickle.pt": (_torch({"<old>": torch.randn(1, 24)}, _use_new_zipfile_serialization=False), "legacy"),
     "truncated.safetensors": (_bytes(_truncated()), "safetensors"),
     "garbage.bin": (_bytes(b"\x93NUMPY not a torch file at all" * 8), "neither"),
