@@ -267,26 +267,29 @@ def test_index_full_is_a_clear_error_and_leaves_no_file(store):
     assert list(store.staging.iterdir()) == []
 
 
-def test_full_disk_during_import_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "limit,expected",
+    [(512, "index.sqlite: disk I/O error"), (40000, "cannot write")],  # the index's -shm, or the concept file
+)
+def test_full_disk_during_import_is_one_line(tmp_path, limit, expected):
     """The CLI under a file-size limit (writes fail like a full disk): one error line, exit 2, store intact."""
     import safetensors.torch
-    import torch
-    from hostile_files import kohya
+    from hostile_files import peft
 
-    src = tmp_path / "k.safetensors"
-    safetensors.torch.save_file(kohya(alpha=torch.tensor(1.0)), src)
+    src = tmp_path / "big.safetensors"
+    safetensors.torch.save_file(peft(rank=64, din=128, dout=128), src)  # ~260 KB
     root = tmp_path / "store"
     ConceptStore(root).close()
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
         "from lifelong_engine import cli; sys.exit(cli.main(sys.argv[1:]))"
     )
     args = ["concepts", "import", str(src), "--store", str(root), "--name", "k"]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "k" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     with ConceptStore(root) as s:
         assert s.verify() == [] and "k" not in s
     assert list((root / "staging").iterdir()) == []
