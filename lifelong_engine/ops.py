@@ -7,7 +7,7 @@ without changing callers. Every op has a fake (meta) implementation for
 ``torch.compile`` and an autograd formula whose backward is itself a registered op,
 dispatched to the backend chosen when the forward ran.
 
-Backends: ``LIFELONG_BACKEND=auto|triton|cuda|reference`` or ``with use_backend(name):``.
+Backends: ``LIFELONG_BACKEND=auto|triton|cuda|torch|reference`` or ``with use_backend(name):``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from . import backends, checks, triton_backend  # noqa: F401  (registers the triton backend)
+from . import backends, checks, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
@@ -44,6 +44,12 @@ def _custom_op(name: str):
 
 def _run(op: str, *args, backend: str | None = None):
     return backends.select(op, args, backend)(*args)
+
+
+def _run_backward(op: str, *args, needs: list[bool], backend: str):
+    """A backward op's implementation; one that takes ``needs`` skips the gradients not needed."""
+    impl = backends.select(op, args, backend)
+    return impl(*args, needs=needs) if getattr(impl, "takes_needs", False) else impl(*args)
 
 
 def _keep_needed(ctx, grads: tuple) -> tuple:
@@ -101,15 +107,17 @@ def _lora_kv_projection_backward(
     ids: Tensor,
     weights: Tensor,
     scale: float,
+    needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dc, da_k, db_k, da_v, db_v, dweights); see reference.lora_kv_projection_backward."""
+    """(dc, da_k, db_k, da_v, db_v, dweights); see reference.lora_kv_projection_backward.
+    needs: which of the six are wanted (the others may be returned as zeros without being computed)."""
     args = (grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
-    return _run("lora_kv_projection_backward", *args, backend=backend)
+    return _run_backward("lora_kv_projection_backward", *args, needs=needs, backend=backend)
 
 
 @_lora_kv_projection_backward.register_fake
-def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, backend):
+def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, needs, backend):
     return (
         torch.empty_like(c),
         torch.empty_like(a_k),
@@ -131,8 +139,9 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
     c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights = ctx.saved_tensors
     grad_k = c.new_zeros(c.shape[:2] + w_k.shape[:1]) if grad_k is None else grad_k
     grad_v = torch.zeros_like(grad_k) if grad_v is None else grad_v
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 6, 8)]  # c, a_k, b_k, a_v, b_v, weights
     dc, da_k, db_k, da_v, db_v, dweights = torch.ops.lifelong._lora_kv_projection_backward(
-        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, ctx.backend
+        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, needs, ctx.backend
     )
     # Base weights are usually frozen; their gradient is a plain GEMM, computed only when asked.
     dw_k = torch.einsum("bto,btd->od", grad_k, c) if ctx.needs_input_grad[1] else None

@@ -1,0 +1,249 @@
+"""The ``torch`` backend: fast plain-PyTorch implementations of the fused ops for CPU tensors.
+
+``auto`` picks it for CPU tensors (before the reference, which stays the readable definition and
+the test oracle). Same semantics as :mod:`lifelong_engine.reference`, computed another way:
+
+- ``regional_cross_attention``: the queries of each (row, slot) are gathered once and attended with
+  SDPA against that slot's first ``kv_len`` keys (a length, not a mask: keys past it are never read);
+  P = 1 with full keys is one SDPA call. The backward runs SDPA's own CPU backward kernel per group
+  (its forward re-run for the log-sum-exp the backward needs).
+- ``lora_kv_projection``: each row's adapters gathered once as one (S·r, Din) down and (S·r, Dout)
+  up matrix, so the adapters of K and V cost one batched GEMM down and one up per projection, added
+  in place onto the base GEMM. Its backward computes only the gradients asked for (``needs``).
+- ``ewa_merge``: one batched GEMM per sample over all adapters' stacked factors.
+
+``ewa_weights`` is the reference's (a few small einsums, run once per generation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backends import Backend, register_backend
+
+__all__ = [
+    "lora_kv_projection",
+    "lora_kv_projection_backward",
+    "regional_cross_attention",
+    "regional_cross_attention_backward",
+    "ewa_merge",
+    "ewa_merge_backward",
+]
+
+_sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_sdpa_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _takes_needs(fn):
+    """Mark a ``*_backward`` impl that takes ``needs`` (one bool per gradient it returns) and does
+    no work for the gradients not needed (it returns zeros there; the ops layer drops them)."""
+    fn.takes_needs = True
+    return fn
+
+
+# --------------------------------------------------------------------------- lora_kv
+
+
+def _row_adapters(a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float, dtype: torch.dtype):
+    """Each row's adapters stacked: down (B, S·r, Din), up (B, S·r, Dout) and the weight of every
+    stacked rank row, ω = weights·scale, (B, 1, S·r); empty slots (-1) are zeros (never adapter 0)."""
+    bsz, n_slots = ids.shape
+    r = a.shape[1]
+    valid = ids >= 0
+    idx = ids.clamp(min=0).long()
+    down = torch.where(valid[..., None, None], a[idx], 0).reshape(bsz, n_slots * r, a.shape[2])
+    up = torch.where(valid[..., None, None], b[idx], 0).transpose(-1, -2).reshape(bsz, n_slots * r, b.shape[1])
+    omega = torch.where(valid, weights.to(dtype) * scale, 0).repeat_interleave(r, dim=1)[:, None, :]
+    return down, up, omega
+
+
+def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    k, v = c @ w_k.T, c @ w_v.T
+    if ids.numel() == 0 or a_k.shape[0] == 0:
+        return k, v
+    for out, a, b in ((k, a_k, b_k), (v, a_v, b_v)):
+        down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
+        out.baddbmm_(torch.bmm(c, down.transpose(1, 2)) * omega, up)
+    return k, v
+
+
+@_takes_needs
+def lora_kv_projection_backward(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0, needs=None):
+    """(dc, da_k, db_k, da_v, db_v, dweights), the reference's formulas by stacked GEMMs; with u = c·Aᵀ
+    and gu = dK·B per stacked rank row: dc += (ω·gu)·A, dA = (ω·gu)ᵀ·c, dB = dKᵀ·(ω·u), dω = Σ gu·u."""
+    need_c, need_ak, need_bk, need_av, need_bv, need_w = (True,) * 6 if needs is None else needs
+    dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
+    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
+    dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
+    bsz, n_slots = ids.shape
+    if ids.numel() and a_k.shape[0]:
+        idx = ids.clamp(min=0).long().reshape(-1)
+        for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
+            need_a, need_b = (need_ak, need_bk) if j == 0 else (need_av, need_bv)
+            if not (need_c or need_a or need_b or need_w):
+                continue
+            down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
+            r = a.shape[1]
+            gu = torch.bmm(g, up.transpose(1, 2)) if need_c or need_a or need_w else None  # (B, T, S·r)
+            u = torch.bmm(c, down.transpose(1, 2)) if need_b or need_w else None
+            if need_c or need_a:
+                gu_w = gu * omega
+                if need_c:
+                    dc.baddbmm_(gu_w, down)
+                if need_a:
+                    da = torch.bmm(gu_w.transpose(1, 2), c).reshape(bsz * n_slots, r, a.shape[2])
+                    grads[2 * j].index_add_(0, idx, da)
+            if need_b:
+                db = torch.bmm((u * omega).transpose(1, 2), g).reshape(bsz * n_slots, r, b.shape[1])
+                grads[2 * j + 1].index_add_(0, idx, db.transpose(1, 2))
+            if need_w:
+                dweights += (gu * u).sum(1).reshape(bsz, n_slots, r).sum(-1) * scale
+        dweights = torch.where(ids >= 0, dweights, 0)
+    return (dc, *grads, dweights.to(weights.dtype))
+
+
+# ------------------------------------------------------------------ regional attention
+
+
+def _groups(region_ids: Tensor, kv_len: Tensor | None, n_slots: int, t_len: int):
+    """Queries of each row ordered by slot (stable), and per row the (slot, start, count, keys) of
+    each non-empty group of queries. One host sync for the counts, one for kv_len."""
+    bsz, n_q = region_ids.shape
+    order = torch.argsort(region_ids, dim=1, stable=True)
+    key = region_ids.long() + n_slots * torch.arange(bsz, device=region_ids.device)[:, None]
+    counts = torch.bincount(key.flatten(), minlength=bsz * n_slots).view(bsz, n_slots).tolist()
+    lens = [[t_len] * n_slots] * bsz if kv_len is None else kv_len.tolist()
+    groups = []
+    for row in range(bsz):
+        start, row_groups = 0, []
+        for slot in range(n_slots):
+            if counts[row][slot]:
+                row_groups.append((slot, start, counts[row][slot], lens[row][slot]))
+            start += counts[row][slot]
+        groups.append(row_groups)
+    return order, groups
+
+
+def _single_slot(k: Tensor, kv_len: Tensor | None) -> int | None:
+    """The key count shared by every row when P = 1 and every row has the same kv_len, else None."""
+    if k.shape[1] != 1:
+        return None
+    if kv_len is None:
+        return k.shape[3]
+    lens = kv_len.unique()
+    return int(lens) if lens.numel() == 1 else None
+
+
+def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys = _single_slot(k, kv_len)
+    if keys is not None:  # plain cross-attention
+        return F.scaled_dot_product_attention(q, k[:, 0, :, :keys], v[:, 0, :, :keys], scale=scale)
+    order, groups = _groups(region_ids, kv_len, k.shape[1], k.shape[3])
+    out = torch.empty_like(q)
+    for row, row_groups in enumerate(groups):
+        if len(row_groups) == 1:  # every query of the row reads one slot: no gather
+            slot, _, _, keys = row_groups[0]
+            kk, vv = k[row : row + 1, slot, :, :keys], v[row : row + 1, slot, :, :keys]
+            out[row : row + 1] = F.scaled_dot_product_attention(q[row : row + 1], kk, vv, scale=scale)
+            continue
+        qs = q[row].index_select(1, order[row])  # (H, N, d), grouped by slot
+        parts = [
+            F.scaled_dot_product_attention(
+                qs[None, :, start : start + n], k[row, slot, None, :, :keys], v[row, slot, None, :, :keys], scale=scale
+            )[0]
+            for slot, start, n, keys in row_groups
+        ]
+        out[row].index_copy_(1, order[row], torch.cat(parts, dim=1))
+    return out
+
+
+def _attention_vjp(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float):
+    """(dq, dk, dv) of SDPA by its CPU kernels: the forward re-run for the log-sum-exp, then the backward."""
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    out, lse = _sdpa_cpu(q, k, v, 0.0, False, scale=scale)
+    return _sdpa_cpu_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=scale)
+
+
+def regional_cross_attention_backward(grad_out, q, k, v, region_ids, kv_len=None, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    keys = _single_slot(k, kv_len)
+    if keys is not None:
+        dq, dk[:, 0, :, :keys], dv[:, 0, :, :keys] = _attention_vjp(
+            grad_out, q, k[:, 0, :, :keys], v[:, 0, :, :keys], scale
+        )
+        return dq, dk, dv
+    order, groups = _groups(region_ids, kv_len, k.shape[1], k.shape[3])
+    dq = torch.empty_like(q)
+    for row, row_groups in enumerate(groups):
+        rows = slice(row, row + 1)
+        if len(row_groups) == 1:
+            slot, _, _, keys = row_groups[0]
+            dq[rows], dk[rows, slot, :, :keys], dv[rows, slot, :, :keys] = _attention_vjp(
+                grad_out[rows], q[rows], k[rows, slot, :, :keys], v[rows, slot, :, :keys], scale
+            )
+            continue
+        qs, gs = q[row].index_select(1, order[row]), grad_out[row].index_select(1, order[row])
+        parts = []
+        for slot, start, n, keys in row_groups:
+            span = slice(start, start + n)
+            dq_g, dk[rows, slot, :, :keys], dv[rows, slot, :, :keys] = _attention_vjp(
+                gs[None, :, span], qs[None, :, span], k[rows, slot, :, :keys], v[rows, slot, :, :keys], scale
+            )
+            parts.append(dq_g[0])
+        dq[row].index_copy_(1, order[row], torch.cat(parts, dim=1))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------- EWA
+
+
+def _stacked(psi: Tensor, a: Tensor, b: Tensor, scale: float):
+    """up (B, Dout, G·r) = psi[b,g]·scale·b[g] side by side, down (G·r, Din) = a[g] stacked."""
+    g, r, din = a.shape
+    w = (psi.to(a.dtype) * scale).repeat_interleave(r, dim=1)  # (B, G·r)
+    up = b.permute(1, 0, 2).reshape(b.shape[1], g * r)  # (Dout, G·r)
+    return up[None] * w[:, None, :], a.reshape(g * r, din)
+
+
+def ewa_merge(psi, a, b, scale=1.0):
+    if a.shape[0] == 0:
+        return a.new_zeros(psi.shape[0], b.shape[1], a.shape[2])
+    up, down = _stacked(psi, a, b, scale)
+    return up @ down
+
+
+def ewa_merge_backward(grad_delta, psi, a, b, scale=1.0):
+    """dpsi[b,g] = scale·⟨dΔ[b]·a[g]ᵀ, b[g]⟩, da = Σ_b upᵀ·dΔ[b], db[g] = Σ_b psi·scale·dΔ[b]·a[g]ᵀ."""
+    n_g, r, din = a.shape
+    if n_g == 0:
+        return torch.zeros_like(psi), torch.zeros_like(a), torch.zeros_like(b)
+    up, down = _stacked(psi, a, b, scale)
+    d_ba = grad_delta @ down.T  # (B, Dout, G·r): dΔ[b]·a[g]ᵀ side by side
+    plain_up = b.permute(1, 0, 2).reshape(b.shape[1], n_g * r)
+    dpsi = (d_ba * plain_up).sum(1).reshape(-1, n_g, r).sum(-1) * scale
+    da = (up.transpose(1, 2) @ grad_delta).sum(0).reshape(n_g, r, din)
+    w = (psi.to(a.dtype) * scale).repeat_interleave(r, dim=1)
+    db = (d_ba * w[:, None, :]).sum(0).reshape(b.shape[1], n_g, r).permute(1, 0, 2)
+    return dpsi.to(psi.dtype), da, db
+
+
+def why_not(op: str, args: tuple) -> str | None:
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    if device.type != "cpu":
+        return f"tensors are on {device}; it runs CPU tensors (its attention backward is SDPA's CPU kernel)"
+    return None
+
+
+def register() -> None:
+    ops = ("lora_kv_projection", "regional_cross_attention", "ewa_merge")
+    impls = {name: globals()[name] for op in ops for name in (op, op + "_backward")}
+    impls |= {"ewa_weights": reference.ewa_weights, "ewa_weights_backward": reference.ewa_weights_backward}
+    register_backend(Backend("torch", impls, why_not, auto_devices=("cpu",)))
+
+
+register()
