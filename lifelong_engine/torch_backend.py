@@ -60,48 +60,97 @@ def _row_adapters(a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: flo
     return down, up, omega
 
 
+def _shared_slots(ids: Tensor, weights: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """When every row uses the same adapters with the same weights (a training batch, one prompt):
+    the adapters of its non-empty slots and their ω = weights·scale; None when rows differ."""
+    if ids.shape[0] > 1 and not bool((ids == ids[:1]).all() & (weights == weights[:1]).all()):
+        return None
+    valid = [s for s, n in enumerate(ids[0].tolist()) if n >= 0]
+    return ids[0, valid].long(), weights[0, valid].to(dtype) * scale
+
+
+def _folded(w: Tensor, a: Tensor, b: Tensor, idx: Tensor, omega: Tensor) -> Tensor:
+    """W + Σ_j ω_j·b[idx_j]·a[idx_j]: the base weight with the shared adapters folded in, (Dout, Din)."""
+    if idx.numel() == 0:
+        return w
+    r = a.shape[1]
+    up = (b[idx] * omega[:, None, None]).transpose(0, 1).reshape(b.shape[1], idx.numel() * r)  # (Dout, J·r)
+    return torch.addmm(w, up, a[idx].reshape(idx.numel() * r, a.shape[2]))
+
+
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
-    k, v = c @ w_k.T, c @ w_v.T
     if ids.numel() == 0 or a_k.shape[0] == 0:
-        return k, v
+        return c @ w_k.T, c @ w_v.T
+    shared = _shared_slots(ids, weights, scale, c.dtype)
+    if shared is not None:  # one GEMM per projection for base + adapters
+        return c @ _folded(w_k, a_k, b_k, *shared).T, c @ _folded(w_v, a_v, b_v, *shared).T
+    k, v = c @ w_k.T, c @ w_v.T
     for out, a, b in ((k, a_k, b_k), (v, a_v, b_v)):
         down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
         out.baddbmm_(torch.bmm(c, down.transpose(1, 2)) * omega, up)
     return k, v
 
 
+def _shared_backward(grads, dc, c, g, w, a, b, idx, omega, need_c, need_a, need_b) -> None:
+    """One projection's gradients when the adapters are shared by every row (folded weight W'):
+    dc += dK·W', and with dW = Σ_b dK[b]ᵀ·c[b]: dA_j = ω_j·B_jᵀ·dW, dB_j = ω_j·dW·A_jᵀ (into grads)."""
+    if need_c:
+        dc.addmm_(g.reshape(-1, g.shape[-1]), _folded(w, a, b, idx, omega))
+    if idx.numel() == 0 or not (need_a or need_b):
+        return
+    n, r = idx.numel(), a.shape[1]
+    d_w = g.reshape(-1, g.shape[-1]).T @ c.reshape(-1, c.shape[-1])  # (Dout, Din)
+    if need_a:
+        up = (b[idx] * omega[:, None, None]).transpose(1, 2).reshape(n * r, b.shape[1])  # (J·r, Dout)
+        grads[0].index_add_(0, idx, (up @ d_w).reshape(n, r, a.shape[2]))
+    if need_b:
+        d_b = (d_w @ a[idx].reshape(n * r, a.shape[2]).T).reshape(b.shape[1], n, r) * omega[:, None]
+        grads[1].index_add_(0, idx, d_b.transpose(0, 1))
+
+
 @_takes_needs
 def lora_kv_projection_backward(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0, needs=None):
     """(dc, da_k, db_k, da_v, db_v, dweights), the reference's formulas by stacked GEMMs; with u = c·Aᵀ
-    and gu = dK·B per stacked rank row: dc += (ω·gu)·A, dA = (ω·gu)ᵀ·c, dB = dKᵀ·(ω·u), dω = Σ gu·u."""
+    and gu = dK·B per stacked rank row: dc += (ω·gu)·A, dA = (ω·gu)ᵀ·c, dB = dKᵀ·(ω·u), dω = Σ gu·u.
+    When every row shares its adapters and weights and dweights is not needed: by the folded weight."""
     need_c, need_ak, need_bk, need_av, need_bv, need_w = (True,) * 6 if needs is None else needs
-    dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
     grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
     dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
     bsz, n_slots = ids.shape
-    if ids.numel() and a_k.shape[0]:
-        idx = ids.clamp(min=0).long().reshape(-1)
-        for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
+    if ids.numel() == 0 or a_k.shape[0] == 0:
+        dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
+        return (dc, *grads, dweights.to(weights.dtype))
+    shared = None if need_w else _shared_slots(ids, weights, scale, c.dtype)
+    if shared is not None:
+        dc = torch.zeros_like(c)
+        flat = dc.view(-1, c.shape[-1])
+        for j, (a, b, g, w) in enumerate(((a_k, b_k, grad_k, w_k), (a_v, b_v, grad_v, w_v))):
             need_a, need_b = (need_ak, need_bk) if j == 0 else (need_av, need_bv)
-            if not (need_c or need_a or need_b or need_w):
-                continue
-            down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
-            r = a.shape[1]
-            gu = torch.bmm(g, up.transpose(1, 2)) if need_c or need_a or need_w else None  # (B, T, S·r)
-            u = torch.bmm(c, down.transpose(1, 2)) if need_b or need_w else None
-            if need_c or need_a:
-                gu_w = gu * omega
-                if need_c:
-                    dc.baddbmm_(gu_w, down)
-                if need_a:
-                    da = torch.bmm(gu_w.transpose(1, 2), c).reshape(bsz * n_slots, r, a.shape[2])
-                    grads[2 * j].index_add_(0, idx, da)
-            if need_b:
-                db = torch.bmm((u * omega).transpose(1, 2), g).reshape(bsz * n_slots, r, b.shape[1])
-                grads[2 * j + 1].index_add_(0, idx, db.transpose(1, 2))
-            if need_w:
-                dweights += (gu * u).sum(1).reshape(bsz, n_slots, r).sum(-1) * scale
-        dweights = torch.where(ids >= 0, dweights, 0)
+            _shared_backward(grads[2 * j : 2 * j + 2], flat, c, g, w, a, b, *shared, need_c, need_a, need_b)
+        return (dc, *grads, dweights.to(weights.dtype))
+    dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
+    idx = ids.clamp(min=0).long().reshape(-1)
+    for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
+        need_a, need_b = (need_ak, need_bk) if j == 0 else (need_av, need_bv)
+        if not (need_c or need_a or need_b or need_w):
+            continue
+        down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
+        r = a.shape[1]
+        gu = torch.bmm(g, up.transpose(1, 2)) if need_c or need_a or need_w else None  # (B, T, S·r)
+        u = torch.bmm(c, down.transpose(1, 2)) if need_b or need_w else None
+        if need_c or need_a:
+            gu_w = gu * omega
+            if need_c:
+                dc.baddbmm_(gu_w, down)
+            if need_a:
+                da = torch.bmm(gu_w.transpose(1, 2), c).reshape(bsz * n_slots, r, a.shape[2])
+                grads[2 * j].index_add_(0, idx, da)
+        if need_b:
+            db = torch.bmm((u * omega).transpose(1, 2), g).reshape(bsz * n_slots, r, b.shape[1])
+            grads[2 * j + 1].index_add_(0, idx, db.transpose(1, 2))
+        if need_w:
+            dweights += (gu * u).sum(1).reshape(bsz, n_slots, r).sum(-1) * scale
+    dweights = torch.where(ids >= 0, dweights, 0)
     return (dc, *grads, dweights.to(weights.dtype))
 
 
@@ -153,7 +202,10 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
         qs = q[row].index_select(1, order[row])  # (H, N, d), grouped by slot
         parts = [
             F.scaled_dot_product_attention(
-                qs[None, :, start : start + n], k[row, slot, None, :, :keys], v[row, slot, None, :, :keys], scale=scale
+                qs[None, :, start : start + n].contiguous(),
+                k[row, slot, None, :, :keys],
+                v[row, slot, None, :, :keys],
+                scale=scale,
             )[0]
             for slot, start, n, keys in row_groups
         ]

@@ -103,6 +103,49 @@ def test_lora_kv_matches_reference(shape, dtype):
     _close_all(got, reference.lora_kv_projection_backward(gk, gv, *args), dtype)
 
 
+def _shared(args, ids):
+    """lora_kv args whose rows all use the adapters ``ids`` (one row's list) with the same weights."""
+    c, w_k, w_v, a_k, b_k, a_v, b_v, _, weights, scale = args
+    bsz = c.shape[0]
+    ids = torch.tensor(ids).expand(bsz, -1)
+    weights = weights.detach()[:1, :1].expand(bsz, ids.shape[1]).clone() + torch.arange(ids.shape[1]) * 0.25
+    return [c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale]
+
+
+SHARED_IDS = {"one": [0], "repeat-and-empty": [2, -1, 2, 0], "all-empty": [-1, -1]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids", list(SHARED_IDS))
+def test_lora_kv_shared_adapters_match_reference(ids, dtype):
+    """Rows sharing adapters and weights (a training batch): the folded-weight path, forward and
+    the backward with and without the weights' gradient."""
+    args = _shared(inputs.lora_kv(B=3, N=3, S=2, dtype=dtype), SHARED_IDS[ids])
+    k, v = reference.lora_kv_projection(*args)
+    _close_all(torch_backend.lora_kv_projection(*args), (k, v), dtype)
+    gk, gv = torch.randn_like(k), torch.randn_like(v)
+    want = reference.lora_kv_projection_backward(gk, gv, *args)
+    _close_all(torch_backend.lora_kv_projection_backward(gk, gv, *args), want, dtype)
+    got = torch_backend.lora_kv_projection_backward(gk, gv, *args, needs=[True] * 5 + [False])
+    _close_all(got[:5], want[:5], dtype)
+
+
+@pytest.mark.parametrize("ids", list(SHARED_IDS))
+def test_lora_kv_shared_adapters_gradcheck(ids):
+    args = _shared(inputs.lora_kv(B=2, T=3, N=3, S=2), SHARED_IDS[ids])
+    diff = [0, 3, 4, 5, 6]  # weights not differentiated: the folded-weight backward
+    leaves = [args[i].requires_grad_() for i in diff]
+
+    def run(*x):
+        full = list(args)
+        for i, t in zip(diff, x):
+            full[i] = t
+        return ops.lora_kv_projection(*full)
+
+    with ops.use_backend("torch"):
+        assert gradcheck(run, leaves)
+
+
 @pytest.mark.parametrize("shape", ["small", "T77-S4", "N0"])
 def test_lora_kv_gradcheck(shape):
     args = list(inputs.lora_kv(**{**LORA_SHAPES[shape], "T": 3}))
