@@ -92,19 +92,22 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0)
 
 
 def _shared_backward(grads, dc, c, g, w, a, b, idx, omega, need_c, need_a, need_b) -> None:
-    """One projection's gradients when the adapters are shared by every row (folded weight W'):
-    dc += dK·W', and with dW = Σ_b dK[b]ᵀ·c[b]: dA_j = ω_j·B_jᵀ·dW, dB_j = ω_j·dW·A_jᵀ (into grads)."""
+    """One projection's gradients when every row shares the adapters idx with weights ω, the rows
+    flattened to (B·T, ·): dc += dK·W' (W' the folded weight), and through the rank-r factors
+    (never a Dout × Din gradient): dA_j = ω_j·(dK·B_j)ᵀ·c, dB_j = ω_j·dKᵀ·(c·A_jᵀ) (into grads)."""
+    g2, c2 = g.reshape(-1, g.shape[-1]), c.reshape(-1, c.shape[-1])
     if need_c:
-        dc.addmm_(g.reshape(-1, g.shape[-1]), _folded(w, a, b, idx, omega))
+        dc.addmm_(g2, _folded(w, a, b, idx, omega))
     if idx.numel() == 0 or not (need_a or need_b):
         return
     n, r = idx.numel(), a.shape[1]
-    d_w = g.reshape(-1, g.shape[-1]).T @ c.reshape(-1, c.shape[-1])  # (Dout, Din)
+    om = omega.repeat_interleave(r)  # (J·r,)
     if need_a:
-        up = (b[idx] * omega[:, None, None]).transpose(1, 2).reshape(n * r, b.shape[1])  # (J·r, Dout)
-        grads[0].index_add_(0, idx, (up @ d_w).reshape(n, r, a.shape[2]))
+        up = b[idx].transpose(1, 2).reshape(n * r, b.shape[1])  # (J·r, Dout)
+        grads[0].index_add_(0, idx, ((g2 @ up.T) * om).T.mm(c2).reshape(n, r, a.shape[2]))
     if need_b:
-        d_b = (d_w @ a[idx].reshape(n * r, a.shape[2]).T).reshape(b.shape[1], n, r) * omega[:, None]
+        down = a[idx].reshape(n * r, a.shape[2])  # (J·r, Din)
+        d_b = g2.T.mm((c2 @ down.T) * om).reshape(b.shape[1], n, r)
         grads[1].index_add_(0, idx, d_b.transpose(0, 1))
 
 

@@ -44,7 +44,7 @@ def _train_call(provider: str, inputs: dict):
     q, k, v, region_ids, kv_len, scale = kbench._regional_args(inputs)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     n_slots = k.shape[1]
-    grad = torch.randn_like(q)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     if provider == "ours_cpu":
         fwd = lambda: ops.regional_cross_attention(q, k, v, region_ids, kv_len, scale)  # noqa: E731
     elif provider == "reference":
