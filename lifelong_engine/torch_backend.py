@@ -10,9 +10,10 @@ the test oracle). Same semantics as :mod:`lifelong_engine.reference`, computed a
 - ``lora_kv_projection``: each row's adapters gathered once as one (S·r, Din) down and (S·r, Dout)
   up matrix, so the adapters of K and V cost one batched GEMM down and one up per projection, added
   in place onto the base GEMM. Its backward computes only the gradients asked for (``needs``).
-- ``ewa_merge``: one batched GEMM per sample over all adapters' stacked factors.
 
-``ewa_weights`` is the reference's (a few small einsums, run once per generation).
+The EWA ops are the reference's: its einsums already run as batched GEMMs (bench/cpu/test_ewa.py: a
+stacked-factor bmm version of ``ewa_merge`` measured no faster), and ``ewa_weights`` runs once per
+generation.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ __all__ = [
     "lora_kv_projection_backward",
     "regional_cross_attention",
     "regional_cross_attention_backward",
-    "ewa_merge",
-    "ewa_merge_backward",
 ]
 
 _sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -254,39 +253,6 @@ def regional_cross_attention_backward(grad_out, q, k, v, region_ids, kv_len=None
     return dq, dk, dv
 
 
-# ------------------------------------------------------------------------------- EWA
-
-
-def _stacked(psi: Tensor, a: Tensor, b: Tensor, scale: float):
-    """up (B, Dout, G·r) = psi[b,g]·scale·b[g] side by side, down (G·r, Din) = a[g] stacked."""
-    g, r, din = a.shape
-    w = (psi.to(a.dtype) * scale).repeat_interleave(r, dim=1)  # (B, G·r)
-    up = b.permute(1, 0, 2).reshape(b.shape[1], g * r)  # (Dout, G·r)
-    return up[None] * w[:, None, :], a.reshape(g * r, din)
-
-
-def ewa_merge(psi, a, b, scale=1.0):
-    if a.shape[0] == 0:
-        return a.new_zeros(psi.shape[0], b.shape[1], a.shape[2])
-    up, down = _stacked(psi, a, b, scale)
-    return up @ down
-
-
-def ewa_merge_backward(grad_delta, psi, a, b, scale=1.0):
-    """dpsi[b,g] = scale·⟨dΔ[b]·a[g]ᵀ, b[g]⟩, da = Σ_b upᵀ·dΔ[b], db[g] = Σ_b psi·scale·dΔ[b]·a[g]ᵀ."""
-    n_g, r, din = a.shape
-    if n_g == 0:
-        return torch.zeros_like(psi), torch.zeros_like(a), torch.zeros_like(b)
-    up, down = _stacked(psi, a, b, scale)
-    d_ba = grad_delta @ down.T  # (B, Dout, G·r): dΔ[b]·a[g]ᵀ side by side
-    plain_up = b.permute(1, 0, 2).reshape(b.shape[1], n_g * r)
-    dpsi = (d_ba * plain_up).sum(1).reshape(-1, n_g, r).sum(-1) * scale
-    da = (up.transpose(1, 2) @ grad_delta).sum(0).reshape(n_g, r, din)
-    w = (psi.to(a.dtype) * scale).repeat_interleave(r, dim=1)
-    db = (d_ba * w[:, None, :]).sum(0).reshape(b.shape[1], n_g, r).permute(1, 0, 2)
-    return dpsi.to(psi.dtype), da, db
-
-
 def why_not(op: str, args: tuple) -> str | None:
     device = next(a.device for a in args if isinstance(a, Tensor))
     if device.type != "cpu":
@@ -295,9 +261,10 @@ def why_not(op: str, args: tuple) -> str | None:
 
 
 def register() -> None:
-    ops = ("lora_kv_projection", "regional_cross_attention", "ewa_merge")
-    impls = {name: globals()[name] for op in ops for name in (op, op + "_backward")}
-    impls |= {"ewa_weights": reference.ewa_weights, "ewa_weights_backward": reference.ewa_weights_backward}
+    impls = {name: globals()[name] for op in ("lora_kv_projection", "regional_cross_attention")
+             for name in (op, op + "_backward")}  # fmt: skip
+    impls |= {name: getattr(reference, name) for op in ("ewa_weights", "ewa_merge")
+              for name in (op, op + "_backward")}  # fmt: skip
     register_backend(Backend("torch", impls, why_not, auto_devices=("cpu",)))
 
 

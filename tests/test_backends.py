@@ -121,8 +121,8 @@ def test_auto_keeps_cpu_tensors_off_triton(monkeypatch, backend_registry):
     """Triton's CPU interpreter is for tests: auto never picks it, even when it is on (CPU tensors
     go to the fast plain-PyTorch backend)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    picked = backend_registry.select("ewa_merge", inputs.merge(dtype=torch.float32), "auto")
-    assert picked is torch_backend.ewa_merge
+    picked = backend_registry.select("regional_cross_attention", inputs.regional(dtype=torch.float32), "auto")
+    assert picked is torch_backend.regional_cross_attention
 
 
 def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):

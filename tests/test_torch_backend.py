@@ -1,5 +1,5 @@
 """The ``torch`` backend (fast plain PyTorch, the default for CPU tensors) against the reference:
-forward and hand-off backward over odd shapes, fp64 and fp32, fp64 gradcheck through the ops,
+forward and backward over odd shapes, fp64 and fp32, fp64 gradcheck through the ops,
 kv_len edge cases, empty regions, masked values never reaching the output, skipped gradients."""
 
 import inputs
@@ -188,23 +188,6 @@ def test_lora_kv_backward_computes_only_the_needed_gradients(backend_registry):
     assert all((t == 0).all() for t in skipped[:5]) and (skipped[5] != 0).any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [dict(B=2, G=4, r=3, Din=7, Dout=5), dict(B=1, G=1, r=1, Din=1, Dout=1), dict(G=0)])
-def test_ewa_merge_matches_reference(shape, dtype):
-    psi, a, b, scale = inputs.merge(**shape, dtype=dtype)
-    delta = reference.ewa_merge(psi, a, b, scale)
-    _close_all([torch_backend.ewa_merge(psi, a, b, scale)], [delta], dtype)
-    g = torch.randn_like(delta)
-    want = reference.ewa_merge_backward(g, psi, a, b, scale)
-    _close_all(torch_backend.ewa_merge_backward(g, psi, a, b, scale), want, dtype)
-
-
-def test_ewa_merge_gradcheck():
-    psi, a, b, scale = inputs.merge(grad=True)
-    with ops.use_backend("torch"):
-        assert gradcheck(lambda p, x, y: ops.ewa_merge(p, x, y, scale), (psi, a, b))
-
-
 CASES = {
     "lora_kv_projection": lambda: (ops.lora_kv_projection, inputs.lora_kv(dtype=torch.float32, grad=True)),
     "regional_cross_attention": lambda: (ops.regional_cross_attention, inputs.regional(P=3, grad=True)[:5]),
@@ -224,10 +207,10 @@ def test_opcheck_on_torch_backend(case):
 def test_auto_uses_the_torch_backend_for_cpu_tensors():
     args = inputs.regional(dtype=torch.float32)
     assert backends.select("regional_cross_attention", args, "auto") is torch_backend.regional_cross_attention
-    assert backends.select("ewa_weights", inputs.ewa(), "auto") is reference.ewa_weights
+    assert backends.select("ewa_merge", inputs.merge(), "auto") is reference.ewa_merge  # the reference's
 
 
 def test_torch_backend_refuses_other_devices():
-    args = inputs.merge(device="meta")
+    args = inputs.regional(device="meta")
     with pytest.raises(BackendUnavailableError, match="tensors are on meta; it runs CPU tensors"):
-        backends.select("ewa_merge", args, "torch")
+        backends.select("regional_cross_attention", args, "torch")

@@ -43,3 +43,6 @@ def prepared(provider, inputs: dict, reference_out):
     scale = max(float(w.abs().max()) for w in want) if want else 1.0
     assert err <= 1e-4 * max(scale, 1.0), f"{provider.name}: max error {err:.3g} against the reference"
     return prep.call
+
+
+sys.path.insert(0, str(BENCH.parent / "tests"))  # tests/inputs.py: the ops' small random inputs
