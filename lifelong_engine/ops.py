@@ -327,3 +327,52 @@ def _ewa_merge_bwd(ctx, grad_delta):
 
 
 ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+
+
+# ---------------------------------------------------------------- trusted entries (generation hot path)
+#
+# The processors call these during denoising. Their index inputs (region ids, pool ids) were made and
+# checked once when the generation's plan was built, so the value checks of the public ops, which read
+# the data and so make the host wait for the device at every layer of every step, are skipped; the
+# shape/dtype/device checks (no device reads) stay. Without autograd and outside torch.compile the
+# backend runs directly, skipping the torch.library dispatch too.
+
+
+@_custom_op("lifelong::_regional_cross_attention_trusted")
+def _regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """regional_cross_attention without its value checks (region ids / kv_len checked by the caller)."""
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@_regional_cross_attention_trusted.register_fake
+def _(q, k, v, region_ids, kv_len=None, scale=None):
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return torch.empty_like(q)
+
+
+_regional_cross_attention_trusted.register_autograd(_regional_backward, setup_context=_regional_setup)
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """:func:`regional_cross_attention` for callers that checked region_ids and kv_len when they made them."""
+    if _needs_graph(q, k, v):
+        return _regional_cross_attention_trusted(q, k, v, region_ids, kv_len, scale)
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    """The image-side LoRA term Σ_s weights[b,s]·(x[b]·a[ids[b,s]]ᵀ)·b[ids[b,s]]ᵀ, x (B, N, Din), for ids
+    checked by the caller (the plan's pool ids)."""
+    from . import reference
+
+    return reference.lora_term(x, a, b, ids, weights.to(x.dtype))
