@@ -2,8 +2,9 @@
 
 Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``: its tokenizers, text
 encoders, UNet, scheduler and VAE are used as they are; the engine installs its attention
-processors (:mod:`lifelong_engine.attention`) and runs its own denoising loop, which differs from
-diffusers' in three ways:
+processors (:mod:`lifelong_engine.attention`) and denoises with the generation core
+(:mod:`lifelong_engine.generation`, which the serving Engine runs too), which differs from
+diffusers' loop in these ways:
 
 - prompts are encoded layer-wise (:mod:`lifelong_engine.prompts`) and every concept of the
   library is mixed into every ``attn2`` layer's K/V with its EWA weight ψ^l (DESIGN §3.3);

@@ -96,7 +96,7 @@ class ConceptCache:
     def __init__(
         self, pipeline: LifelongPipeline, store=None, device_bytes: int = 256 << 20, host_bytes: int = 1 << 30
     ):
-        self.lp, self.store = pipeline, store
+        self.pipeline, self.store = pipeline, store
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
         self._host: collections.OrderedDict[tuple[str, str], ConceptAdapter] = collections.OrderedDict()
         own = list(pipeline.concepts.values())
@@ -108,7 +108,7 @@ class ConceptCache:
     def _alloc(self) -> None:
         """(Re)allocate the pool at ``self.rank`` and ``self.projections``, as many entries as
         ``device_bytes`` holds, all empty."""
-        lp = self.lp
+        lp = self.pipeline
         shape = (len(lp.layers), lp.attention[lp.layers[0]].to_k.in_features)
 
         def pool(capacity: int) -> AdapterPool:
@@ -121,8 +121,8 @@ class ConceptCache:
         self._pins: collections.Counter = collections.Counter()
 
     def _entry_bytes(self, embedding_shape: tuple[int, int]) -> int:
-        widths = [w for (_, proj), w in self.lp.widths.items() if proj in self.projections]
-        factors = sum((din + dout) * self.rank for din, dout in widths) * self.lp.dtype.itemsize
+        widths = [w for (_, proj), w in self.pipeline.widths.items() if proj in self.projections]
+        factors = sum((din + dout) * self.rank for din, dout in widths) * self.pipeline.dtype.itemsize
         return factors + embedding_shape[0] * embedding_shape[1] * 4
 
     @property
@@ -137,7 +137,7 @@ class ConceptCache:
     def host(self, key: tuple[str, str]) -> ConceptAdapter:
         """The concept on the host: namespace "" is the pipeline's own library, others come from the store."""
         if key[0] == "":
-            return self.lp.concepts[key[1]]
+            return self.pipeline.concepts[key[1]]
         if key in self._host:
             self._host.move_to_end(key)
             self.stats["host_hits"] += 1
@@ -145,7 +145,7 @@ class ConceptCache:
         if self.store is None:
             raise ConceptNotFoundError(f"concept {key[1]!r}: not in the pipeline and the engine has no store")
         adapter = self.store.load(key[1], key[0] or "default")
-        self.lp.check_adapter(adapter)
+        self.pipeline.check_adapter(adapter)
         self.stats["store_loads"] += 1
         self._host[key] = adapter
         while sum(a.nbytes for a in self._host.values()) > self.host_bytes and len(self._host) > 1:
@@ -183,7 +183,7 @@ class ConceptCache:
             self._pins[key] += 1
             adapters.append(self._device[key])
             ids.append(self._entry[key])
-        return Library(adapters, self.pool, torch.tensor(ids, dtype=torch.long, device=self.lp.device))
+        return Library(adapters, self.pool, torch.tensor(ids, dtype=torch.long, device=self.pipeline.device))
 
     def release(self, keys: list[tuple[str, str]]) -> None:
         for key in keys:
@@ -201,7 +201,7 @@ class ConceptCache:
             free = self._entry.pop(victim)
             del self._device[victim]
             self.stats["evictions"] += 1
-        self.pool.place(free, adapter, self.lp.concept_embedding(adapter))
+        self.pool.place(free, adapter, self.pipeline.concept_embedding(adapter))
         self._entry[key] = free
         self._device[key] = adapter
 
@@ -245,7 +245,7 @@ class Engine:
     ):
         if device is not None:
             pipeline.pipe.to(device)
-        self.lp, self.store = pipeline, store
+        self.pipeline, self.store = pipeline, store
         self.max_batch_rows, self.submit_timeout = max_batch_rows, submit_timeout
         self.cache = ConceptCache(pipeline, store, device_bytes, host_bytes)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -379,7 +379,7 @@ class Engine:
     def _prepare(self, item: _Active) -> bool:
         """Plan, conditioning (text K/V) and denoising state of a request; on a bad request, fail its future
         and return False."""
-        lp, req = self.lp, item.request
+        lp, req = self.pipeline, item.request
         t0 = time.perf_counter()
         keys: list[tuple[str, str]] = []
         try:
@@ -445,7 +445,7 @@ class Engine:
         for a in [a for a in self._active if a.state.guide_state is not None and a.state.step < a.state.guided]:
             t0 = time.perf_counter()
             try:
-                generation.guide(self.lp, a.state)
+                generation.guide(self.pipeline, a.state)
             except Exception as exc:
                 self._finish(a)
                 a.future.set_exception(exc)
@@ -454,7 +454,7 @@ class Engine:
 
     @torch.no_grad()
     def _step(self) -> None:
-        lp = self.lp
+        lp = self.pipeline
         self._guide()
         if not self._active:
             return
