@@ -297,6 +297,7 @@ class Engine:
         """Queue a request; the future resolves to a :class:`GenerationResult` (or the request's error)."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        self._check(request)
         if self._closing:
             raise EngineClosedError("the engine is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -313,6 +314,27 @@ class Engine:
         if exited:  # the worker left between the check above and the put: no one else will take it
             self._cancel_queued()
         return future
+
+    def _check(self, req: GenerationRequest) -> None:
+        """Raise ValueError naming the field unless the request's options are usable (the pipeline's checks
+        plus the Engine's own fields); what needs the concepts or the store is checked when it is prepared."""
+        if not isinstance(req.prompt, str) or not req.prompt:
+            raise ValueError(f"prompt={req.prompt!r}: expected a non-empty string")
+        self.lp.check_options(
+            req.num_inference_steps, req.guidance_scale, req.alpha, req.height, req.width,
+            req.ewa_power, req.ewa_norm, req.ewa_top_k, req.ewa,
+        )  # fmt: skip
+        if req.concepts is not None:
+            if isinstance(req.concepts, str) or not all(isinstance(c, str) for c in req.concepts):
+                raise ValueError(f"concepts={req.concepts!r}: expected None or a list of concept names")
+            twice = sorted({c for c in req.concepts if list(req.concepts).count(c) > 1})
+            if twice:
+                raise ValueError(f"concepts names {twice} more than once; name each concept once")
+        if req.namespace is not None and not isinstance(req.namespace, str):
+            raise ValueError(f"namespace={req.namespace!r}: expected None or a string")
+        if req.seed is not None and not (isinstance(req.seed, int) and not isinstance(req.seed, bool)
+                                         and -(2**63) <= req.seed < 2**64):  # fmt: skip
+            raise ValueError(f"seed={req.seed!r}: expected None or an integer in [-2**63, 2**64) (torch's seed range)")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Submit every request and wait for all results (raises the first failure)."""
@@ -435,12 +457,6 @@ class Engine:
         t0 = time.perf_counter()
         keys: list[tuple[str, str]] = []
         try:
-            if not isinstance(req.prompt, str) or not req.prompt:
-                raise ValueError("prompt must be a non-empty string")
-            if req.num_inference_steps < 1:
-                raise ValueError("num_inference_steps must be at least 1")
-            if not 0.0 <= req.alpha <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1], got {req.alpha}")
             regions = lp._check_regions(req.regions)
             if req.attention_guidance is not None and regions:
                 raise ValueError(
