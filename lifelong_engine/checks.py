@@ -110,6 +110,34 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, val
             raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
 
 
+def lora_term(x, a, b, ids, weights, scale, values: bool) -> None:
+    op = "lora_term"
+    _tensor(op, "x", x, 3, "[B, T, Din]")
+    _floating(op, "x", x)
+    bsz, _, din = x.shape
+    _tensor(op, "a", a, 3, "[N, r, Din]")
+    _dim(op, "a", a, 2, din, "Din, the last dim of x")
+    n, rank = a.shape[0], a.shape[1]
+    _tensor(op, "b", b, 3, "[N, Dout, r]")
+    _dim(op, "b", b, 0, n, "N, the adapter count of a")
+    _dim(op, "b", b, 2, rank, "r, the rank of a")
+    _same_dtype(op, "x", x, a=a, b=b)
+    _tensor(op, "ids", ids, 2, "[B, S]")
+    _integer(op, "ids", ids)
+    _dim(op, "ids", ids, 0, bsz, "B, the batch of x")
+    _tensor(op, "weights", weights, 2, "[B, S]")
+    _floating(op, "weights", weights)
+    if weights.shape != ids.shape:
+        raise ValueError(f"{op}: weights has shape {_shape(weights)}; expected {_shape(ids)}, one weight per ids slot")
+    _same_device(op, "x", x, a=a, b=b, ids=ids, weights=weights)
+    _finite_scalar(op, "scale", scale)
+    if values and ids.numel():
+        below, above = _any(ids < -1, ids >= n)
+        if below or above:
+            lo, hi = int(ids.min()), int(ids.max())
+            raise ValueError(f"{op}: ids has values in [{lo}, {hi}]; expected -1 (empty) or adapters in [0, {n - 1}]")
+
+
 # ------------------------------------------------------------------ regional attention
 
 

@@ -22,6 +22,7 @@ from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
     "lora_kv_projection",
+    "lora_term",
     "regional_cross_attention",
     "ewa_weights",
     "ewa_merge",
@@ -150,6 +151,57 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
 
 
 lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+
+
+# ------------------------------------------------------------------------------ lora_term
+
+
+@_custom_op("lifelong::lora_term")
+def lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """The adapters' part of one projection, picked per sample (image-side LoRA: to_q, to_out.0).
+
+    x: (B, T, Din) the projection's input; a: (N, r, Din) lora_A pool; b: (N, Dout, r) lora_B pool;
+    ids: (B, S) int adapters of each sample, -1 = empty slot; weights: (B, S) float, in x's dtype.
+    Semantics: y[b] = Σ_s weights[b,s]·scale·(x[b]·a[ids[b,s]]ᵀ)·b[ids[b,s]]ᵀ.
+    Returns y (B, T, Dout). Differentiable in x, a, b and weights.
+    """
+    checks.lora_term(x, a, b, ids, weights, scale, values=True)
+    return _run("lora_term", x, a, b, ids, weights, scale)
+
+
+@lora_term.register_fake
+def _(x, a, b, ids, weights, scale=1.0):
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return x.new_empty((x.shape[0], x.shape[1], b.shape[1]))
+
+
+@_custom_op("lifelong::_lora_term_backward")
+def _lora_term_backward(
+    grad: Tensor, x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dweights); see reference.lora_term_backward."""
+    return _run("lora_term_backward", grad, x, a, b, ids, weights, scale, backend=backend)
+
+
+@_lora_term_backward.register_fake
+def _(grad, x, a, b, ids, weights, scale, backend):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(weights)
+
+
+def _lora_term_setup(ctx, inputs, output):
+    x, a, b, ids, weights, scale = inputs
+    ctx.save_for_backward(x, a, b, ids, weights)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+
+
+def _lora_term_bwd(ctx, grad):
+    x, a, b, ids, weights = ctx.saved_tensors
+    dx, da, db, dweights = torch.ops.lifelong._lora_term_backward(grad, x, a, b, ids, weights, ctx.scale, ctx.backend)
+    return _keep_needed(ctx, (dx, da, db, None, dweights, None))
+
+
+lora_term.register_autograd(_lora_term_bwd, setup_context=_lora_term_setup)
 
 
 # ------------------------------------------------------------------ regional attention
@@ -336,3 +388,69 @@ def _ewa_merge_bwd(ctx, grad_delta):
 
 
 ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+
+
+# ---------------------------------------------------------------- trusted entries (generation hot path)
+#
+# The processors call these during denoising. Their index inputs (region ids, pool ids) were made and
+# checked once when the generation's plan was built, so the value checks of the public ops, which read
+# the data and so make the host wait for the device at every layer of every step, are skipped; the
+# shape/dtype/device checks (no device reads) stay. Without autograd and outside torch.compile the
+# backend runs directly, skipping the torch.library dispatch too.
+
+
+@_custom_op("lifelong::_regional_cross_attention_trusted")
+def _regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """regional_cross_attention without its value checks (region ids / kv_len checked by the caller)."""
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@_regional_cross_attention_trusted.register_fake
+def _(q, k, v, region_ids, kv_len=None, scale=None):
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return torch.empty_like(q)
+
+
+_regional_cross_attention_trusted.register_autograd(_regional_backward, setup_context=_regional_setup)
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """:func:`regional_cross_attention` for callers that checked region_ids and kv_len when they made them."""
+    if _needs_graph(q, k, v):
+        return _regional_cross_attention_trusted(q, k, v, region_ids, kv_len, scale)
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@_custom_op("lifelong::_lora_term_trusted")
+def _lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """lora_term without its value checks (ids checked by the caller)."""
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return _run("lora_term", x, a, b, ids, weights, scale)
+
+
+@_lora_term_trusted.register_fake
+def _(x, a, b, ids, weights, scale=1.0):
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return x.new_empty((x.shape[0], x.shape[1], b.shape[1]))
+
+
+_lora_term_trusted.register_autograd(_lora_term_bwd, setup_context=_lora_term_setup)
+
+
+def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """:func:`lora_term` for callers that checked ids when they made them (the plan's pool ids)."""
+    weights = weights.to(x.dtype)
+    if _needs_graph(x, a, b, weights):
+        return _lora_term_trusted(x, a, b, ids, weights, scale)
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return _run("lora_term", x, a, b, ids, weights, scale)

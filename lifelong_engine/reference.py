@@ -105,23 +105,31 @@ def lora_kv_projection_backward(
     Returns (dc, da_k, db_k, da_v, db_v, dweights).
     """
     dc = grad_k @ w_k + grad_v @ w_v
-    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
-    dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
-    if ids.numel() and a_k.shape[0]:
-        valid = ids >= 0
+    dc_k, da_k, db_k, dw_k = lora_term_backward(grad_k, c, a_k, b_k, ids, weights, scale)
+    dc_v, da_v, db_v, dw_v = lora_term_backward(grad_v, c, a_v, b_v, ids, weights, scale)
+    return dc + dc_k + dc_v, da_k, db_k, da_v, db_v, dw_k + dw_v
+
+
+def lora_term_backward(
+    grad: Tensor, x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lora_term`: (dx, da, db, dweights), with u_s = x·A_sᵀ, ω = weights·scale
+    (0 on empty slots): dx = Σ_s ω_s·(dY·B_s)·A_s; dA[n] = Σ_{(b,s): ids=n} ω_bs·(dY[b]·B_n)ᵀ·x[b];
+    dB[n] = Σ_{(b,s): ids=n} ω_bs·dY[b]ᵀ·u_bs; dweights[b,s] = scale·Σ dY[b]·(u_bs·B_sᵀ), 0 on empty slots."""
+    dx = torch.zeros_like(x)
+    da, db = torch.zeros_like(a), torch.zeros_like(b)
+    dweights = torch.zeros(weights.shape, dtype=x.dtype, device=x.device)
+    if ids.numel() and a.shape[0]:
         idx = ids.clamp(min=0).long().reshape(-1)
-        wts = _slot_weights(ids, weights, scale, c.dtype)
-        for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
-            a_s, b_s = _gather_adapters(a, b, ids)
-            u = torch.einsum("btd,bsrd->bstr", c, a_s)  # (B, S, T, r)
-            gb = torch.einsum("bto,bsor->bstr", g, b_s)  # dK·B_s
-            dc += torch.einsum("bstr,bs,bsrd->btd", gb, wts, a_s)
-            da_s = torch.einsum("bstr,bs,btd->bsrd", gb, wts, c)
-            db_s = torch.einsum("bto,bs,bstr->bsor", g, wts, u)
-            grads[2 * j].index_add_(0, idx, da_s.reshape(-1, *a.shape[1:]))
-            grads[2 * j + 1].index_add_(0, idx, db_s.reshape(-1, *b.shape[1:]))
-            dweights += torch.where(valid, torch.einsum("bstr,bstr->bs", gb, u) * scale, 0)
-    return (dc, *grads, dweights.to(weights.dtype))
+        wts = _slot_weights(ids, weights, scale, x.dtype)
+        a_s, b_s = _gather_adapters(a, b, ids)
+        u = torch.einsum("btd,bsrd->bstr", x, a_s)  # (B, S, T, r)
+        gb = torch.einsum("bto,bsor->bstr", grad, b_s)  # dY·B_s
+        dx = torch.einsum("bstr,bs,bsrd->btd", gb, wts, a_s)
+        da.index_add_(0, idx, torch.einsum("bstr,bs,btd->bsrd", gb, wts, x).reshape(-1, *a.shape[1:]))
+        db.index_add_(0, idx, torch.einsum("bto,bs,bstr->bsor", grad, wts, u).reshape(-1, *b.shape[1:]))
+        dweights = torch.where(ids >= 0, torch.einsum("bstr,bstr->bs", gb, u) * scale, 0)
+    return dx, da, db, dweights.to(weights.dtype)
 
 
 # ------------------------------------------------------------------ regional attention
