@@ -7,11 +7,14 @@ the test oracle). Same semantics as :mod:`lifelong_engine.reference`, computed a
   SDPA against that slot's first ``kv_len`` keys (a length, not a mask: keys past it are never read);
   P = 1 with full keys is one SDPA call. The backward runs SDPA's own CPU backward kernel per group
   (its forward re-run for the log-sum-exp the backward needs).
-- ``lora_kv_projection``: each row's adapters gathered once as one (S·r, Din) down and (S·r, Dout)
-  up matrix, so the adapters of K and V cost one batched GEMM down and one up per projection, added
-  in place onto the base GEMM. Its backward computes only the gradients asked for (``needs``).
+- ``lora_kv_projection``: when every row uses the same adapters with the same weights (a training
+  batch, one prompt), they are folded into the base weight: one GEMM per projection for base and all
+  slots, and a backward through the rank-r factors. Otherwise each row's adapters are gathered once as
+  one (S·r, Din) down and (S·r, Dout) up matrix (one batched GEMM down and one up per projection,
+  added in place onto the base GEMM). The backward computes only the gradients asked for (``needs``).
 
-The EWA ops are the reference's: its einsums already run as batched GEMMs (bench/cpu/test_ewa.py: a
+``lora_term`` (image-side LoRA) is the reference's (one gather and two einsums per call). The EWA ops
+are the reference's: its einsums already run as batched GEMMs (bench/cpu/test_ewa.py: a
 stacked-factor bmm version of ``ewa_merge`` measured no faster), and ``ewa_weights`` runs once per
 generation.
 """
@@ -263,7 +266,7 @@ def why_not(op: str, args: tuple) -> str | None:
 def register() -> None:
     impls = {name: globals()[name] for op in ("lora_kv_projection", "regional_cross_attention")
              for name in (op, op + "_backward")}  # fmt: skip
-    impls |= {name: getattr(reference, name) for op in ("ewa_weights", "ewa_merge")
+    impls |= {name: getattr(reference, name) for op in ("lora_term", "ewa_weights", "ewa_merge")
               for name in (op, op + "_backward")}  # fmt: skip
     register_backend(Backend("torch", impls, why_not, auto_devices=("cpu",)))
 
