@@ -6,7 +6,9 @@ why it cannot run given inputs (wrong device, dtype it does not support, ...) or
 None when it can.
 
 A ``*_backward`` implementation whose function has the attribute ``takes_needs = True`` is
-also given ``needs=`` (one bool per gradient it returns) and skips the gradients not needed.
+also given ``needs=`` (one bool per gradient it returns) and skips the gradients not needed. A
+forward implementation with ``differentiable = True`` is built from differentiable PyTorch ops:
+the trusted hot-path entries of :mod:`lifelong_engine.ops` may run it under autograd directly.
 
 The requested backend is, in order: the innermost :func:`use_backend` context, else the
 ``LIFELONG_BACKEND`` environment variable, else ``auto``. ``auto`` takes the first backend

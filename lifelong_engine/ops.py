@@ -421,12 +421,28 @@ def _needs_graph(*tensors: Tensor) -> bool:
     return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _differentiable_impl(op: str, args: tuple):
+    """The selected backend's forward of ``op`` when autograd can run through its parts (the function
+    has ``differentiable = True``, e.g. the torch backend's SDPA calls, whose own backward then runs),
+    outside torch.compile; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    impl = backends.select(op, args)
+    return impl if getattr(impl, "differentiable", False) else None
+
+
 def regional_cross_attention_trusted(
     q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
 ) -> Tensor:
-    """:func:`regional_cross_attention` for callers that checked region_ids and kv_len when they made them."""
+    """:func:`regional_cross_attention` for callers that checked region_ids and kv_len when they made them.
+    With autograd on a backend whose forward is differentiable PyTorch (CPU: the torch backend), autograd
+    runs through it (SDPA's own backward, no re-run of the forward) instead of the op's backward."""
     if _needs_graph(q, k, v):
-        return _regional_cross_attention_trusted(q, k, v, region_ids, kv_len, scale)
+        impl = _differentiable_impl("regional_cross_attention", (q, k, v, region_ids, kv_len, scale))
+        if impl is None:
+            return _regional_cross_attention_trusted(q, k, v, region_ids, kv_len, scale)
+        checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+        return impl(q, k, v, region_ids, kv_len, scale)
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
     return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
 

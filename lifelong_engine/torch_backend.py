@@ -5,8 +5,9 @@ the test oracle). Same semantics as :mod:`lifelong_engine.reference`, computed a
 
 - ``regional_cross_attention``: the queries of each (row, slot) are gathered once and attended with
   SDPA against that slot's first ``kv_len`` keys (a length, not a mask: keys past it are never read);
-  P = 1 with full keys is one SDPA call. The backward runs SDPA's own CPU backward kernel per group
-  (its forward re-run for the log-sum-exp the backward needs).
+  P = 1 with full keys is one SDPA call. The op's backward runs SDPA's CPU backward kernel per group
+  (its forward re-run for the log-sum-exp the backward needs); the trusted entry the processors call
+  in training runs the forward under autograd instead (SDPA's own backward, nothing re-run).
 - ``lora_kv_projection``: when every row uses the same adapters with the same weights (a training
   batch, one prompt), they are folded into the base weight: one GEMM per projection for base and all
   slots, and a backward through the rank-r factors. Otherwise each row's adapters are gathered once as
@@ -216,6 +217,9 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
         ]
         out[row].index_copy_(1, order[row], torch.cat(parts, dim=1))
     return out
+
+
+regional_cross_attention.differentiable = True  # SDPA, index_select/index_copy_, slice copies
 
 
 def _attention_vjp(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float):

@@ -68,6 +68,20 @@ def test_regional_gradcheck(case):
         assert gradcheck(lambda *x: ops.regional_cross_attention(*x, region_ids, kv_len, scale), leaves)
 
 
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_regional_trusted_entry_under_autograd(case):
+    """The trusted entry runs the torch backend's forward under autograd (SDPA's own backward):
+    gradcheck in fp64, and the same gradients as the reference's hand-written backward."""
+    q, k, v, region_ids, kv_len, scale = _regional_case(**GRADCHECK_CASES[case])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ops.regional_cross_attention_trusted(*leaves, region_ids, kv_len, scale)
+    assert "lifelong" not in type(out.grad_fn).__name__  # autograd through the parts, not the op
+    grad = torch.randn_like(q)
+    got = torch.autograd.grad(out, leaves, grad)
+    _close_all(got, reference.regional_cross_attention_backward(grad, q, k, v, region_ids, kv_len, scale), q.dtype)
+    assert gradcheck(lambda *x: ops.regional_cross_attention_trusted(*x, region_ids, kv_len, scale), leaves)
+
+
 @pytest.mark.parametrize("P", [1, 3])
 def test_regional_masked_keys_never_reach_the_output(P):
     """NaN/inf in keys and values past kv_len (or in slots no query reads) leave output and gradients finite."""
