@@ -22,6 +22,8 @@ generation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,30 +65,60 @@ def _row_adapters(a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: flo
     return down, up, omega
 
 
-def _shared_slots(ids: Tensor, weights: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """When every row uses the same adapters with the same weights (a training batch, one prompt):
-    the adapters of its non-empty slots and their ω = weights·scale; None when rows differ."""
-    if ids.shape[0] > 1 and not bool((ids == ids[:1]).all() & (weights == weights[:1]).all()):
-        return None
-    valid = [s for s, n in enumerate(ids[0].tolist()) if n >= 0]
-    return ids[0, valid].long(), weights[0, valid].to(dtype) * scale
+@dataclasses.dataclass
+class _Shared:
+    """Adapters used by every row with the same weights (a training batch, one prompt): their pool
+    indices and ω = weight·scale, as host values."""
 
+    idx: list[int]
+    omega: list[float]
 
-def _folded(w: Tensor, a: Tensor, b: Tensor, idx: Tensor, omega: Tensor) -> Tensor:
-    """W + Σ_j ω_j·b[idx_j]·a[idx_j]: the base weight with the shared adapters folded in, (Dout, Din)."""
-    if idx.numel() == 0:
-        return w
-    r = a.shape[1]
-    up = (b[idx] * omega[:, None, None]).transpose(0, 1).reshape(b.shape[1], idx.numel() * r)  # (Dout, J·r)
-    return torch.addmm(w, up, a[idx].reshape(idx.numel() * r, a.shape[2]))
+    @staticmethod
+    def of(ids: Tensor, weights: Tensor, scale: float) -> _Shared | None:
+        rows, row_weights = ids.tolist(), weights.tolist()
+        if any(r != rows[0] for r in rows) or any(w != row_weights[0] for w in row_weights):
+            return None  # rows differ (a NaN weight differs from itself: the general path)
+        used = [(n, w * scale) for n, w in zip(rows[0], row_weights[0]) if n >= 0]
+        return _Shared([n for n, _ in used], [w for _, w in used])
+
+    def _whole_pool(self, pool: Tensor) -> bool:
+        return self.idx == list(range(pool.shape[0]))
+
+    def stack(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """down (J·r, Din) and up (Dout, J·r) of the used adapters (views when they are the whole pool)."""
+        n, r = len(self.idx), a.shape[1]
+        if not self._whole_pool(a):
+            t = torch.tensor(self.idx, device=a.device)
+            a, b = a[t], b[t]
+        return a.reshape(n * r, a.shape[2]), b[0] if n == 1 else b.transpose(0, 1).reshape(b.shape[1], n * r)
+
+    def rank_weights(self, r: int, like: Tensor) -> Tensor | None:
+        """ω of every stacked rank row (J·r,), or None when every ω is 1."""
+        if all(w == 1.0 for w in self.omega):
+            return None
+        return torch.tensor(self.omega, dtype=like.dtype, device=like.device).repeat_interleave(r)
+
+    def folded(self, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """W + Σ_j ω_j·b[idx_j]·a[idx_j], (Dout, Din): one GEMM then serves base and adapters."""
+        if not self.idx:
+            return w
+        down, up = self.stack(a, b)
+        om = self.rank_weights(a.shape[1], w)
+        return torch.addmm(w, up if om is None else up * om, down)
+
+    def scatter(self, grad: Tensor, pool: Tensor) -> Tensor:
+        """The gradient of the pool from the used adapters' (J, …) gradients."""
+        if self._whole_pool(pool):
+            return grad
+        return torch.zeros_like(pool).index_add_(0, torch.tensor(self.idx, device=pool.device), grad)
 
 
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     if ids.numel() == 0 or a_k.shape[0] == 0:
         return c @ w_k.T, c @ w_v.T
-    shared = _shared_slots(ids, weights, scale, c.dtype)
+    shared = _Shared.of(ids, weights, scale)
     if shared is not None:  # one GEMM per projection for base + adapters
-        return c @ _folded(w_k, a_k, b_k, *shared).T, c @ _folded(w_v, a_v, b_v, *shared).T
+        return c @ shared.folded(w_k, a_k, b_k).T, c @ shared.folded(w_v, a_v, b_v).T
     k, v = c @ w_k.T, c @ w_v.T
     for out, a, b in ((k, a_k, b_k), (v, a_v, b_v)):
         down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
@@ -94,24 +126,26 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0)
     return k, v
 
 
-def _shared_backward(grads, dc, c, g, w, a, b, idx, omega, need_c, need_a, need_b) -> None:
-    """One projection's gradients when every row shares the adapters idx with weights ω, the rows
-    flattened to (B·T, ·): dc += dK·W' (W' the folded weight), and through the rank-r factors
-    (never a Dout × Din gradient): dA_j = ω_j·(dK·B_j)ᵀ·c, dB_j = ω_j·dKᵀ·(c·A_jᵀ) (into grads)."""
+def _shared_backward(shared: _Shared, c, g, w, a, b, need_c, need_a, need_b) -> tuple:
+    """(dc part, da, db) of one projection when every row shares its adapters, the rows flattened to
+    (B·T, ·): dc = dK·W' (W' the folded weight), and through the rank-r factors (never a Dout × Din
+    gradient): dA_j = ω_j·(dK·B_j)ᵀ·c, dB_j = ω_j·dKᵀ·(c·A_jᵀ). Not needed: None."""
     g2, c2 = g.reshape(-1, g.shape[-1]), c.reshape(-1, c.shape[-1])
-    if need_c:
-        dc.addmm_(g2, _folded(w, a, b, idx, omega))
-    if idx.numel() == 0 or not (need_a or need_b):
-        return
-    n, r = idx.numel(), a.shape[1]
-    om = omega.repeat_interleave(r)  # (J·r,)
+    dc = g2 @ shared.folded(w, a, b) if need_c else None
+    if not shared.idx or not (need_a or need_b):
+        return dc, None, None
+    n, r = len(shared.idx), a.shape[1]
+    down, up = shared.stack(a, b)
+    om = shared.rank_weights(r, c)
+    da = db = None
     if need_a:
-        up = b[idx].transpose(1, 2).reshape(n * r, b.shape[1])  # (J·r, Dout)
-        grads[0].index_add_(0, idx, ((g2 @ up.T) * om).T.mm(c2).reshape(n, r, a.shape[2]))
+        gu = g2 @ up  # (B·T, J·r)
+        da = shared.scatter((gu if om is None else gu * om).T.mm(c2).reshape(n, r, a.shape[2]), a)
     if need_b:
-        down = a[idx].reshape(n * r, a.shape[2])  # (J·r, Din)
-        d_b = g2.T.mm((c2 @ down.T) * om).reshape(b.shape[1], n, r)
-        grads[1].index_add_(0, idx, d_b.transpose(0, 1))
+        u = c2 @ down.T  # (B·T, J·r)
+        db = g2.T.mm(u if om is None else u * om).reshape(b.shape[1], n, r).transpose(0, 1)
+        db = shared.scatter(db, b)
+    return dc, da, db
 
 
 @_takes_needs
@@ -120,19 +154,20 @@ def lora_kv_projection_backward(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v,
     and gu = dK·B per stacked rank row: dc += (ω·gu)·A, dA = (ω·gu)ᵀ·c, dB = dKᵀ·(ω·u), dω = Σ gu·u.
     When every row shares its adapters and weights and dweights is not needed: by the folded weight."""
     need_c, need_ak, need_bk, need_av, need_bv, need_w = (True,) * 6 if needs is None else needs
-    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
     dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
     bsz, n_slots = ids.shape
+    shared = None if need_w or ids.numel() == 0 or a_k.shape[0] == 0 else _Shared.of(ids, weights, scale)
+    if shared is not None:
+        dc_k, da_k, db_k = _shared_backward(shared, c, grad_k, w_k, a_k, b_k, need_c, need_ak, need_bk)
+        dc_v, da_v, db_v = _shared_backward(shared, c, grad_v, w_v, a_v, b_v, need_c, need_av, need_bv)
+        dc = (dc_k + dc_v).view_as(c) if need_c else torch.zeros_like(c)
+        grads = [
+            g if g is not None else torch.zeros_like(t) for g, t in zip((da_k, db_k, da_v, db_v), (a_k, b_k, a_v, b_v))
+        ]
+        return (dc, *grads, dweights.to(weights.dtype))
+    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
     if ids.numel() == 0 or a_k.shape[0] == 0:
         dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
-        return (dc, *grads, dweights.to(weights.dtype))
-    shared = None if need_w else _shared_slots(ids, weights, scale, c.dtype)
-    if shared is not None:
-        dc = torch.zeros_like(c)
-        flat = dc.view(-1, c.shape[-1])
-        for j, (a, b, g, w) in enumerate(((a_k, b_k, grad_k, w_k), (a_v, b_v, grad_v, w_v))):
-            need_a, need_b = (need_ak, need_bk) if j == 0 else (need_av, need_bv)
-            _shared_backward(grads[2 * j : 2 * j + 2], flat, c, g, w, a, b, *shared, need_c, need_a, need_b)
         return (dc, *grads, dweights.to(weights.dtype))
     dc = grad_k @ w_k + grad_v @ w_v if need_c else torch.zeros_like(c)
     idx = ids.clamp(min=0).long().reshape(-1)
