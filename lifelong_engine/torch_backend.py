@@ -235,6 +235,8 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
     order, groups = _groups(region_ids, kv_len, k.shape[1], k.shape[3])
     out = torch.empty_like(q)
     for row, row_groups in enumerate(groups):
+        if not row_groups:  # no queries
+            continue
         if len(row_groups) == 1:  # every query of the row reads one slot: no gather
             slot, _, _, keys = row_groups[0]
             kk, vv = k[row : row + 1, slot, :, :keys], v[row : row + 1, slot, :, :keys]
@@ -277,6 +279,8 @@ def regional_cross_attention_backward(grad_out, q, k, v, region_ids, kv_len=None
     dq = torch.empty_like(q)
     for row, row_groups in enumerate(groups):
         rows = slice(row, row + 1)
+        if not row_groups:  # no queries
+            continue
         if len(row_groups) == 1:
             slot, _, _, keys = row_groups[0]
             dq[rows], dk[rows, slot, :, :keys], dv[rows, slot, :, :keys] = _attention_vjp(

@@ -38,6 +38,8 @@ REGIONAL_CASES = {
     "all-keys": dict(P=4, lens=5),
     "one-key": dict(P=3, lens=1),
     "empty-regions": dict(P=4, ids=torch.tensor([[0, 0, 3, 3, 0], [2, 2, 2, 2, 2]]), B=2, N=5),
+    "no-queries": dict(P=3, N=0),
+    "no-rows": dict(P=3, B=0),
     "one-slot-per-row": dict(P=3, ids=torch.tensor([[1] * 6, [0] * 6]), N=6, lens="random"),
 }
 
