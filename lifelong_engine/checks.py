@@ -148,6 +148,8 @@ def regional_cross_attention(q, k, v, region_ids, kv_len, scale, values: bool) -
     _tensor(op, "q", q, 4, "[B, H, N, d]")
     _floating(op, "q", q)
     bsz, heads, n_q, d = q.shape
+    if d < 1:
+        raise ValueError(f"{op}: q has shape {_shape(q)}; need a head dim d >= 1")
     _tensor(op, "k", k, 5, "[B, P, H, T, d]")
     _dim(op, "k", k, 0, bsz, "B, the batch of q")
     _dim(op, "k", k, 2, heads, "H, the heads of q")

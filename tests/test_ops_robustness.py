@@ -309,3 +309,44 @@ def test_fuzz_ewa_merge(backend, fp64, shape, scale, layout, seed):
     with ops.use_backend(backend):
         delta = ops.ewa_merge(psi, a, b, scale)
     torch.testing.assert_close(delta.cpu(), naive_ops.ewa_merge(psi.cpu(), a.cpu(), b.cpu(), scale), **TOL[dtype])
+
+
+# ------------------------------------------------------------------------------ empty dimensions
+
+EMPTY = {  # every dimension that may be 0, one at a time: the ops return empty or zero-concept results
+    **{f"lora {k}=0": ("lora", {k: 0}) for k in ("B", "T", "Dout", "N", "r", "S")},
+    **{f"regional {k}=0": ("regional", {k: 0}) for k in ("B", "H", "N")},
+    **{f"ewa {k}=0": ("ewa", {k: 0}) for k in ("B", "L", "D", "G")},
+    **{f"merge {k}=0": ("merge", {k: 0}) for k in ("B", "G", "r", "Din", "Dout")},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", EMPTY)
+def test_empty_dimensions_match_the_naive_loops(backend, case):
+    kind, sizes = EMPTY[case]
+    dtype = _dtype(backend)
+    if kind == "lora":
+        args = inputs.lora_kv(dtype=dtype, device=DEVICE, empty=sizes.get("B") != 0, **sizes)
+        op, naive = ops.lora_kv_projection, naive_ops.lora_kv_projection
+    elif kind == "regional":
+        args = inputs.regional(dtype=dtype, device=DEVICE, **sizes)[:5]
+        op, naive = ops.regional_cross_attention, naive_ops.regional_cross_attention
+    elif kind == "ewa":
+        args = inputs.ewa(dtype=dtype, device=DEVICE, masked=False, **sizes)
+        op, naive = ops.ewa_weights, naive_ops.ewa_weights
+    else:
+        args = inputs.merge(dtype=dtype, device=DEVICE, **sizes)
+        op, naive = ops.ewa_merge, naive_ops.ewa_merge
+    with ops.use_backend(backend):
+        got = op(*args)
+    want = naive(*(a.cpu() if torch.is_tensor(a) else a for a in args))
+    for x, y in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(x.cpu(), y, **TOL[dtype])
+
+
+def test_a_zero_head_dim_is_refused_by_name():
+    """d = 0 raised ZeroDivisionError computing the default scale d**-0.5."""
+    q, k, v, region_ids, kv_len, _ = inputs.regional(d=0)
+    with pytest.raises(ValueError, match=r"regional_cross_attention: q has shape \(2, 2, 9, 0\); need a head dim"):
+        ops.regional_cross_attention(q, k, v, region_ids, kv_len)
