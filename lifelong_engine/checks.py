@@ -160,7 +160,7 @@ def lora_term(x, a, b, ids, weights, scale, values: bool) -> None:
     if weights.shape != ids.shape:
         raise ValueError(f"{op}: weights has shape {_shape(weights)}; expected {_shape(ids)}, one weight per ids slot")
     _same_device(op, "x", x, a=a, b=b, ids=ids, weights=weights)
-    _finite_scalar(op, "scale", scale)
+    _finite_scalar(op, "scale", scale, x.dtype, "x")
     if values and ids.numel():
         below, above = _any(ids < -1, ids >= n)
         if below or above:
