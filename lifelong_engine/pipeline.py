@@ -438,10 +438,12 @@ class LifelongPipeline:
         """The negative prompt of each of n prompts (None: none), checked against n."""
         if negative_prompt is None:
             return [None] * n
-        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, Sequence) or not all(x is None or isinstance(x, str) for x in negatives):
+            raise ValueError(f"negative_prompt={negative_prompt!r:.80}: expected None, a string or a list of strings")
         if len(negatives) != n:
             raise ValueError(f"negative_prompt has {len(negatives)} entries, prompt has {n}")
-        return negatives
+        return list(negatives)
 
     def default_size(self) -> int:
         """The image side the UNet was trained at, in pixels."""

@@ -259,6 +259,11 @@ class Engine:
         device_bytes: int = 256 << 20,
         host_bytes: int = 1 << 30,
     ):
+        for name, value, least in (("max_batch_rows", max_batch_rows, 1), ("max_queue", max_queue, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
+        if not isinstance(submit_timeout, (int, float)) or not 0 <= submit_timeout < float("inf"):
+            raise ValueError(f"submit_timeout={submit_timeout!r}: expected a finite number of seconds >= 0")
         if device is not None:
             pipeline.pipe.to(device)
         self.pipeline, self.store = pipeline, store
@@ -316,6 +321,10 @@ class Engine:
             twice = sorted({c for c in req.concepts if list(req.concepts).count(c) > 1})
             if twice:
                 raise ValueError(f"concepts names {twice} more than once; name each concept once")
+        if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
+            raise ValueError(f"negative_prompt={req.negative_prompt!r}: expected None or a string")
+        if req.attention_guidance is not None and not isinstance(req.attention_guidance, AttentionGuidance):
+            raise ValueError(f"attention_guidance={req.attention_guidance!r}: expected None or an AttentionGuidance")
         if req.namespace is not None and not isinstance(req.namespace, str):
             raise ValueError(f"namespace={req.namespace!r}: expected None or a string")
         if req.seed is not None and not (isinstance(req.seed, int) and not isinstance(req.seed, bool)

@@ -125,3 +125,17 @@ def test_served_image_equals_the_pipeline_image_with_timestep_cond():
     np.testing.assert_allclose(served, direct, atol=1)
     other, _ = _served_and_direct(lp, dataclasses.replace(request, guidance_scale=2.0))
     assert np.abs(other - served).max() > 2
+
+
+def test_the_engine_refuses_to_run_when_the_processors_were_replaced(lp):
+    """The Engine checks, as the pipeline does, that its attention processors are still installed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from lifelong_engine.errors import LifelongError
+
+    lp.unet.set_attn_processor(AttnProcessor2_0())
+    with Engine(lp) as engine, pytest.raises(LifelongError, match="attention processors were replaced"):
+        engine.generate([GenerationRequest("a dog", concepts=(), seed=0, num_inference_steps=1)])
+    lp.install()
+    with Engine(lp) as engine:
+        assert engine.generate([GenerationRequest("a dog", concepts=(), seed=0, num_inference_steps=1)])

@@ -29,7 +29,7 @@ def test_gradients_and_fake_tensors():
     assert torch.autograd.gradcheck(
         lambda x, a, b, w: ops.lora_term_trusted(x, a, b, ids, w, scale), (x, a, b, weights)
     )
-    torch.library.opcheck(ops.lora_term, (x, a, b, ids, weights, scale))
+    torch.library.opcheck(torch.ops.lifelong.lora_term.default, (x, a, b, ids, weights, scale))
 
 
 def test_bad_ids_and_shapes_are_named():

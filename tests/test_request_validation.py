@@ -42,6 +42,8 @@ ENGINE_ONLY = {
     "seed too large": (dict(seed=2**70), r"seed=1180591620717411303424: expected None or an integer"),
     "seed float": (dict(seed=1.0), "seed=1.0"),
     "empty prompt": (dict(prompt=""), "prompt='': expected a non-empty string"),
+    "negative prompt int": (dict(negative_prompt=5), "negative_prompt=5: expected None or a string"),
+    "guidance options dict": (dict(attention_guidance={"steps": 2}), "attention_guidance=.*: expected None or an"),
 }
 
 
@@ -57,3 +59,23 @@ def test_the_engine_refuses_bad_requests_at_submit(lp, store, case):  # noqa: F8
         with pytest.raises(ValueError, match=message):
             engine.submit(request(**changes))
         assert engine.submit(request(steps=1)).result(timeout=120).images  # the engine still serves
+
+
+def test_the_pipeline_refuses_a_negative_prompt_that_is_not_text(lp):  # noqa: F811
+    with pytest.raises(ValueError, match="negative_prompt=5: expected None, a string or a list of strings"):
+        lp("a dog", negative_prompt=5, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"negative_prompt=\['x', 3\]"):
+        lp(["a dog", "a cat"], negative_prompt=["x", 3], num_inference_steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_batch_rows=0), "max_batch_rows=0: expected an integer >= 1"),
+        (dict(max_queue=0), "max_queue=0: expected an integer >= 1"),  # 0 would be an unbounded queue
+        (dict(submit_timeout=-1.0), "submit_timeout=-1.0: expected a finite number"),
+    ],
+)
+def test_the_engine_refuses_bad_settings(lp, store, kwargs, message):  # noqa: F811
+    with pytest.raises(ValueError, match=message):
+        Engine(lp, store, **kwargs)
