@@ -63,7 +63,7 @@ def test_ewa_every_similarity_negative_gives_a_zero_row(backend):
 def test_ewa_gradient_through_negative_similarities(power):
     """The gradient of a concept clamped at M ≤ 0 is 0, finite for every power (gradcheck, fp64)."""
     prompt, concepts = _anti_aligned(torch.float64)
-    prompt, concepts = prompt.cpu().requires_grad_(), concepts.cpu().requires_grad_()
+    prompt, concepts = prompt[:1, :2].cpu().requires_grad_(), concepts[:2].cpu().requires_grad_()
     with ops.use_backend("reference"):
         assert gradcheck(lambda p, c: ops.ewa_weights(p, c, power=power), (prompt, concepts))
 
