@@ -403,6 +403,17 @@ class LifelongPipeline:
         self.check_options(
             num_inference_steps, guidance_scale, alpha, height, width, ewa_power, ewa_norm, ewa_top_k, ewa
         )
+        for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r}: expected a number in [0, 1]")
+        if isinstance(capture_attention, str) or not set(capture_attention) <= set(self.layers):
+            unknown = [capture_attention] if isinstance(capture_attention, str) else sorted(
+                set(capture_attention) - set(self.layers)
+            )  # fmt: skip
+            raise ValueError(
+                f"capture_attention: {unknown} are not attn2 layer names of this UNet; expected a list of names "
+                f"such as {self.layers[0]!r}"
+            )
         negatives = self._negatives(negative_prompt, len(prompts))
         pipe, device = self.pipe, self.device
         cfg = guidance_scale > 1.0
