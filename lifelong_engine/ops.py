@@ -1,5 +1,8 @@
 """The fused ops, registered with ``torch.library`` as ``torch.ops.lifelong.<name>``.
 
+The public functions here check their arguments' types against the op's schema (a
+``TypeError`` naming the argument, before torch's schema parser), then call the op
+(``torch.ops.lifelong.<name>``, the registered op, is what ``torch.library.opcheck`` takes).
 Each op validates its inputs (:mod:`lifelong_engine.checks`), then runs the
 implementation of the selected backend (:mod:`lifelong_engine.backends`): the
 ``reference`` backend is :mod:`lifelong_engine.reference`; faster ones plug in there

@@ -354,6 +354,14 @@ class LifelongPipeline:
             num_inference_steps, guidance_scale, alpha, height, width, ewa_power, ewa_norm, ewa_top_k, ewa,
             eta, guidance_rescale,
         )  # fmt: skip
+        if isinstance(capture_attention, str) or not set(capture_attention) <= set(self.layers):
+            unknown = [capture_attention] if isinstance(capture_attention, str) else sorted(
+                set(capture_attention) - set(self.layers)
+            )  # fmt: skip
+            raise ValueError(
+                f"capture_attention: {unknown} are not attn2 layer names of this UNet; expected a list of names "
+                f"such as {self.layers[0]!r}"
+            )
         negatives = self.negatives(negative_prompt, len(prompts))
         size = (height or self.default_size(), width or self.default_size())
         plan = self.plan(prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size)
@@ -429,10 +437,9 @@ class LifelongPipeline:
             raise ValueError(f"ewa_top_k={ewa_top_k!r}: expected None (every concept) or an integer >= 1")
         if ewa is not None and not isinstance(ewa, bool):
             raise ValueError(f"ewa={ewa!r}: expected None (by the concepts' method), True or False")
-        if not _is_real(eta) or not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta={eta!r}: expected a finite number >= 0 (DDIM's noise; 0 is deterministic)")
-        if not _is_real(guidance_rescale) or not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale={guidance_rescale!r}: expected a number in [0, 1]")
+        for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r}: expected a number in [0, 1]")
 
     def negatives(self, negative_prompt, n: int) -> list[str | None]:
         """The negative prompt of each of n prompts (None: none), checked against n."""

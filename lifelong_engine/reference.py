@@ -220,6 +220,11 @@ def _normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
+def _unmasked(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
+    """prompt with the tokens outside prompt_mask zeroed (where(): a NaN in padding reaches nothing)."""
+    return prompt if prompt_mask is None else torch.where(prompt_mask[:, None, :, None], prompt, 0)
+
+
 def _ewa_similarity(prompt: Tensor, concepts: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """M[b,l,g] = max over allowed t of cos(prompt[b,l,t], concepts[l,g]), and the argmax t."""
     cos = torch.einsum("bltd,lgd->bltg", _normalize(prompt), _normalize(concepts))
@@ -251,7 +256,7 @@ def ewa_weights(
     whose M are all ≤ 0 is all zeros (no concept applies). Cosines use max(‖x‖, NORM_EPS) as each
     norm, and the normaliser is floored at NORM_EPS, so zero vectors give ψ = 0. Returns psi (B, L, G).
     """
-    m, _ = _ewa_similarity(prompt, concepts, prompt_mask)
+    m, _ = _ewa_similarity(_unmasked(prompt, prompt_mask), concepts, prompt_mask)
     m_pow = m.clamp_min(0).pow(power)
     return m_pow / _ewa_normaliser(m_pow, norm)
 
@@ -270,6 +275,7 @@ def ewa_weights_backward(
       dx̂ = Σ_g dcos·ê,  dê = Σ_{b,t} dcos·x̂;  through x̂ = x / ‖x‖:  dx = (dx̂ − x̂·(x̂·dx̂)) / ‖x‖
     Returns (dprompt, dconcepts).
     """
+    prompt = _unmasked(prompt, prompt_mask)
     xh, eh = _normalize(prompt), _normalize(concepts)
     m, t_star = _ewa_similarity(prompt, concepts, prompt_mask)
     m_pow = m.clamp_min(0).pow(power)

@@ -63,7 +63,7 @@ def test_ewa_every_similarity_negative_gives_a_zero_row(backend):
 def test_ewa_gradient_through_negative_similarities(power):
     """The gradient of a concept clamped at M ≤ 0 is 0, finite for every power (gradcheck, fp64)."""
     prompt, concepts = _anti_aligned(torch.float64)
-    prompt, concepts = prompt.cpu().requires_grad_(), concepts.cpu().requires_grad_()
+    prompt, concepts = prompt[:1, :2].cpu().requires_grad_(), concepts[:2].cpu().requires_grad_()
     with ops.use_backend("reference"):
         assert gradcheck(lambda p, c: ops.ewa_weights(p, c, power=power), (prompt, concepts))
 
@@ -104,6 +104,27 @@ def test_values_behind_kv_len_never_reach_the_output(backend, poison):
         assert torch.isfinite(x).all(), f"{name} has NaN/inf"
         torch.testing.assert_close(x, y, msg=name)
     assert (got[2][behind] == 0).all() and (got[3][behind] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_tokens_never_reach_ewa_weights_or_their_gradients(backend):
+    """Tokens outside prompt_mask do not count: a NaN stored there reached the gradient of every concept."""
+    prompt, concepts, _ = inputs.ewa(B=2, T=6, dtype=_dtype(backend), device=DEVICE, masked=False)
+    mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 5 + [False]], device=DEVICE)
+    clean = prompt.masked_fill(~mask[:, None, :, None], 0)
+    grad = torch.rand(2, prompt.shape[1], concepts.shape[1], dtype=prompt.dtype, device=DEVICE)
+
+    def run(p):
+        p, c = p.clone().requires_grad_(), concepts.clone().requires_grad_()
+        with ops.use_backend(backend):
+            psi = ops.ewa_weights(p, c, mask, power=1.5)
+            psi.backward(grad)
+        return psi, p.grad, c.grad
+
+    got, want = run(clean.masked_fill(~mask[:, None, :, None], float("nan"))), run(clean)
+    for name, x, y in zip(("psi", "dprompt", "dconcepts"), got, want):
+        assert torch.isfinite(x).all(), f"{name} has NaN/inf"
+        torch.testing.assert_close(x, y, msg=name)
 
 
 # ------------------------------------------------------------- row 15: mistyped arguments, overflowing scalars

@@ -79,3 +79,19 @@ def test_the_pipeline_refuses_a_negative_prompt_that_is_not_text(lp):  # noqa: F
 def test_the_engine_refuses_bad_settings(lp, store, kwargs, message):  # noqa: F811
     with pytest.raises(ValueError, match=message):
         Engine(lp, store, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(eta=float("nan")), r"eta=nan: expected a number in \[0, 1\]"),
+        (dict(guidance_rescale=float("inf")), "guidance_rescale=inf"),
+        (dict(capture_attention=["no.such.layer"]), r"capture_attention: \['no.such.layer'\] are not attn2 layer"),
+        (dict(capture_attention="up_blocks"), r"capture_attention: \['up_blocks'\]"),  # a string, not a list
+    ],
+)
+def test_the_pipeline_refuses_bad_pipeline_only_options(lp, kwargs, message):  # noqa: F811
+    """These were accepted silently: a NaN eta or rescale gave NaN images, an unknown or string
+    capture_attention returned no maps."""
+    with pytest.raises(ValueError, match=message):
+        lp("a dog", num_inference_steps=1, **kwargs)

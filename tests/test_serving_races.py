@@ -62,6 +62,35 @@ def test_cancelling_a_request_that_fails_late_in_prepare_fails_only_that_request
         assert [outcome(f) for f in (running, aside, bad)] == ["done", "done", "cancelled"]
 
 
+def test_cancel_at_every_stage(lp, store):  # noqa: F811
+    """Cancel one request in each stage: queued, being prepared, prepared and set aside, running. Each
+    resolves as cancelled; a request submitted afterwards is served; cancelling a done one is refused."""
+    gate, in_prepare = threading.Event(), threading.Event()
+    with Engine(lp, store) as engine:
+        real_acquire = engine.cache.acquire
+
+        def acquire(keys):
+            if ("default", "mug2") in keys:  # hold the worker inside this request's preparation
+                in_prepare.set()
+                assert gate.wait(WAIT)
+            return real_acquire(keys)
+
+        engine.cache.acquire = acquire
+        running = engine.submit(request(steps=30))
+        wait_until(running.running, "the first request to run")
+        size = lp.default_size() * 2
+        aside = engine.submit(request(seed=1, height=size, width=size))  # prepared, then set aside
+        held = engine.submit(request("a <mug2>", ("mug2",), seed=2))  # the worker waits in its prepare
+        assert in_prepare.wait(WAIT)
+        queued = engine.submit(request(seed=3))  # stays in the queue while the worker is held
+        assert engine.cancel(queued) and engine.cancel(held) and engine.cancel(aside)
+        gate.set()
+        assert engine.cancel(running)  # takes effect at the next step boundary
+        late = engine.submit(request(seed=4, steps=2))
+        assert [outcome(f) for f in (queued, held, aside, running, late)] == ["cancelled"] * 4 + ["done"]
+        assert not engine.cancel(late) and late.result().images
+
+
 def test_submit_racing_close_never_loses_a_future(lp, store):  # noqa: F811
     """Issue 13 row 6, made deterministic: submit passes the closed check, then the engine closes and its
     worker exits before the request reaches the queue. The future must still resolve (cancelled)."""
