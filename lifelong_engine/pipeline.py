@@ -103,9 +103,11 @@ class Library:
         return {c.token: c for c in self.adapters}
 
     @property
-    def default_ewa(self) -> bool:
-        """EWA when every concept was learned with CIDM; otherwise the plain sum."""
-        return bool(self.adapters) and all(c.method == "cidm" for c in self.adapters)
+    def default_ewa(self) -> str:
+        """The merge the concepts ask for: their ``ewa`` metadata ("paper", "official" or "sum"; a CIDM
+        concept without it: "paper", any other method: "sum") when all agree, else "sum"."""
+        asked = {c.metadata.get("ewa", "paper" if c.method == "cidm" else "sum") for c in self.adapters}
+        return asked.pop() if len(asked) == 1 else "sum"
 
     @property
     def image_side(self) -> bool:
@@ -315,19 +317,33 @@ class LifelongPipeline:
     def concept_weights(
         self,
         encoded: EncodedPrompts,
-        power: float = 2.0,
-        norm: str = "fro",
+        power: float | None = None,
+        norm: str | None = None,
         top_k: int | None = None,
         library: Library | None = None,
+        variant: str = "paper",
     ) -> tuple[Tensor, Tensor]:
         """EWA over the library: (ids, psi), each (n, L, S): the pool ids of the concepts each prompt mixes
-        into each layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3)."""
+        into each layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3).
+
+        variant "paper": ``ops.ewa_weights`` of the prompt's words and EOS against each concept's ê (its
+        tokens encoded alone, averaged), power 2 and L2 by default; "official" (the released CIDM code):
+        ``ops.ewa_weights_rows`` over all prompt positions against every concept's token rows encoded in
+        one prompt of all concepts (:meth:`PromptEncoder.concept_rows`), power 4 and L1 by default."""
         library = library or self.library()
         n, L = encoded.per_layer.shape[:2]
         G = len(library.adapters)
         if G == 0:
             return torch.zeros(n, L, 0, dtype=torch.long, device=self.device), torch.zeros(n, L, 0, device=self.device)
-        psi = ops.ewa_weights(encoded.per_layer.float(), library.embeddings, encoded.ewa_mask, power, norm)
+        if variant == "official":
+            rows, present = self.text.concept_rows(library.adapters)
+            psi = ops.ewa_weights_rows(
+                encoded.per_layer.float(), rows.float(), present, None, power or 4.0, norm or "l1"
+            )
+        else:
+            psi = ops.ewa_weights(
+                encoded.per_layer.float(), library.embeddings, encoded.ewa_mask, power or 2.0, norm or "fro"
+            )
         order = torch.arange(G, device=self.device).expand(n, L, G)
         if top_k is not None and top_k < G:
             psi, order = psi.topk(top_k, dim=-1)
@@ -357,10 +373,10 @@ class LifelongPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         alpha: float = 0.7,
-        ewa_power: float = 2.0,
-        ewa_norm: str = "fro",
+        ewa_power: float | None = None,
+        ewa_norm: str | None = None,
         ewa_top_k: int | None = None,
-        ewa: bool | None = None,
+        ewa: bool | str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -379,9 +395,12 @@ class LifelongPipeline:
         attend to region prompt u in every layer (a later box wins where boxes overlap), and with
         ``alpha < 1`` each region also gets its own noise estimate E_u, aggregated as
         ``E* = α·E + Σ_u (1−α)·E_u ⊙ m_u`` (DESIGN §5; ``alpha=1`` is the single-pass mode).
-        ewa_power / ewa_norm / ewa_top_k: EWA weighting of the library (paper: 2 / "fro"; the official code:
-        4 / "l1"); ``ewa=False`` sums every concept with weight 1 (LoRA-M, C-LoRA and peft's merge);
-        the default uses EWA when every concept was learned with CIDM (``method == "cidm"``), else the sum.
+        ewa: how the library's concepts are merged in every layer: "paper" (CIDM's EWA as the paper writes
+        it; also ``True``), "official" (the released CIDM code's EWA, see :meth:`concept_weights`) or "sum"
+        (every concept with weight 1: LoRA-M, C-LoRA and peft's merge; also ``False``); the default is what
+        the concepts were trained for (:attr:`Library.default_ewa`), independent of it when given.
+        ewa_power / ewa_norm: override the variant's power and normaliser (paper 2 / "fro", official
+        4 / "l1"); ewa_top_k: keep only the k concepts with the largest ψ per layer.
         capture_attention: attn2 layer names whose attention maps to return (``output.attention_maps``,
         layer → (rows, N, T) for the last step).
         attention_guidance: an :class:`~lifelong_engine.guidance.AttentionGuidance`: in the first steps, move
@@ -529,10 +548,10 @@ class LifelongPipeline:
     def prepare(
         self,
         plan: _Plan,
-        power: float,
-        norm: str,
+        power: float | None,
+        norm: str | None,
         top_k: int | None,
-        ewa: bool | None,
+        ewa: bool | str | None,
         size: tuple[int, int],
         library: Library | None = None,
     ) -> _Prepared:
@@ -547,9 +566,9 @@ class LifelongPipeline:
         if encoded.pooled is not None:
             pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
             pooled[real] = encoded.pooled
-        if ewa is None:
-            ewa = library.default_ewa
-        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None, library)
+        variant = _ewa_variant(library.default_ewa if ewa is None else ewa)
+        ewa = variant != "sum"
+        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None, library, variant)
         G = len(library.adapters)
         full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=self.device)
         full_psi = torch.zeros(n, L, ids.shape[-1], device=self.device)
@@ -620,6 +639,15 @@ class LifelongPipeline:
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+
+_EWA_VARIANTS = {True: "paper", False: "sum", "paper": "paper", "official": "official", "sum": "sum"}
+
+
+def _ewa_variant(ewa) -> str:
+    if isinstance(ewa, (bool, str)) and ewa in _EWA_VARIANTS:
+        return _EWA_VARIANTS[ewa]
+    raise ValueError(f"ewa={ewa!r}; expected 'paper', 'official', 'sum', True (= 'paper') or False (= 'sum')")
 
 
 def aggregate_noise(eps: Tensor, cfg: bool, guidance_scale: float, alpha: float, masks: Tensor | None) -> Tensor:
