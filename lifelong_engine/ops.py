@@ -231,8 +231,9 @@ def ewa_weights(
     concepts: (L, G, D) per layer, each concept's embedding ê^l_g;
     prompt_mask: (B, T) bool, tokens that count (exclude padding); None = all.
     Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
-               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖ with norm "fro" (L2, the paper's)
-               or "l1" (the official code's, used with power 4).
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖ with norm "fro" (L2, the paper's) or "l1".
+    The released CIDM code's EWA is not this with power 4 and "l1": it matches each token row of a
+    concept and averages, over all prompt positions (:func:`ewa_weights_rows`).
     Returns psi (B, L, G). Differentiable in prompt and concepts.
     """
     checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=True)
