@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = ["ConceptAdapter", "validate_name", "factors_from_delta", "PROJECTIONS"]
 
 PROJECTIONS = ("to_k", "to_v", "to_q", "to_out.0")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*")  # fullmatch: "$" would allow a trailing newline
 MAX_NAME = 128
 # Reserved keys of the safetensors layout (see ConceptAdapter.to_safetensors).
 _TOKEN_KEY, _CONCEPT_KEY = "token_embeddings", "concept_embeddings"
@@ -37,7 +37,7 @@ def validate_name(name: str, what: str = "concept name") -> str:
         raise TypeError(f"{what} must be a string, got {type(name).__name__}")
     if not 0 < len(name) <= MAX_NAME:
         raise ValueError(f"{what} {name!r}: must have 1 to {MAX_NAME} characters, got {len(name)}")
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"{what} {name!r}: use letters, digits and _ . + @ - only, starting with a letter or digit (no paths)"
         )

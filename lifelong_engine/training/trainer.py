@@ -131,6 +131,9 @@ class ContinualTrainer:
         config = methods.config(method) if isinstance(method, str) else method
         if rank < 1 or max_steps < 1 or batch_size < 1 or words < 1 or checkpoint_every < 1:
             raise ValueError("rank, max_steps, batch_size, words and checkpoint_every must be at least 1")
+        for option, lr in (("learning_rate", learning_rate), ("token_learning_rate", token_learning_rate)):
+            if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"{option} must be a finite number > 0, got {lr!r}")
         self.pipeline, self.rank = pipeline, rank
         self.max_steps, self.learning_rate, self.batch_size = max_steps, learning_rate, batch_size
         self.token_learning_rate = token_learning_rate or learning_rate
@@ -272,12 +275,12 @@ class ContinualTrainer:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
             if not files:
                 raise ValueError(f"images: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
-            images = [PIL.Image.open(p) for p in files]
+            images = [_open_image(p) for p in files]
         elif isinstance(images, Tensor):
             if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
                 raise ValueError(f"images: a tensor must be (N, 3, H, W) float in [0, 1], got {tuple(images.shape)}")
-            if images.min() < 0 or images.max() > 1:
-                raise ValueError("images: tensor values must lie in [0, 1]")
+            if not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
+                raise ValueError("images: tensor values must be finite and lie in [0, 1]")
             images = [PIL.Image.fromarray((x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
                       for x in images]  # fmt: skip
         images = list(images)
@@ -565,16 +568,35 @@ class ContinualTrainer:
         _atomic_save(ckpt, path)
 
     def _load_checkpoint(self, path: Path, state: TaskState, gen: torch.Generator) -> int:
-        ckpt = torch.load(path, map_location=self.pipeline.device, weights_only=True)
-        with torch.no_grad():
-            for k, v in ckpt["params"].items():
-                state.params[k].copy_(v)
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"].cpu())
-        state.losses = ckpt["losses"].tolist()
-        if "method" in ckpt:
-            self.strategy.load_checkpoint_state(ckpt["method"])
-        return int(ckpt["step"])
+        def refuse(why: str) -> TrainingError:
+            return TrainingError(f"checkpoint {path}: cannot resume from it: {why}; delete it to start over")
+
+        try:
+            ckpt = torch.load(path, map_location=self.pipeline.device, weights_only=True)
+            params = ckpt["params"]
+            have = {k: tuple(v.shape) for k, v in params.items()}
+        except Exception as e:  # truncated, not a checkpoint, ...
+            raise refuse(" ".join(str(e).split())[:300]) from e
+        want = {k: tuple(v.shape) for k, v in state.params.items()}
+        if have != want:
+            diff = next(
+                (k, have.get(k), want.get(k)) for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)
+            )
+            raise refuse(
+                f"its {diff[0]} has shape {diff[1]}, this run needs {diff[2]} (written with another rank or method?)"
+            )
+        try:
+            with torch.no_grad():
+                for k, v in params.items():
+                    state.params[k].copy_(v)
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["generator"].cpu())
+            state.losses = ckpt["losses"].tolist()
+            if "method" in ckpt:
+                self.strategy.load_checkpoint_state(ckpt["method"])
+            return int(ckpt["step"])
+        except Exception as e:
+            raise refuse(" ".join(str(e).split())[:300]) from e
 
 
 # =========================================================================== helpers
@@ -606,6 +628,16 @@ class _freeze:
 def _child_generator(gen: torch.Generator, device) -> torch.Generator:
     """A generator on ``device`` seeded from ``gen`` (sampling images stays reproducible)."""
     return torch.Generator(device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def _open_image(path: Path) -> PIL.Image.Image:
+    """The image at ``path``, decoded now, so a bomb, truncated or unreadable file is named here."""
+    try:
+        im = PIL.Image.open(path)
+        im.load()
+    except (PIL.Image.DecompressionBombError, OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"images: {path}: cannot use this image: {e}") from e
+    return im
 
 
 def _peak_memory() -> int:
