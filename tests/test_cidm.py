@@ -247,3 +247,15 @@ def test_pipeline_official_ewa_encodes_all_concepts_in_one_prompt(tmp_path):
     torch.testing.assert_close(paper[0], want_paper[0])
     with pytest.raises(ValueError, match="ewa='nope'"):
         lp(prompt, num_inference_steps=1, ewa="nope")
+
+
+def test_cidm_ablation_options(tmp_path):
+    """No layer-wise tokens: one token row for all layers; no EWA: the library merges by plain sum."""
+    lp = _pipeline()
+    options = dict(layerwise_tokens=False, ewa="sum", gamma1=0.0, gamma2=0.0)
+    tr = ContinualTrainer(lp, methods.config("cidm", **options), max_steps=2, seed=0, progress=False, run_dir=tmp_path)
+    adapter = tr.learn("tw-badge", _images("tw-badge"), "circle")
+    assert adapter.token_embeddings.shape[0] == 1 and adapter.metadata["ewa"] == "sum"
+    assert lp.library().default_ewa == "sum" and not tr.strategy.r2  # no R2: no closed-form state either
+    with pytest.raises(ValueError, match="ewa='max'"):
+        methods.config("cidm", ewa="max")

@@ -87,13 +87,15 @@ class CIDM(Method):
         params, past = state.params, self._past(state)
         zero = batch.pred.new_zeros(())
         r1 = r2 = zero
-        for (layer, proj), shared in self._r2_items():
-            a, b = self.forward_factors(params, layer, proj)
-            if self.config.gamma1:
-                r1 = r1 + losses.orthogonal_subspace_loss([c.factors(layer, proj)[1].float() for c in past], b)
-            h = shared["h"].get(task.name)
-            if h is not None and self.config.gamma2:
-                r2 = r2 + losses.shared_subspace_loss([b @ a], [h], shared["w"])
+        for layer in self.trainer.pipeline.layers:
+            for proj in self.projections:
+                a, b = self.forward_factors(params, layer, proj)
+                if self.config.gamma1:
+                    r1 = r1 + losses.orthogonal_subspace_loss([c.factors(layer, proj)[1].float() for c in past], b)
+                shared = self.r2.get((layer, proj))
+                h = shared["h"].get(task.name) if shared is not None else None
+                if h is not None and self.config.gamma2:
+                    r2 = r2 + losses.shared_subspace_loss([b @ a], [h], shared["w"])
         return self.config.gamma1 * r1 + self.config.gamma2 * r2
 
     @torch.no_grad()
