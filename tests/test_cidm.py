@@ -18,7 +18,7 @@ from lifelong_engine.training.methods.base import Batch
 
 def r1_formula(ups_prev, up_new):
     """Σ_i ‖A_i·A_gᵀ‖_F², A = the paper's A ∈ R^{a×r} = lora_B (Dout×r), each product a×a."""
-    return sum(float((a @ up_new.T).square().sum()) for a in ups_prev)
+    return sum(float((a @ up_new.T).detach().square().sum()) for a in ups_prev)
 
 
 def test_r1_is_zero_for_orthogonal_ups_with_a_shared_down():
