@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator
 
@@ -83,6 +84,16 @@ class ConceptAdapter:
             raise ValueError(f"concept {self.name!r}: token and words must be non-empty")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"concept {self.name!r}: rank must be a positive int, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"concept {self.name!r}: alpha must be a finite number > 0, got {self.alpha!r}")
+        for what, t in [
+            *self.lora.items(),
+            (_TOKEN_KEY, self.token_embeddings),
+            (_CONCEPT_KEY, self.concept_embeddings),
+        ]:
+            if t is not None and (not isinstance(t, Tensor) or not t.is_floating_point()):
+                kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"concept {self.name!r}: {what} must be a real floating-point tensor, got {kind}")
         for key, value in self.metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"concept {self.name!r}: metadata must map str to str, got {key!r}: {value!r}")

@@ -12,8 +12,13 @@ Only the cross-attention projections (attn2 to_k/to_v/to_q/to_out.0) are kept; a
 holds (self-attention, resnets, text encoder) is reported in a warning and left out.
 
 ``export_lora`` writes peft or kohya files that ``diffusers``' ``load_lora_weights`` loads.
-Files are read with safetensors; legacy ``.bin``/``.pt`` only with ``torch.load(weights_only=True)``,
-so a pickle that would run code is refused, never executed.
+Files are recognised by content, not by suffix: safetensors, or a torch zip file (``.bin``/``.pt``) read
+only with ``torch.load(weights_only=True)``, so a pickle that would run code is refused, never executed.
+Hostile files are refused before they cost anything: special files (FIFOs, devices) are not opened for
+reading, a torch zip whose records are compressed or declare more bytes than the file holds (a zip bomb)
+is not inflated, pre-zip torch pickles are not read. Every problem with a file is a ValueError naming
+the file and the problem: non-tensors, non-float dtypes, NaN/inf, shapes, rank 0, alphas outside
+(0, 1e6] or LoRA scales above 1024, absurd weights, unusable textual-inversion tokens.
 """
 
 from __future__ import annotations
@@ -120,6 +125,10 @@ def _unet_order(path: str) -> tuple:
 # LoRA tensors must be real floating point; a larger LoRA scale (alpha / rank) than this is refused as absurd.
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_LORA_SCALE = 1024.0
+# Bound on an entry of a module's weight delta, scale·|(B·A)_ij| ≤ scale·max_i‖B_i,:‖·max_j‖A_:,j‖ (Cauchy-Schwarz):
+# real LoRAs stay far below it (weights are O(1)); a file above it would turn every image to NaN or noise.
+MAX_DELTA_BOUND = 1e4
+MAX_TI_VECTORS = 75  # CLIP's 77-token context less its start and end tokens
 _TOKEN = re.compile(r"\S{1,64}")
 
 
@@ -284,6 +293,11 @@ def _adapter_from_factors(name, factors, alphas, token, class_word, method) -> C
     )
     if not adapter.is_finite():
         raise ValueError("the LoRA factors overflow to inf once each module's scale is folded in")
+    for (layer, proj), f in factors.items():
+        a, b = f["lora_A"].double(), f["lora_B"].double()
+        bound = scales[(layer, proj)] * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max())
+        if bound > MAX_DELTA_BOUND:
+            raise ValueError(f"{layer}.{proj}: absurd weights: a delta entry may reach {bound:.3g}")
     return adapter
 
 
@@ -334,6 +348,8 @@ def _import_textual_inversion(sd, name, token) -> ConceptAdapter:
     if emb.ndim not in (1, 2) or emb.numel() == 0:
         raise ValueError(f"{key}: the embedding is empty or not (rows, dim): shape {tuple(emb.shape)}")
     emb = emb.detach().reshape(-1, emb.shape[-1])
+    if emb.shape[0] > MAX_TI_VECTORS:
+        raise ValueError(f"{key}: {emb.shape[0]} embedding vectors; a prompt holds at most {MAX_TI_VECTORS} tokens")
     token = token or f"<{name}>"
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"the token {token!r} is not usable in a prompt (1 to 64 characters, no spaces); pass token=")

@@ -100,7 +100,14 @@ class ConceptRecord:
     @classmethod
     def _from_row(cls, row: tuple) -> ConceptRecord:
         values = list(row)
-        values[4] = json.loads(values[4])
+        types = (str, str, int, str, str, (str, type(None)), str, int, str, str, str, int, (float, int))
+        try:
+            values[4] = json.loads(values[4]) if isinstance(values[4], str) else None
+            ok = all(isinstance(v, t) for v, t in zip(row, types)) and isinstance(values[4], list)
+        except ValueError:
+            ok = False
+        if not ok:  # a tampered or damaged index
+            raise ConceptStoreError(f"index.sqlite: a malformed row for concept {row[0]!r}/{row[1]!r}: {row!r}"[:300])
         return cls(*values)
 
 
@@ -426,8 +433,8 @@ class ConceptStore:
         """Remove version files no index row names, and emptied concept folders (under the write lock)."""
         concepts = self.root / "concepts"
         for folder in concepts.glob("*/*"):
-            if folder.is_symlink() or not folder.is_dir():
-                continue
+            if folder.is_symlink() or folder.parent.is_symlink() or not folder.is_dir():
+                continue  # never follow a link out of the store
             for file in folder.iterdir():
                 rel = file.relative_to(self.root).as_posix()
                 if _FILE.fullmatch(rel) and rel not in listed and not file.is_dir():
@@ -484,5 +491,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"cannot write {path} (disk full?): {' '.join(str(e).split())}") from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -83,6 +83,12 @@ def _ranks_disagree() -> dict:
     return sd
 
 
+def _huge_values() -> dict:
+    sd = peft()
+    sd[f"{LAYER}.to_v.lora_B.weight"] *= 1e20  # finite in float32, but B·A overflows the attention
+    return sd
+
+
 def _truncated() -> bytes:
     data = safetensors.torch.save(peft())
     return data[: len(data) // 2]
@@ -104,6 +110,7 @@ CORPUS = {
     "bool.safetensors": (_safetensors(peft(dtype=torch.bool)), "bool"),
     "int8.pt": (_torch(peft(dtype=torch.int8)), "int8"),
     "nan.safetensors": (_safetensors(_nan()), "NaN"),
+    "huge-values.safetensors": (_safetensors(_huge_values()), "absurd weights"),
     "ranks-disagree.safetensors": (_safetensors(_ranks_disagree()), "rank"),
     "lone-lora-tensor.safetensors": (
         _safetensors({f"{KOHYA}_to_k.lora_down.weight": torch.randn(2, 24)}),
@@ -111,6 +118,7 @@ CORPUS = {
     ),
     "lone-tensor-bad-token.pt": (_torch({"a token with spaces": torch.randn(1, 24)}), "token"),
     "empty-embedding.pt": (_torch({"<empty>": torch.zeros(0, 24)}), "empty"),
+    "too-many-vectors.safetensors": (_safetensors({"emb_params": torch.randn(500, 24)}), "500 embedding vectors"),
     "legacy-pickle.pt": (_torch({"<old>": torch.randn(1, 24)}, _use_new_zipfile_serialization=False), "legacy"),
     "truncated.safetensors": (_bytes(_truncated()), "safetensors"),
     "garbage.bin": (_bytes(b"\x93NUMPY not a torch file at all" * 8), "neither"),

@@ -267,26 +267,29 @@ def test_index_full_is_a_clear_error_and_leaves_no_file(store):
     assert list(store.staging.iterdir()) == []
 
 
-def test_full_disk_during_import_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "limit,expected",
+    [(512, "index.sqlite: disk I/O error"), (40000, "cannot write")],  # the index's -shm, or the concept file
+)
+def test_full_disk_during_import_is_one_line(tmp_path, limit, expected):
     """The CLI under a file-size limit (writes fail like a full disk): one error line, exit 2, store intact."""
     import safetensors.torch
-    import torch
-    from hostile_files import kohya
+    from hostile_files import peft
 
-    src = tmp_path / "k.safetensors"
-    safetensors.torch.save_file(kohya(alpha=torch.tensor(1.0)), src)
+    src = tmp_path / "big.safetensors"
+    safetensors.torch.save_file(peft(rank=64, din=128, dout=128), src)  # ~260 KB
     root = tmp_path / "store"
     ConceptStore(root).close()
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
         "from lifelong_engine import cli; sys.exit(cli.main(sys.argv[1:]))"
     )
     args = ["concepts", "import", str(src), "--store", str(root), "--name", "k"]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "k" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     with ConceptStore(root) as s:
         assert s.verify() == [] and "k" not in s
     assert list((root / "staging").iterdir()) == []
@@ -310,3 +313,66 @@ def test_digest_is_still_checked(store):
     assert hashlib.sha256(data).hexdigest() != rec.sha256
     with pytest.raises(ConceptStoreError, match="sha256"):
         store.load("my-dog")
+
+
+@pytest.mark.parametrize("column,value", [("words", "not json"), ("size", "big"), ("words", '{"a": 1}')])
+def test_malformed_index_row_is_a_store_error(store, capsys, column, value):
+    store.save(make_adapter())
+    store._db.execute(f"UPDATE concepts SET {column}=?", (value,))
+    with pytest.raises(ConceptStoreError, match="malformed row"):
+        store.list()
+    assert cli.main(["concepts", "list", "--store", str(store.root)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_checkpoint_write_on_a_full_disk_is_a_clear_oserror(tmp_path):
+    """atomic_torch_save (the trainer's checkpoints) when writes fail: an OSError naming the file, no temp left."""
+    import resource
+    import signal
+
+    import torch
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError, match="cannot write") as info:
+            atomic_torch_save({"x": torch.zeros(10000)}, tmp_path / "cidm-dog.ckpt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "cidm-dog.ckpt" in str(info.value) and list(tmp_path.iterdir()) == []
+
+
+def test_orphan_collection_never_follows_a_symlinked_namespace(store, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "name").mkdir(parents=True)
+    bait = outside / "name" / "v1-abcdef012345.safetensors"  # looks like a store file
+    bait.write_bytes(b"someone else's")
+    (store.root / "concepts" / "linked").symlink_to(outside)
+    store.prune()
+    assert bait.exists()
+
+
+def test_fifo_in_place_of_the_index_does_not_hang(tmp_path):
+    root = tmp_path / "store"
+    (root / "concepts").mkdir(parents=True)
+    os.mkfifo(root / "index.sqlite")
+    outcome = []
+
+    def open_store():
+        try:
+            ConceptStore(root).close()
+        except ConceptStoreError as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=open_store, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # unblock SQLite's read so the test ends, then fail
+        fd = os.open(root / "index.sqlite", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"not a database" * 100)
+        os.close(fd)
+        t.join()
+        pytest.fail("opening the store blocked on a FIFO index")
+    assert outcome and "not a regular file" in outcome[0]

@@ -98,3 +98,37 @@ def test_truncated_checkpoint_names_the_checkpoint(tmp_path, lp, checkpoint):
 
 def test_resume_with_another_rank_names_the_checkpoint(tmp_path, lp, checkpoint):
     assert "shape" in _resume(lp, tmp_path, checkpoint, rank=3)
+
+
+def test_fifo_among_the_images_does_not_hang(tmp_path, lp):
+    import os
+    import threading
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images(CONCEPTS[0], n=1)[0].save(folder / "0.png")
+    os.mkfifo(folder / "1.png")
+    outcome = []
+
+    def load():
+        try:
+            trainer(lp, tmp_path / "run", "lora-m")._load_images(folder)
+        except ValueError as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(60)
+    if t.is_alive():  # unblock the reader so the test ends, then fail
+        os.close(os.open(folder / "1.png", os.O_WRONLY | os.O_NONBLOCK))
+        t.join()
+        pytest.fail("loading the images blocked on a FIFO")
+    assert outcome and "1.png" in outcome[0] and "not a regular file" in outcome[0]
+
+
+def test_truncated_method_state_names_the_file(tmp_path, lp):
+    state = tmp_path / "lora-m-trainer-state.pt"
+    state.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(TrainingError, match="trainer state") as info:
+        trainer(lp, tmp_path, "lora-m")
+    assert str(state) in str(info.value)

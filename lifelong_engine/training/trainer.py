@@ -27,6 +27,7 @@ import dataclasses
 import math
 import os
 import resource
+import stat
 import tempfile
 import time
 import warnings
@@ -551,8 +552,15 @@ class ContinualTrainer:
 
     def _load_method_state(self) -> None:
         path = self._state_path()
-        if path.exists():
+        if not path.exists():
+            return
+        try:
             self.strategy.load_state_dict(torch.load(path, map_location=self.pipeline.device, weights_only=True))
+        except Exception as e:  # truncated or not this trainer's state
+            raise TrainingError(
+                f"trainer state {path}: cannot read it: {' '.join(str(e).split())[:300]}; "
+                "delete it to start the run's method state over"
+            ) from e
 
     def _save_checkpoint(self, path: Path, state: TaskState, gen: torch.Generator, step: int) -> None:
         ckpt = {
@@ -633,6 +641,8 @@ def _child_generator(gen: torch.Generator, device) -> torch.Generator:
 def _open_image(path: Path) -> PIL.Image.Image:
     """The image at ``path``, decoded now, so a bomb, truncated or unreadable file is named here."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            raise ValueError("not a regular file")
         im = PIL.Image.open(path)
         im.load()
     except (PIL.Image.DecompressionBombError, OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
