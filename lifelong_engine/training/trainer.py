@@ -42,7 +42,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..attention import CONTEXT_KWARG, GenerationContext
+from ..attention import GenerationContext, ImageLora, unet_forward
 from ..concepts import ConceptAdapter, validate_name
 from ..errors import LifelongError
 from ..pool import AdapterPool
@@ -411,21 +411,17 @@ class ContinualTrainer:
         kv = lp.text_kv(enc.per_layer, pool, ids, ones)
         ctx = GenerationContext(kv)
         if any(p not in KV for p in self.strategy.projections):  # image-side LoRA (to_q, to_out.0)
-            ctx.pool = pool
-            for l, layer in enumerate(lp.layers):
-                ctx.row_ids[layer], ctx.row_weights[layer] = ids[:, l], ones[:, l].to(lp.dtype)
+            ctx.image_lora = ImageLora(
+                pool,
+                {layer: ids[:, l] for l, layer in enumerate(lp.layers)},
+                {layer: ones[:, l].to(lp.dtype) for l, layer in enumerate(lp.layers)},
+            )
         added = None
         if lp.is_sdxl:
             time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
             added = {"text_embeds": enc.pooled.to(lp.dtype), "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1)}
-        return lp.unet(
-            noisy.to(lp.dtype),
-            t,
-            encoder_hidden_states=enc.per_layer[:, 0].to(lp.dtype),
-            cross_attention_kwargs={CONTEXT_KWARG: ctx},
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        hidden = enc.per_layer[:, 0].to(lp.dtype)
+        return unet_forward(lp.unet, noisy.to(lp.dtype), t, ctx, hidden, added)
 
     def noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
         """(noisy, t, target) for clean latents: noise from ``gen``, t uniform unless given."""
