@@ -25,7 +25,8 @@ ones (both kinds), and of ``cp.async`` copies (global → shared without registe
 Counts are of PTX instructions (per thread, loop bodies once), not of bytes moved.
 
 --check fails (exit 1) on a compile error, on shared memory above sm_90's 227 KiB, or on a
-stack frame above the kernel's threshold in ``SPILL_LIMITS``. TRITON_INTERPRET must not be set
+stack frame above the kernel's threshold in ``SPILL_LIMITS`` (0 for kernels not named there).
+TRITON_INTERPRET must not be set
 (the kernels would be interpreted, not compiled); this script clears it for its own process.
 Triton's cache goes to a temporary folder removed at exit (or --cache-dir).
 """
@@ -53,19 +54,14 @@ from pathlib import Path
 
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may take on sm_90 (227 KiB)
 
-# Stack-frame (spill) bytes allowed per kernel and dtype class before --check fails. Set from
-# the fixed figures in the README (Triton 3.9): 0 where the kernel does not spill, with room
-# for ptxas variance where it does (fp32 paths, whose 3×TF32 / IEEE dots take more registers).
+# Stack-frame (spill) bytes allowed per kernel and dtype class before --check fails: 0 wherever
+# the fixed kernels compile without spills (Triton 3.9 and 3.6, see README); the regional fp32
+# kernels keep spills at d = 160 (fwd 176-184 B, bwd 1,056 B on 3.9; 3.2 spills 80-96 B in the
+# fp32 forward at d = 40), whose 3xTF32 dots hold hi/lo parts of 16 x 256 fp32 tiles already
+# at tl.dot's minimum tile sizes. A new spill anywhere else fails CI.
 SPILL_LIMITS = {
-    "_regional_attn_fwd_kernel": {"half": 0, "fp32": 64},
-    "_regional_attn_bwd_kernel": {"half": 64, "fp32": 1024},
-    "_cos_max_kernel": {"half": 0, "fp32": 256},
-    "_pow_normalize_kernel": {"half": 0, "fp32": 0},
-    "_merge_kernel": {"half": 0, "fp32": 64},
-    "_lora_kv_fwd_kernel": {"half": 0, "fp32": 64},
-    "_lora_kv_bwd_lowrank_kernel": {"half": 0, "fp32": 64},
-    "_lora_kv_bwd_dc_kernel": {"half": 0, "fp32": 64},
-    "_lora_kv_bwd_adapter_kernel": {"half": 0, "fp32": 64},
+    "_regional_attn_fwd_kernel": {"half": 0, "fp32": 192},
+    "_regional_attn_bwd_kernel": {"half": 0, "fp32": 1088},
 }
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 

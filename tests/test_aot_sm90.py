@@ -72,13 +72,14 @@ def _row(**kw):
 
 
 def test_check_fails_on_compile_errors_shared_memory_and_spills_over_the_kernels_limit():
-    assert aot_sm90.check([_row(), _row(dtype="fp32", stack=aot_sm90.SPILL_LIMITS["_merge_kernel"]["fp32"])]) == []
+    limit = aot_sm90.SPILL_LIMITS["_regional_attn_bwd_kernel"]["fp32"]
+    assert aot_sm90.check([_row(), _row(kernel="_regional_attn_bwd_kernel", dtype="fp32", stack=limit)]) == []
     problems = aot_sm90.check(
         [
             _row(error="CompilationError: boom"),
             _row(shared=aot_sm90.SM90_MAX_SHARED + 1),
             _row(stack=8),
-            _row(kernel="_unknown_kernel", stack=4),
+            _row(kernel="_regional_attn_bwd_kernel", dtype="fp32", stack=limit + 8),
         ]
     )
-    assert [p.split(": ", 1)[1].split()[0] for p in problems] == ["CompilationError:", "232449", "8", "4"]
+    assert [p.split(": ", 1)[1].split()[0] for p in problems] == ["CompilationError:", "232449", "8", str(limit + 8)]
