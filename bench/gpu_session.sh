@@ -50,7 +50,7 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 pack() {  # bench/results/ (without the CPU folders) into $OUT/results.tar.gz, after every stage
     local dirs
-    dirs=$(find bench/results -mindepth 1 -maxdepth 1 -type d ! -name cpu ! -name 'cpu-*' 2>/dev/null | sort)
+    dirs=$(find bench/results -mindepth 1 -maxdepth 1 -type d ! -name cpu ! -name 'cpu-*' ! -name aot_sm90 2>/dev/null | sort)
     if [ -n "$dirs" ]; then
         # shellcheck disable=SC2086
         tar -czf "$OUT/results.tar.gz.tmp" $dirs && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
