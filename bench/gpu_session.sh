@@ -12,7 +12,8 @@
 #            the machine's own resource table (its Triton, its ptxas)
 #   kernels  pytest -m gpu -n 8 --timeout 120 tests/test_kernels_*.py
 #   bench    bench/kernels.py cut: batch 2 and 8, no compile / flex / xformers providers,
-#            --rep-ms 20; every op, and the peft / SDPA / per-region baselines
+#            --rep-ms 20, one process per subject (75 / 60 / 40 s); every op, and the peft /
+#            SDPA / per-region baselines
 #   engine   pytest -m gpu (the engine's end-to-end tests on CUDA), kernels' tests excluded
 # extra: train (bench/train.py, SD-1.5 bf16, batch 1 and 4, 10 steps), serve (bench/serve.py sd15).
 #
@@ -131,11 +132,22 @@ tests_stage() {  # tests_stage NAME LIMIT_S WORKERS PYTEST-ARGS...: the GPU test
     fi
 }
 
+# The cut kernel benchmark, one process per subject, each with its share of the stage's time so
+# that a slow subject cannot starve the others (results are written after every record).
+export BENCH_CUT="--batch 2,8 --exclude compile,flex,xformers --rep-ms 20" PY
+bench_cut() {
+    local rc=0
+    timeout 75 "$PY" bench/kernels.py --subject regional $BENCH_CUT || rc=1
+    timeout 60 "$PY" bench/kernels.py --subject lora_kv $BENCH_CUT || rc=1
+    timeout 40 "$PY" bench/kernels.py --subject ewa $BENCH_CUT || rc=1
+    return $rc
+}
+
 run_main() {
-    gpu_stage aot 90 "$PY" bench/aot_sm90.py --jobs 16 --cache-dir "$TRITON_CACHE_DIR" --json "$OUT/aot_sm90.json"
-    tests_stage kernels 200 8 tests/test_kernels_*.py
-    gpu_stage bench 200 "$PY" bench/kernels.py --batch 2,8 --exclude compile,flex,xformers --rep-ms 20
-    tests_stage engine 150 4 tests --ignore-glob='tests/test_kernels_*'
+    gpu_stage aot 60 "$PY" bench/aot_sm90.py --jobs 16 --cache-dir "$TRITON_CACHE_DIR" --json "$OUT/aot_sm90.json"
+    tests_stage kernels 180 8 tests/test_kernels_*.py
+    gpu_stage bench 180 bash -c "$(declare -f bench_cut); bench_cut"
+    tests_stage engine 120 4 tests --ignore-glob='tests/test_kernels_*'
 }
 
 run_extra() {
