@@ -26,8 +26,8 @@ Counts are of PTX instructions (per thread, loop bodies once), not of bytes move
 
 --check fails (exit 1) on a compile error, on shared memory above sm_90's 227 KiB, or on a
 stack frame above the kernel's threshold in ``SPILL_LIMITS`` (0 for kernels not named there).
-TRITON_INTERPRET must not be set
-(the kernels would be interpreted, not compiled); this script clears it for its own process.
+TRITON_INTERPRET must not be set (the kernels would be interpreted, not compiled): run as a
+script, it clears it for its own process; imported, compile_only() refuses to start under it.
 Triton's cache goes to a temporary folder removed at exit (or --cache-dir).
 """
 
@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, not interpret
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns when unset; 1 = every release's default so far
+if __name__ == "__main__":  # as a script, before triton is imported: compile, not interpret
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns when unset; 1 = the default so far
 
 import argparse
 import contextlib
@@ -112,6 +113,8 @@ class Compiled:
 def compile_only(arch: int = 90) -> Iterator[list]:
     """Within: Triton compiles for sm_<arch> without a GPU, and every kernel launch only
     compiles; yields the list that receives (JITFunction, CompiledKernel) of each launch."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
