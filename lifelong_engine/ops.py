@@ -42,6 +42,23 @@ def _custom_op(name: str):
     return register
 
 
+def _public(name: str):
+    """The public function of custom op ``name``: argument types checked first, against the op's schema
+    (torch's schema parser would refuse ``scale='2'`` with a RuntimeError that names no argument),
+    then the op. ``torch.ops.lifelong.<name>`` is the op itself."""
+    op = globals()["_" + name]
+    schema = getattr(torch.ops.lifelong, name).default._schema
+
+    def call(*args, **kwargs):
+        bound = op.__signature__.bind(*args, **kwargs)
+        checks.argument_types(name, schema, bound.arguments)
+        return op(*bound.args, **bound.kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__, call.__signature__ = op.__doc__, op.__signature__
+    return call
+
+
 def _run(op: str, *args, backend: str | None = None):
     return backends.select(op, args, backend)(*args)
 
@@ -55,7 +72,7 @@ def _keep_needed(ctx, grads: tuple) -> tuple:
 
 
 @_custom_op("lifelong::lora_kv_projection")
-def lora_kv_projection(
+def _lora_kv_projection(
     c: Tensor,
     w_k: Tensor,
     w_v: Tensor,
@@ -80,7 +97,7 @@ def lora_kv_projection(
     return _run("lora_kv_projection", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
 
 
-@lora_kv_projection.register_fake
+@_lora_kv_projection.register_fake
 def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     checks.lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
     shape = (c.shape[0], c.shape[1], w_k.shape[0])
@@ -140,14 +157,14 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
     return _keep_needed(ctx, (dc, dw_k, dw_v, da_k, db_k, da_v, db_v, None, dweights, None))
 
 
-lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+_lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
 
 
 # ------------------------------------------------------------------ regional attention
 
 
 @_custom_op("lifelong::regional_cross_attention")
-def regional_cross_attention(
+def _regional_cross_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -161,14 +178,15 @@ def regional_cross_attention(
     region_ids: (B, N) int, slot of each query (0 outside every box); kv_len: (B, P) int valid
     keys per slot (None = all T); scale: softmax scale, d**-0.5 when None.
     Semantics: out[b,h,n] = softmax(q[b,h,n]·k[b,p,h,:kv_len]ᵀ·scale)·v[b,p,h,:kv_len],
-               p = region_ids[b,n]. With P = 1 it is plain cross-attention.
+               p = region_ids[b,n]. With P = 1 it is plain cross-attention. Keys and values
+               ≥ kv_len never reach the output, not even a NaN or inf stored there.
     Returns (B, H, N, d). Differentiable in q, k, v.
     """
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=True)
     return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
 
 
-@regional_cross_attention.register_fake
+@_regional_cross_attention.register_fake
 def _(q, k, v, region_ids, kv_len=None, scale=None):
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
     return torch.empty_like(q)
@@ -210,14 +228,14 @@ def _regional_backward(ctx, grad_out):
     return _keep_needed(ctx, (dq, dk, dv, None, None, None))
 
 
-regional_cross_attention.register_autograd(_regional_backward, setup_context=_regional_setup)
+_regional_cross_attention.register_autograd(_regional_backward, setup_context=_regional_setup)
 
 
 # ------------------------------------------------------------------------------- EWA
 
 
 @_custom_op("lifelong::ewa_weights")
-def ewa_weights(
+def _ewa_weights(
     prompt: Tensor,
     concepts: Tensor,
     prompt_mask: Tensor | None = None,
@@ -229,16 +247,20 @@ def ewa_weights(
     prompt: (B, L, T, D) the prompt's text embedding for each layer (ĉ^l);
     concepts: (L, G, D) per layer, each concept's embedding ê^l_g;
     prompt_mask: (B, T) bool, tokens that count (exclude padding); None = all.
-    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
-               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖ with norm "fro" (L2, the paper's)
+    power: finite, > 0 and representable in prompt's dtype.
+    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);  M⁺ = max(M, 0);
+               psi[b,l,g] = M⁺^power / ‖M⁺[b,l,:]^power‖ with norm "fro" (L2, the paper's)
                or "l1" (the official code's, used with power 4).
+    Negative similarities: a concept no prompt token points towards (M ≤ 0) weighs 0, so ψ is a
+    finite, non-negative weighting for every power (a row whose M are all ≤ 0 is all zeros: no
+    concept applies). The paper's ψ(M) = M²/‖M²‖ is this wherever M ≥ 0.
     Returns psi (B, L, G). Differentiable in prompt and concepts.
     """
     checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=True)
     return _run("ewa_weights", prompt, concepts, prompt_mask, power, norm)
 
 
-@ewa_weights.register_fake
+@_ewa_weights.register_fake
 def _(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
     checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=False)
     return prompt.new_empty((prompt.shape[0], prompt.shape[1], concepts.shape[1]))
@@ -279,11 +301,11 @@ def _ewa_weights_bwd(ctx, grad_psi):
     return _keep_needed(ctx, (dprompt, dconcepts, None, None, None))
 
 
-ewa_weights.register_autograd(_ewa_weights_bwd, setup_context=_ewa_weights_setup)
+_ewa_weights.register_autograd(_ewa_weights_bwd, setup_context=_ewa_weights_setup)
 
 
 @_custom_op("lifelong::ewa_merge")
-def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+def _ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     """Merge G LoRA adapters into one dense weight delta per sample (LoRA-M, merged export).
 
     psi: (B, G) float mixing weights (finite); a: (G, r, Din) lora_A; b: (G, Dout, r) lora_B.
@@ -294,7 +316,7 @@ def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     return _run("ewa_merge", psi, a, b, scale)
 
 
-@ewa_merge.register_fake
+@_ewa_merge.register_fake
 def _(psi, a, b, scale=1.0):
     checks.ewa_merge(psi, a, b, scale, values=False)
     return a.new_empty((psi.shape[0], b.shape[1], a.shape[2]))
@@ -326,4 +348,12 @@ def _ewa_merge_bwd(ctx, grad_delta):
     return _keep_needed(ctx, (dpsi, da, db, None))
 
 
-ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+_ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+
+
+# ------------------------------------------------------------------ public functions
+
+lora_kv_projection = _public("lora_kv_projection")
+regional_cross_attention = _public("regional_cross_attention")
+ewa_weights = _public("ewa_weights")
+ewa_merge = _public("ewa_merge")

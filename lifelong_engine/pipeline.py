@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +33,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .attention import (  # noqa: I001
     CONTEXT_KWARG,
     CrossAttentionProcessor,
@@ -391,15 +393,16 @@ class LifelongPipeline:
         """
         self._check_installed()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         regions = self._check_regions(regions)
         if attention_guidance is not None and regions:
             raise ValueError("attention_guidance works on prompts without regions (regions already place concepts)")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if num_images_per_prompt < 1 or num_inference_steps < 1:
-            raise ValueError("num_images_per_prompt and num_inference_steps must be at least 1")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r}: expected an integer >= 1")
+        self.check_options(
+            num_inference_steps, guidance_scale, alpha, height, width, ewa_power, ewa_norm, ewa_top_k, ewa
+        )
         negatives = self._negatives(negative_prompt, len(prompts))
         pipe, device = self.pipe, self.device
         cfg = guidance_scale > 1.0
@@ -467,6 +470,32 @@ class LifelongPipeline:
 
     # ----------------------------------------------------------------- pieces
 
+    def check_options(
+        self, num_inference_steps, guidance_scale, alpha, height, width, ewa_power, ewa_norm, ewa_top_k, ewa
+    ) -> None:
+        """Raise ValueError naming the option and what is expected unless the generation options are usable
+        (the checks of :meth:`__call__` and of the serving Engine's ``submit``, in one place)."""
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected an integer >= 1")
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number (CFG when > 1)")
+        if not _is_real(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha={alpha!r}: expected a number in [0, 1]")
+        factor = self.pipe.vae_scale_factor
+        for name, size in (("height", height), ("width", width)):
+            if size is not None and (not _is_int(size) or size < factor or size % factor):
+                raise ValueError(
+                    f"{name}={size!r}: expected None or a positive multiple of {factor} (the VAE's scale factor)"
+                )
+        if not _is_real(ewa_power) or not (math.isfinite(ewa_power) and ewa_power > 0):
+            raise ValueError(f"ewa_power={ewa_power!r}: expected a finite number > 0")
+        if ewa_norm not in checks.NORMS:
+            raise ValueError(f"ewa_norm={ewa_norm!r}: expected one of {checks.NORMS}")
+        if ewa_top_k is not None and (not _is_int(ewa_top_k) or ewa_top_k < 1):
+            raise ValueError(f"ewa_top_k={ewa_top_k!r}: expected None (every concept) or an integer >= 1")
+        if ewa is not None and not isinstance(ewa, bool):
+            raise ValueError(f"ewa={ewa!r}: expected None (by the concepts' method), True or False")
+
     def _check_regions(self, regions) -> list[tuple[str, Box]]:
         regions = list(regions or [])
         if len(regions) > self.max_regions:
@@ -490,10 +519,12 @@ class LifelongPipeline:
     def _negatives(self, negative_prompt, n: int) -> list[str | None]:
         if negative_prompt is None:
             return [None] * n
-        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, Sequence) or not all(x is None or isinstance(x, str) for x in negatives):
+            raise ValueError(f"negative_prompt={negative_prompt!r:.80}: expected None, a string or a list of strings")
         if len(negatives) != n:
             raise ValueError(f"negative_prompt has {len(negatives)} entries, prompt has {n}")
-        return negatives
+        return list(negatives)
 
     def _default_size(self) -> int:
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -620,6 +651,14 @@ class LifelongPipeline:
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def aggregate_noise(eps: Tensor, cfg: bool, guidance_scale: float, alpha: float, masks: Tensor | None) -> Tensor:

@@ -213,6 +213,22 @@ class ConceptCache:
         self._device[key] = (on_device, e)
 
 
+def _settle(future: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
+    """Resolve a request's future unless it is already done: the client may cancel a pending future at any
+    moment (between a ``done()`` check and the set), and that must not raise inside the worker."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+def _cancel(future: concurrent.futures.Future) -> None:
+    """Cancel a request's future: a pending one is cancelled, a running one gets CancelledError."""
+    if not future.cancel():
+        _settle(future, exc=concurrent.futures.CancelledError())
+
+
 @dataclasses.dataclass(eq=False)
 class _Active:
     request: GenerationRequest
@@ -257,6 +273,11 @@ class Engine:
         device_bytes: int = 256 << 20,
         host_bytes: int = 1 << 30,
     ):
+        for name, value, least in (("max_batch_rows", max_batch_rows, 1), ("max_queue", max_queue, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
+        if not isinstance(submit_timeout, (int, float)) or not 0 <= submit_timeout < float("inf"):
+            raise ValueError(f"submit_timeout={submit_timeout!r}: expected a finite number of seconds >= 0")
         if device is not None:
             pipeline.pipe.to(device)
         self.lp, self.store = pipeline, store
@@ -268,6 +289,7 @@ class Engine:
         self._cancel: set[concurrent.futures.Future] = set()
         self._lock = threading.Lock()
         self._closing = False
+        self._exited = False  # set (under _lock) when the worker stops taking requests
         self._drain = True
         self._batch = None  # cached batch tensors while the active set does not change
         self.steps = 0
@@ -280,6 +302,7 @@ class Engine:
         """Queue a request; the future resolves to a :class:`GenerationResult` (or the request's error)."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        self._check(request)
         if self._closing:
             raise EngineClosedError("the engine is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -291,7 +314,36 @@ class Engine:
                 f"the queue is full ({self._queue.maxsize} requests waiting) and stayed full for "
                 f"{self.submit_timeout if timeout is None else timeout} s"
             ) from None
+        with self._lock:
+            exited = self._exited
+        if exited:  # the worker left between the check above and the put: no one else will take it
+            self._cancel_queued()
         return future
+
+    def _check(self, req: GenerationRequest) -> None:
+        """Raise ValueError naming the field unless the request's options are usable (the pipeline's checks
+        plus the Engine's own fields); what needs the concepts or the store is checked when it is prepared."""
+        if not isinstance(req.prompt, str) or not req.prompt:
+            raise ValueError(f"prompt={req.prompt!r}: expected a non-empty string")
+        self.lp.check_options(
+            req.num_inference_steps, req.guidance_scale, req.alpha, req.height, req.width,
+            req.ewa_power, req.ewa_norm, req.ewa_top_k, req.ewa,
+        )  # fmt: skip
+        if req.concepts is not None:
+            if isinstance(req.concepts, str) or not all(isinstance(c, str) for c in req.concepts):
+                raise ValueError(f"concepts={req.concepts!r}: expected None or a list of concept names")
+            twice = sorted({c for c in req.concepts if list(req.concepts).count(c) > 1})
+            if twice:
+                raise ValueError(f"concepts names {twice} more than once; name each concept once")
+        if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
+            raise ValueError(f"negative_prompt={req.negative_prompt!r}: expected None or a string")
+        if req.attention_guidance is not None and not isinstance(req.attention_guidance, AttentionGuidance):
+            raise ValueError(f"attention_guidance={req.attention_guidance!r}: expected None or an AttentionGuidance")
+        if req.namespace is not None and not isinstance(req.namespace, str):
+            raise ValueError(f"namespace={req.namespace!r}: expected None or a string")
+        if req.seed is not None and not (isinstance(req.seed, int) and not isinstance(req.seed, bool)
+                                         and -(2**63) <= req.seed < 2**64):  # fmt: skip
+            raise ValueError(f"seed={req.seed!r}: expected None or an integer in [-2**63, 2**64) (torch's seed range)")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Submit every request and wait for all results (raises the first failure)."""
@@ -326,6 +378,7 @@ class Engine:
                 self._admit()
                 if not self._active:
                     if self._closing and not self._waiting and self._queue.empty():
+                        self._exit()
                         return
                     if not self._waiting:  # idle: block on the queue instead of spinning
                         with contextlib.suppress(queue.Empty):
@@ -334,10 +387,24 @@ class Engine:
                 self._step()
             except Exception as exc:  # a bug in a step: fail the running requests, keep serving
                 for item in self._active:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                    _settle(item.future, exc=exc)
                 self._active.clear()
                 self._batch = None
+
+    def _exit(self) -> None:
+        """Stop taking requests: from here on ``submit`` cancels what it queues (see there), and what a
+        submit queued before this is cancelled now."""
+        with self._lock:
+            self._exited = True
+        self._cancel_queued()
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            _cancel(item.future)
 
     def _pull(self) -> None:
         """Move queued requests into the worker's waiting list, at most max_batch_rows of them, so a
@@ -353,8 +420,7 @@ class Engine:
         self._pull()
         if self._closing and not self._drain:
             for item in [*self._waiting, *self._active]:
-                if not item.future.done():
-                    item.future.cancel() or item.future.set_exception(concurrent.futures.CancelledError())
+                _cancel(item.future)
             self._waiting.clear()
             self._active.clear()
             self._batch = None
@@ -363,23 +429,26 @@ class Engine:
         rows = sum(a.rows for a in self._active)
         size = self._active[0].size if self._active else None
         kept: collections.deque[_Active] = collections.deque()
-        while self._waiting:
-            item = self._waiting.popleft()
-            if item.future.cancelled():
-                continue
-            if item.plan is None and not self._prepare(item):
-                continue  # failed alone
-            if (size is not None and item.size != size) or rows + item.rows > self.max_batch_rows:
-                kept.append(item)
-                continue
-            if not item.future.set_running_or_notify_cancel():
-                continue
-            item.times["started"] = time.perf_counter()
-            self._active.append(item)
-            self._batch = None
-            rows += item.rows
-            size = item.size
-        self._waiting = kept
+        try:
+            while self._waiting:
+                item = self._waiting.popleft()
+                if item.future.cancelled():
+                    continue
+                if item.plan is None and not self._prepare(item):
+                    continue  # failed alone
+                if (size is not None and item.size != size) or rows + item.rows > self.max_batch_rows:
+                    kept.append(item)
+                    continue
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                item.times["started"] = time.perf_counter()
+                self._active.append(item)
+                self._batch = None
+                rows += item.rows
+                size = item.size
+        finally:  # requests set aside stay waiting, whatever happened
+            kept.extend(self._waiting)
+            self._waiting = kept
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -388,7 +457,7 @@ class Engine:
             return
         for item in [a for a in self._active if a.future in cancel]:
             self._active.remove(item)
-            item.future.set_exception(concurrent.futures.CancelledError("cancelled between steps"))
+            _settle(item.future, exc=concurrent.futures.CancelledError("cancelled between steps"))
             self._batch = None
 
     def _prepare(self, item: _Active) -> bool:
@@ -397,12 +466,6 @@ class Engine:
         t0 = time.perf_counter()
         keys: list[tuple[str, str]] = []
         try:
-            if not isinstance(req.prompt, str) or not req.prompt:
-                raise ValueError("prompt must be a non-empty string")
-            if req.num_inference_steps < 1:
-                raise ValueError("num_inference_steps must be at least 1")
-            if not 0.0 <= req.alpha <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1], got {req.alpha}")
             regions = lp._check_regions(req.regions)
             if req.attention_guidance is not None and regions:
                 raise ValueError(
@@ -433,25 +496,21 @@ class Engine:
             latents = lp.pipe.prepare_latents(
                 1, lp.unet.config.in_channels, height, width, lp.dtype, lp.device, generator, None
             )
-        except Exception as exc:
-            item.future.set_exception(exc)
+            extra = lp.pipe.prepare_extra_step_kwargs(generator, 0.0)
+            masks = lp._latent_masks(regions, latents) if regions and req.alpha < 1 else None
+            added = lp._added_cond(plan, prepared.pooled, height, width)
+            guide = None
+            if req.attention_guidance is not None:
+                guide = prepare_guidance(lp, req.attention_guidance, plan, prepared, cfg, added, None, library)
+                item.guided = req.attention_guidance.guided_steps(len(scheduler.timesteps))
+        except Exception as exc:  # the client may have cancelled meanwhile: _settle ignores a done future
+            _settle(item.future, exc=exc)
             return False
         finally:
             self.cache.release(keys)
         item.plan, item.prepared, item.scheduler, item.cfg = plan, prepared, scheduler, cfg
         item.timesteps, item.latents, item.size = list(scheduler.timesteps), latents, (height, width)
-        item.extra = lp.pipe.prepare_extra_step_kwargs(generator, 0.0)
-        item.masks = lp._latent_masks(regions, latents) if regions and req.alpha < 1 else None
-        item.added = lp._added_cond(plan, prepared.pooled, height, width)
-        if req.attention_guidance is not None:
-            try:
-                item.guide = prepare_guidance(
-                    lp, req.attention_guidance, plan, prepared, cfg, item.added, None, library
-                )
-            except Exception as exc:
-                item.future.set_exception(exc)
-                return False
-            item.guided = req.attention_guidance.guided_steps(len(item.timesteps))
+        item.extra, item.masks, item.added, item.guide = extra, masks, added, guide
         item.times["prepare"] = time.perf_counter() - t0
         return True
 
@@ -490,7 +549,7 @@ class Engine:
             except Exception as exc:
                 self._active.remove(a)
                 self._batch = None
-                a.future.set_exception(exc)
+                _settle(a.future, exc=exc)
                 continue
             a.times["guidance"] = a.times.get("guidance", 0.0) + time.perf_counter() - t0
 
@@ -533,7 +592,11 @@ class Engine:
             self._active.remove(a)
             self._batch = None
             t0 = time.perf_counter()
-            images = lp._decode(a.latents, "pil", None)
+            try:
+                images = lp._decode(a.latents, "pil", None)
+            except Exception as exc:  # it left the active set: fail it here, alone
+                _settle(a.future, exc=exc)
+                continue
             now = time.perf_counter()
             a.times["decode"] = now - t0
             timings = {
@@ -546,5 +609,4 @@ class Engine:
             if a.guide is not None:
                 timings["guidance"] = a.times.get("guidance", 0.0)
             losses = a.guide.losses if a.guide is not None else None
-            if not a.future.done():
-                a.future.set_result(GenerationResult(images, timings, a.request, losses))
+            _settle(a.future, GenerationResult(images, timings, a.request, losses))
