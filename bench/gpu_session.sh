@@ -110,7 +110,14 @@ EOF
     cat "$OUT/versions.log"
 }
 
-has_cuda() { "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+CUDA=""  # asked once, after the install (importing torch takes seconds)
+has_cuda() {
+    if [ -z "$CUDA" ]; then
+        CUDA=no
+        "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && CUDA=yes
+    fi
+    [ "$CUDA" = yes ]
+}
 
 gpu_stage() {  # like stage, but skipped (its log says so) without CUDA
     if has_cuda; then
