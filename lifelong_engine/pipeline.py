@@ -327,6 +327,7 @@ class LifelongPipeline:
         ewa_norm: str | None = None,
         ewa_top_k: int | None = None,
         ewa: bool | str | None = None,
+        composition: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -350,6 +351,11 @@ class LifelongPipeline:
         ewa_power / ewa_norm override the variant's (paper 2 / "fro", official 4 / "l1"), ewa_top_k keeps
         the k largest;
         the default uses EWA when every concept was learned with CIDM (``method == "cidm"``), else the sum.
+        composition: None (the concepts mixed into one K/V per layer, weighted per ``ewa``) or "lora-c"
+        (LoRA Composite, Zhong et al. 2024: at every step the classifier-free-guided noise is computed under
+        each concept of the library alone, weight 1, in the same UNet call, and the guided estimates are
+        averaged; ``ewa*`` options are then unused and the output's ``psi`` is None; not with
+        attention_guidance). The UNet rows, and the cost of a step, grow by the number of concepts.
         capture_attention: attn2 layer names whose attention maps to return (``output.attention_maps``,
         layer → (rows, N, T) for the last step).
         attention_guidance: an :class:`~lifelong_engine.guidance.AttentionGuidance`: in the first steps, move
@@ -379,9 +385,17 @@ class LifelongPipeline:
                 f"such as {self.layers[0]!r}"
             )
         negatives = self.negatives(negative_prompt, len(prompts))
+        if composition not in (None, "lora-c"):
+            raise ValueError(f"composition={composition!r}: expected None (mix per ewa) or 'lora-c' (LoRA Composite)")
+        if composition == "lora-c" and attention_guidance is not None:
+            raise ValueError("composition='lora-c' does not support attention_guidance")
+        library = self.library()
+        composite = max(len(library.adapters), 1) if composition == "lora-c" else 1
         size = (height or self.default_size(), width or self.default_size())
-        plan = self.plan(prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size)
-        cond = generation.condition(self, plan, self.library(), guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
+        plan = self.plan(
+            prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size, composite
+        )
+        cond = generation.condition(self, plan, library, guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
         cond.context.capture = frozenset(capture_attention)
         state = generation.start(
             self,
@@ -405,7 +419,7 @@ class LifelongPipeline:
 
         image = self.decode(state.latents, output_type, generator)
         self.pipe.maybe_free_model_hooks()
-        image_psi = cond.psi[plan.image_texts] if cond.psi is not None else None
+        image_psi = cond.psi[plan.image_texts] if cond.psi is not None and composition is None else None
         if not return_dict:
             return (image,)
         out = LifelongPipelineOutput(image, image_psi, list(self._concepts))
@@ -472,10 +486,14 @@ class LifelongPipeline:
         """The image side the UNet was trained at, in pixels."""
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
 
-    def plan(self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float, size) -> generation.Plan:
+    def plan(
+        self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float, size, composite: int = 1
+    ) -> generation.Plan:
         """The generation plan of checked inputs (:func:`lifelong_engine.generation.make_plan`)."""
         zero_negative = self.is_sdxl and self.pipe.config.force_zeros_for_empty_prompt
-        return generation.make_plan(prompts, negatives, regions, per_prompt, cfg, alpha, size, zero_negative)
+        return generation.make_plan(
+            prompts, negatives, regions, per_prompt, cfg, alpha, size, zero_negative, composite
+        )
 
     def decode(self, latents: Tensor, output_type: str = "pil", generator=None):
         """Latents → images as diffusers' pipelines return them (VAE, safety checker, watermark)."""
