@@ -12,6 +12,9 @@ two-concept presence through regional synthesis (see ``lifelong_engine/tinyworld
 ``cidm/no-r1`` (γ1 = 0), ``cidm/no-r2`` (γ2 = 0), ``cidm/no-ewa`` (merged by plain sum),
 ``cidm/no-layerwise`` (one token row shared by all layers), ``cidm/no-regional`` (alpha = 1: the
 two-concept column without regional noise aggregation). They can also be named in ``--methods``.
+``lora-c`` (LoRA Composite, Zhong et al. 2024) is a generation-time baseline: the LoRA-M adapters,
+each image denoised with the mean of the per-concept guided noise estimates of every learned concept
+(``composition="lora-c"``); it runs by default with the methods.
 
 Writes ``bench/results/<device>/quality.json`` (every method's report, the environment and the
 command) and ``quality.md`` (the CIDM-paper style table). The JSON is rewritten after every task;
@@ -48,15 +51,18 @@ ABLATIONS = {
     "cidm/no-layerwise": ("cidm", {"layerwise_tokens": False}, {}),
     "cidm/no-regional": ("cidm", {}, {"alpha": 1.0}),
 }
-ROWS = (*METHODS, *ABLATIONS)
+#: row → (method, its options, generation options): baselines that differ from a method at generation
+BASELINES = {"lora-c": ("lora-m", {}, {"composition": "lora-c"})}
+ROWS = (*METHODS, *BASELINES, *ABLATIONS)
 
 
 def row_config(base: SequenceConfig, row: str) -> SequenceConfig:
-    """The run of one table row: a method with its defaults, or an ablation of cidm."""
-    method, method_options, pipeline_options = ABLATIONS.get(row, (row, {}, {}))
+    """The run of one table row: a method with its defaults, a generation-time baseline or an ablation of cidm."""
+    variants = {**BASELINES, **ABLATIONS}
+    method, method_options, pipeline_options = variants.get(row, (row, {}, {}))
     return dataclasses.replace(
         base, method=method, method_options=method_options, pipeline_options=pipeline_options,
-        label=row if row in ABLATIONS else "",
+        label=row if row in variants else "",
     )  # fmt: skip
 
 
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablations:
         methods += [m for m in ("cidm", *ABLATIONS) if m not in methods]
     elif not methods:
-        methods = list(METHODS)
+        methods = [*METHODS, *BASELINES]
     unknown = [m for m in methods if m not in ROWS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(ROWS)}")

@@ -144,7 +144,7 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quality_bench_quick_runs_every_method_and_ablation(weights, tmp_path):
-    """Every trainer method and every CIDM ablation row finishes a bench/quality.py --quick run."""
+    """Every trainer method, the LoRA-C baseline and every CIDM ablation row finish a bench/quality.py --quick run."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import quality
@@ -158,6 +158,8 @@ def test_quality_bench_quick_runs_every_method_and_ablation(weights, tmp_path):
     reports = json.loads((tmp_path / "quality-quick.json").read_text())["reports"]
     assert {r: reports[r]["status"] for r in quality.ROWS} == dict.fromkeys(quality.ROWS, "finished")
     assert reports["cidm/no-regional"]["config"]["pipeline_options"] == {"alpha": 1.0}
+    assert reports["lora-c"]["config"]["method"] == "lora-m"
+    assert reports["lora-c"]["config"]["pipeline_options"] == {"composition": "lora-c"}
     table = (tmp_path / "quality-quick.md").read_text()
     assert all(f"| {r} |" in table for r in quality.ROWS)
 
