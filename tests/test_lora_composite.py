@@ -101,3 +101,13 @@ def test_bad_composition_and_guidance_are_refused():
         lp("a <dog1> dog", num_inference_steps=1, composition="mixed")
     with pytest.raises(ValueError, match="attention_guidance"):
         lp("a <dog1> dog", num_inference_steps=1, composition="lora-c", attention_guidance=AttentionGuidance())
+
+
+def test_lora_c_with_one_concept_and_regions_is_the_normal_regional_path():
+    lp = _pipeline(("dog1",))
+    regions = [("a <dog1>", (0.0, 0.0, 0.5, 1.0)), ("a mug", (0.5, 0.0, 1.0, 1.0))]
+    options = dict(regions=regions, alpha=0.5, guidance_rescale=0.3)
+    lora_c = _generate(lp, 3, "a <dog1> dog and a mug", composition="lora-c", **options)
+    torch.testing.assert_close(
+        lora_c, _generate(lp, 3, "a <dog1> dog and a mug", ewa="sum", **options), rtol=0, atol=0
+    )
