@@ -92,7 +92,7 @@ def test_tampered_index_paths_are_never_touched(store, tmp_path, how):
         "dotdot": "concepts/../../victim.txt",
         "other-concept": str(mug.relative_to(store.root)),
     }[how]
-    store._db.execute("UPDATE concepts SET file=? WHERE name='my-dog' AND version=1", (target,))
+    store._index.db.execute("UPDATE concepts SET file=? WHERE name='my-dog' AND version=1", (target,))
     with pytest.raises(ConceptStoreError, match="not this concept's file"):
         store.load("my-dog", version=1)
     assert any("not this concept's file" in p for p in store.verify())
@@ -259,8 +259,8 @@ def test_corrupt_index_is_a_clear_error(tmp_path, capsys):
 
 def test_index_full_is_a_clear_error_and_leaves_no_file(store):
     store.save(make_adapter("my-mug"))
-    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
-    store._db.execute(f"PRAGMA max_page_count={pages}")  # the index cannot grow: SQLITE_FULL
+    (pages,) = store._index.db.execute("PRAGMA page_count").fetchone()
+    store._index.db.execute(f"PRAGMA max_page_count={pages}")  # the index cannot grow: SQLITE_FULL
     with pytest.raises(ConceptStoreError, match="index.sqlite: database or disk is full"):
         for seed in range(500):
             store.save(make_adapter(seed=seed))
@@ -310,7 +310,7 @@ def test_full_disk_during_import_is_one_line(tmp_path, capsys, limit, expected):
 
 
 def test_index_errors_do_not_leak_sqlite_exceptions(store):
-    store._db.close()
+    store._index.db.close()
     with pytest.raises(ConceptStoreError, match="index.sqlite"):
         store.list()
     assert not issubclass(ConceptStoreError, sqlite3.Error)
@@ -332,7 +332,7 @@ def test_digest_is_still_checked(store):
 @pytest.mark.parametrize("column,value", [("words", "not json"), ("size", "big"), ("words", '{"a": 1}')])
 def test_malformed_index_row_is_a_store_error(store, capsys, column, value):
     store.save(make_adapter())
-    store._db.execute(f"UPDATE concepts SET {column}=?", (value,))
+    store._index.db.execute(f"UPDATE concepts SET {column}=?", (value,))
     with pytest.raises(ConceptStoreError, match="malformed row"):
         store.list()
     assert cli.main(["concepts", "list", "--store", str(store.root)]) == 2
