@@ -315,3 +315,63 @@ def test_concurrent_writers(tmp_path, open_store):
         versions = [r.version for r in store.list(all_versions=True) if r.name == "shared"]
         assert versions == list(range(1, 46))
         assert len(store) == 4
+
+
+def test_two_processes_saving_one_name_get_every_version_once(tmp_path, open_store):
+    """Two writers started together on one name: the versions they are given are 1..N, each exactly once
+    (the index's write lock and primary key: no gap, no duplicate), and every one loads."""
+    open_store().close()
+    go = tmp_path / "go"
+
+    def write(seed):
+        store = open_store()
+        while not go.exists():
+            time.sleep(0.001)
+        got = [store.save(make_adapter("shared", seed=seed * 100 + j)) for j in range(20)]
+        (tmp_path / f"versions-{seed}").write_text(" ".join(map(str, got)))
+
+    torch.set_num_threads(1)
+    pids = [_fork(lambda s=s: write(s)) for s in range(2)]
+    go.touch()
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    given = [int(v) for s in range(2) for v in (tmp_path / f"versions-{s}").read_text().split()]
+    assert sorted(given) == list(range(1, 41))
+    with open_store() as store:
+        assert [r.version for r in store.list(all_versions=True)] == list(range(1, 41))
+        assert store.verify() == []
+
+
+@pytest.mark.parametrize(
+    "location,files,message",
+    [
+        ("postgresql://u:secret@127.0.0.1:1/db", None, "needs files="),
+        ("postgres://u@127.0.0.1:1/db", None, "needs files="),
+        ("s3://bucket/concepts", None, "unsupported URL scheme 's3'"),
+        ("sqlite:///x.db", None, "unsupported URL scheme 'sqlite'"),
+        ("store", "elsewhere", "files= goes with a postgresql:// index URL"),
+    ],
+)
+def test_a_url_is_never_taken_for_a_folder(tmp_path, monkeypatch, location, files, message):
+    """Before: ConceptStore('postgresql://…') created a local folder 'postgresql:' and worked there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message) as info:
+        ConceptStore(location, files=files)
+    assert "secret" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_postgres_is_a_store_error_naming_the_index_without_password(tmp_path):
+    pytest.importorskip("psycopg")
+    with pytest.raises(ConceptStoreError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db") as info:
+        ConceptStore("postgresql://u:secret@127.0.0.1:1/db", files=tmp_path / "files", timeout=2)
+    assert "secret" not in str(info.value)
+
+
+def test_postgres_store_stages_per_host_and_says_where_it_is(open_store):
+    with open_store() as store:
+        if store._url is None:
+            pytest.skip("a PostgreSQL store's layout")
+        assert store.staging.parent == store.root / "staging" and store.staging.is_dir()
+        assert repr(store).endswith(f", files={str(store.root)!r})")
