@@ -1,5 +1,12 @@
 """ConceptStore: a durable library of concepts on disk.
 
+Where: ``ConceptStore(directory)`` is the embedded default (the layout below, SQLite index);
+``ConceptStore("postgresql://…", files=directory)`` keeps the index in PostgreSQL (the same table,
+see :mod:`lifelong_engine.store_index`) and the files in ``directory``, shared by every process and
+machine using that index; there each host stages in ``staging/<hostname>/``. Every guarantee below
+holds for both: "the index's write lock" is SQLite's ``BEGIN IMMEDIATE`` or, on PostgreSQL, an
+advisory lock per concept name (saves, deletes) and one for the whole store (prune).
+
 Layout of a store directory::
 
     index.sqlite                                   SQLite index (WAL), one row per concept version
