@@ -58,7 +58,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..attention import CONTEXT_KWARG, GenerationContext
+from ..attention import GenerationContext, unet_forward
 from ..concepts import ConceptAdapter, factors_from_delta, validate_name
 from ..errors import LifelongError
 from ..pool import AdapterPool
@@ -474,14 +474,8 @@ class ContinualTrainer:
         if lp.is_sdxl:
             time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
             added = {"text_embeds": enc.pooled.to(lp.dtype), "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1)}
-        return lp.unet(
-            noisy.to(lp.dtype),
-            t,
-            encoder_hidden_states=enc.per_layer[:, 0].to(lp.dtype),
-            cross_attention_kwargs={CONTEXT_KWARG: GenerationContext(kv)},
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        hidden = enc.per_layer[:, 0].to(lp.dtype)
+        return unet_forward(lp.unet, noisy.to(lp.dtype), t, GenerationContext(kv), hidden, added)
 
     def _noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
