@@ -184,7 +184,8 @@ class PostgresIndex:
 
 def redact(url: str) -> str:
     """``url`` without its password (for messages and repr)."""
-    return re.sub(r"^([^:/]+://[^:@/]*):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"^([^:/]+://[^:@/]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 def _key32(text: str) -> int:
