@@ -28,6 +28,9 @@ __all__ = ["ewa_weights", "ewa_weights_backward", "ewa_merge", "ewa_merge_backwa
 
 _EPS = reference.NORM_EPS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Concepts per step of _pow_normalize_kernel's loops, fixed: one binary for every G (a power of
+# two above G recompiled the kernel each time G crossed one); a row's loop runs ⌈G / 1024⌉ times.
+_NORM_BLOCK = 1024
 
 
 @triton.jit
@@ -209,7 +212,9 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         BLOCK_T=block_t,
         BLOCK_G=block_g,
         BLOCK_D=block_d,
-        num_warps=4,
+        # fp32 IEEE dots run on FMA units with the (128 × 64) fp32 dot tile in registers: 4 warps
+        # spill 544 B on sm_90, 8 warps none (bench/aot_sm90.py).
+        num_warps=8 if prompt.dtype == torch.float32 else 4,
     )
     _pow_normalize_kernel[(bsz * layers,)](
         m,
@@ -218,7 +223,7 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         float(power),
         _EPS,
         L1=norm == "l1",
-        BLOCK_G=_pow2(n_concepts, hi=1024),
+        BLOCK_G=_NORM_BLOCK,
     )
     return psi
 

@@ -45,11 +45,16 @@ u and gb for every used slot-rank to fp32 scratch (B, T, S·r) and atomically ad
 per-slot-rank partial sums of gb ⊙ u (dweights); ``_lora_kv_bwd_dc_kernel`` (grid
 (Din / BLOCK_D, T / BLOCK_T, B)) computes dc = dK·W_k + dV·W_v + (ω ⊙ gb)·A_cat (K and V);
 ``_lora_kv_bwd_adapter_kernel`` runs twice (da: X = gb, Y = c; db: X = u, Y = dK/dV) and
-scatters ω·Xᵀ·Y of each sample into the adapter rows with fp32 atomics (repeated ids in a
-batch just add), so only the adapters actually used are touched.
+adds ω·Xᵀ·Y of each sample with fp32 atomics into one fp32 row per slot of the batch (the row
+of the first slot holding the same adapter, so repeated ids just add); those rows are then
+added into zero gradients of the pool's shape in the adapters' dtype. Scratch follows the
+slots used (B·S rows), not the pool size N.
+Determinism: the fp32 atomic adds (adapter rows shared by several slots; dweights over T
+blocks) run in an order the GPU does not fix, so adapter gradients and dweights may differ in
+the last bits run to run (within rtol 1e-5, tested); dc, u and gb are deterministic.
 
 Precision: operands enter tl.dot in their own dtype (fp16/bf16 tensor cores); fp32 inputs use
-TF32 only when PyTorch would (``torch.backends.cuda.matmul.allow_tf32``), else IEEE fp32.
+TF32 only when PyTorch would (:func:`.precision.fp32_matmul_allows_tf32`), else IEEE fp32.
 Accumulation is fp32; the low-rank intermediates (u, gb, fp32) are rounded to the input dtype
 before their second GEMM, as a PyTorch computation in that dtype does.
 """
@@ -64,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .precision import fp32_matmul_allows_tf32
 
 __all__ = [
     "LayerPack",
@@ -518,12 +525,15 @@ def default_config(t_len: int, dout: int, din: int, slot_ranks: int, dtype: torc
         block_o=_pow2(dout, 16, wide),
         block_d=_pow2(din, 16, wide),
         block_j=_pow2(slot_ranks, 16, 32),
+        # fp32 (IEEE dots on FMA units, operand tiles in registers): 4 warps spill in the forward
+        # on sm_90, 8 do not (bench/aot_sm90.py).
+        num_warps=4 if dtype.itemsize <= 2 else 8,
     )
 
 
 def _ieee(dtype: torch.dtype) -> bool:
     """Exact fp32 products unless PyTorch itself allows TF32 for fp32 matmuls."""
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dtype == torch.float32 and not fp32_matmul_allows_tf32()
 
 
 def _launchable(grid: tuple[int, ...]) -> bool:
@@ -710,9 +720,16 @@ def lora_kv_projection_backward(
     # Low-rank kernel: 16-row T blocks, for enough programs (its grid has no Dout/Din axis).
     lowrank_grid = (triton.cdiv(t_len, 16), bsz)
 
-    # fp32 atomics targets; separate allocations: a custom op's outputs must not alias each other
-    da = [torch.zeros(a_k.shape, dtype=torch.float32, device=c.device) for _ in range(2)]
-    db = [torch.zeros(b_k.shape, dtype=torch.float32, device=c.device) for _ in range(2)]
+    # fp32 atomics targets of the adapter gradients: one row per slot of the batch, not per
+    # adapter of the pool (a pool of N = 1000 would be ≈ 1.7 GB of fp32 zeros per layer and call).
+    # Each slot adds into the row of the first slot holding the same adapter, so no two rows
+    # belong to one adapter; the rows are then added into the pool-shaped gradients (rows of
+    # slots that are not first stay zero and add exactly nothing, in any order).
+    flat_ids = slots.ids.reshape(-1)
+    first = (flat_ids[:, None] == flat_ids[None, :]).to(torch.int8).argmax(1).to(torch.int32).view(bsz, -1)
+    n_rows = flat_ids.numel()
+    da = [torch.zeros((n_rows, rank, din), dtype=torch.float32, device=c.device) for _ in range(2)]
+    db = [torch.zeros((n_rows, dout, rank), dtype=torch.float32, device=c.device) for _ in range(2)]
     dw = torch.zeros((bsz, slots.width), dtype=torch.float32, device=c.device)
     scratch_shape = (2, bsz, t_len, slots.width)
     u = torch.empty(scratch_shape, dtype=torch.float32, device=c.device) if slots.order is not None else dw
@@ -762,7 +779,7 @@ def lora_kv_projection_backward(
                 y_v,
                 out[0],
                 out[1],
-                slots.ids,
+                first,
                 slots.wts,
                 slots.nvalid,
                 t_len,
@@ -814,14 +831,13 @@ def lora_kv_projection_backward(
     dweights = torch.zeros(weights.shape, dtype=torch.float32, device=c.device)
     if slots.order is not None:
         dweights.scatter_(1, slots.order, dw.view(bsz, -1, rank).sum(-1) * scale)
-    return (
-        dc,
-        da[0].to(a_k.dtype),
-        db[0].to(b_k.dtype),
-        da[1].to(a_v.dtype),
-        db[1].to(b_v.dtype),
-        dweights.to(weights.dtype),
-    )
+    # Separate allocations: a custom op's outputs must not alias each other.
+    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
+    if slots.order is not None:
+        rows = flat_ids.clamp_min(0).long()  # empty slots' rows are zero: any valid target
+        for grad, part in zip(grads, (da[0], db[0], da[1], db[1])):
+            grad.index_add_(0, rows, part.to(grad.dtype))
+    return (dc, *grads, dweights.to(weights.dtype))
 
 
 # ------------------------------------------------------------------------------ grouped

@@ -140,7 +140,14 @@ def select(op: str, args: tuple, requested: str | None = None) -> Callable:
 
 
 def _reference_backend() -> Backend:
-    ops = ("lora_kv_projection", "lora_term", "regional_cross_attention", "ewa_weights", "ewa_merge")
+    ops = (
+        "lora_kv_projection",
+        "lora_term",
+        "regional_cross_attention",
+        "ewa_weights",
+        "ewa_merge",
+        "ewa_weights_rows",
+    )
     impls = {}
     for op in ops:
         impls[op] = getattr(reference, op)

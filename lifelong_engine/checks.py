@@ -254,6 +254,43 @@ def ewa_weights(prompt, concepts, prompt_mask, power, norm, values: bool) -> Non
         raise ValueError(f"{op}: prompt_mask rows {empty} select no token; every sample needs at least one")
 
 
+def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values: bool) -> None:
+    op = "ewa_weights_rows"
+    _tensor(op, "prompt", prompt, 4, "[B, L, T, D]")
+    _floating(op, "prompt", prompt)
+    bsz, layers, t_len, dim = prompt.shape
+    if t_len < 1:
+        raise ValueError(f"{op}: prompt has shape {_shape(prompt)}; need at least one token T")
+    _tensor(op, "concepts", concepts, 4, "[L, G, W, D]")
+    n_concepts, n_rows = concepts.shape[1:3]
+    _dim(op, "concepts", concepts, 0, layers, "L, the layer count of prompt")
+    _dim(op, "concepts", concepts, 3, dim, "D, the embedding width of prompt")
+    _same_dtype(op, "prompt", prompt, concepts=concepts)
+    if prompt_mask is not None:
+        _tensor(op, "prompt_mask", prompt_mask, 2, "[B, T]")
+        if prompt_mask.dtype != torch.bool or prompt_mask.shape != (bsz, t_len):
+            raise ValueError(
+                f"{op}: prompt_mask is {prompt_mask.dtype} {_shape(prompt_mask)}; expected bool {(bsz, t_len)}"
+            )
+    if norm not in NORMS:
+        raise ValueError(f"{op}: norm={norm!r}; expected one of {NORMS}")
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"{op}: power must be a finite number > 0, got {power}")
+    _tensor(op, "concept_rows", concept_rows, 2, "[G, W]")
+    if concept_rows.dtype != torch.bool:
+        raise TypeError(f"{op}: concept_rows must be a bool tensor, got {concept_rows.dtype}")
+    if concept_rows.shape != (n_concepts, n_rows):
+        raise ValueError(
+            f"{op}: concept_rows has shape {_shape(concept_rows)}; expected {(n_concepts, n_rows)}, [G, W] of concepts"
+        )
+    _same_device(op, "prompt", prompt, concepts=concepts, concept_rows=concept_rows, prompt_mask=prompt_mask)
+    if values and prompt_mask is not None and bsz and _any(~prompt_mask.any(dim=1))[0]:
+        raise ValueError(f"{op}: some prompt_mask rows select no token; every sample needs at least one")
+    if values and n_concepts and _any(~concept_rows.any(dim=1))[0]:
+        empty = (~concept_rows.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{op}: concept_rows rows {empty} select no token row; every concept needs at least one")
+
+
 def ewa_merge(psi, a, b, scale, values: bool) -> None:
     op = "ewa_merge"
     _tensor(op, "psi", psi, 2, "[B, G]")

@@ -160,10 +160,10 @@ def condition(
     plan: Plan,
     library: Library,
     guidance_scale: float,
-    power: float = 2.0,
-    norm: str = "fro",
+    power: float | None = None,
+    norm: str | None = None,
     top_k: int | None = None,
-    ewa: bool | None = None,
+    ewa: bool | str | None = None,
 ) -> Conditioning:
     """Encode the plan's texts, weight the library's concepts by EWA and compute every layer's text K/V
     once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once,
@@ -183,9 +183,11 @@ def condition(
     for j, i in enumerate(real):
         positions[i] = encoded.positions[j]
         eos[i] = int(encoded.eos[j])
-    if ewa is None:
-        ewa = library.default_ewa
-    ids, psi = model.concept_weights(encoded, power, norm, top_k if ewa else None, library)
+    from .pipeline import ewa_variant
+
+    variant = ewa_variant(library.default_ewa if ewa is None else ewa)
+    ewa = variant != "sum"
+    ids, psi = model.concept_weights(encoded, power, norm, top_k if ewa else None, library, variant)
     G = len(library.adapters)
     full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=device)
     full_psi = torch.zeros(n, L, ids.shape[-1], device=device)

@@ -29,6 +29,7 @@ __all__ = [
     "regional_cross_attention",
     "ewa_weights",
     "ewa_merge",
+    "ewa_weights_rows",
     "use_backend",
     "available_backends",
     "requested_backend",
@@ -314,7 +315,8 @@ def _ewa_weights(
     power: finite, > 0 and representable in prompt's dtype.
     Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);  M⁺ = max(M, 0);
                psi[b,l,g] = M⁺^power / ‖M⁺[b,l,:]^power‖ with norm "fro" (L2, the paper's)
-               or "l1" (the official code's, used with power 4).
+               or "l1". The released CIDM code's EWA is not this with power 4 and "l1": it matches each token
+               row of a concept and averages, over all prompt positions (:func:`ewa_weights_rows`).
     Negative similarities: a concept no prompt token points towards (M ≤ 0) weighs 0, so ψ is a
     finite, non-negative weighting for every power (a row whose M are all ≤ 0 is all zeros: no
     concept applies). The paper's ψ(M) = M²/‖M²‖ is this wherever M ≥ 0.
@@ -412,6 +414,74 @@ def _ewa_merge_bwd(ctx, grad_delta):
     return _keep_needed(ctx, (dpsi, da, db, None))
 
 
+@_custom_op("lifelong::ewa_weights_rows")
+def ewa_weights_rows(
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 4.0,
+    norm: str = "l1",
+) -> Tensor:
+    """EWA weights ψ from each concept's token rows: the released CIDM code's EWA (DESIGN §3.3).
+
+    prompt: (B, L, T, D) the prompt's text embedding for each layer (ĉ^l);
+    concepts: (L, G, W, D) per layer, the W token rows of each concept (padded to the most rows);
+    concept_rows: (G, W) bool, the rows each concept has (at least one);
+    prompt_mask: (B, T) bool, tokens that count; None = every position (BOS, words, EOS, padding),
+    as the released code.
+    Semantics: M[b,l,g] = mean over concept g's rows w of max_t cos(prompt[b,l,t], concepts[l,g,w]);
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖, norm "l1" (the released code, with power 4) or "fro".
+    Unlike :func:`ewa_weights` (the max against each concept's mean embedding), each row is matched
+    on its own and the matches are averaged. Returns psi (B, L, G). Differentiable in prompt and concepts.
+    """
+    checks.ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values=True)
+    return _run("ewa_weights_rows", prompt, concepts, concept_rows, prompt_mask, power, norm)
+
+
+@ewa_weights_rows.register_fake
+def _(prompt, concepts, concept_rows, prompt_mask=None, power=4.0, norm="l1"):
+    checks.ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values=False)
+    return prompt.new_empty((prompt.shape[0], prompt.shape[1], concepts.shape[1]))
+
+
+@_custom_op("lifelong::_ewa_weights_rows_backward")
+def _ewa_weights_rows_backward(
+    grad_psi: Tensor,
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None,
+    power: float,
+    norm: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dprompt, dconcepts); see reference.ewa_weights_rows_backward."""
+    args = (grad_psi, prompt, concepts, concept_rows, prompt_mask, power, norm)
+    return _run("ewa_weights_rows_backward", *args, backend=backend)
+
+
+@_ewa_weights_rows_backward.register_fake
+def _(grad_psi, prompt, concepts, concept_rows, prompt_mask, power, norm, backend):
+    return torch.empty_like(prompt), torch.empty_like(concepts)
+
+
+def _ewa_weights_rows_setup(ctx, inputs, output):
+    prompt, concepts, concept_rows, prompt_mask, power, norm = inputs
+    ctx.save_for_backward(prompt, concepts, concept_rows, prompt_mask)
+    ctx.power, ctx.norm = power, norm
+    ctx.backend = requested_backend()
+
+
+def _ewa_weights_rows_bwd(ctx, grad_psi):
+    prompt, concepts, concept_rows, prompt_mask = ctx.saved_tensors
+    dprompt, dconcepts = torch.ops.lifelong._ewa_weights_rows_backward(
+        grad_psi, prompt, concepts, concept_rows, prompt_mask, ctx.power, ctx.norm, ctx.backend
+    )
+    return _keep_needed(ctx, (dprompt, dconcepts, None, None, None, None))
+
+
+ewa_weights_rows.register_autograd(_ewa_weights_rows_bwd, setup_context=_ewa_weights_rows_setup)
 _ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
 
 

@@ -22,6 +22,7 @@ _MODULES = {
     "regional_cross_attention": "regional_attention",
     "ewa_weights": "ewa",
     "ewa_merge": "ewa",
+    "ewa_weights_rows": "ewa_official",
 }
 
 

@@ -142,6 +142,26 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert kept["finetune"] == other and kept["lora-m"]["status"] == "finished"
 
 
+@pytest.mark.slow
+def test_quality_bench_quick_runs_every_method_and_ablation(weights, tmp_path):
+    """Every trainer method and every CIDM ablation row finishes a bench/quality.py --quick run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = ",".join(quality.ROWS)
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--methods", rows, "--steps", "1",
+           "--weights", str(weights), "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = json.loads((tmp_path / "quality-quick.json").read_text())["reports"]
+    assert {r: reports[r]["status"] for r in quality.ROWS} == dict.fromkeys(quality.ROWS, "finished")
+    assert reports["cidm/no-regional"]["config"]["pipeline_options"] == {"alpha": 1.0}
+    table = (tmp_path / "quality-quick.md").read_text()
+    assert all(f"| {r} |" in table for r in quality.ROWS)
+
+
 def test_guidance_bench_quick(weights, tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "guidance.py"), "--quick", "--weights", str(weights),
            "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
