@@ -242,11 +242,13 @@ def _u_grouped(i, ctx):
     lists = [list(i[key]) for key in _LAYER_KEYS]
     grouped = launcher("lora_kv", "lora_kv_projection_grouped", ctx)
     lora_kv = importlib.import_module("lifelong_engine.kernels.lora_kv")
+    n_layers = i["c"].shape[0]  # the grouped op takes per-layer ids and weights (L, B, S)
+    ids, weights = (i[key].expand(n_layers, *i[key].shape) for key in ("ids", "weights"))
     if hasattr(lora_kv, "pack_layers"):  # frozen weights and the adapter pool packed once, as a server does
         packed = lora_kv.pack_layers(*lists)
-        args, kwargs = (i["c"], *([None] * len(lists)), i["ids"], i["weights"], i["scale"]), {"packed": packed}
+        args, kwargs = (i["c"], *([None] * len(lists)), ids, weights, i["scale"]), {"packed": packed}
     else:
-        args, kwargs = (i["c"], *lists, i["ids"], i["weights"], i["scale"]), {}
+        args, kwargs = (i["c"], *lists, ids, weights, i["scale"]), {}
 
     def call():
         return grouped(*args, **kwargs)
