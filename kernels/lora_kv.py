@@ -98,7 +98,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _slot_ranks(ids_ptr, wts_ptr, b, j0, n_j, R, S, scale, BLOCK_J: tl.constexpr):
-    """One chunk of the compacted slot-rank axis of sample b: for j = s·R + ρ in
+    """One chunk of the compacted slot-rank axis of row b of ids: for j = s·R + ρ in
     [j0, j0 + BLOCK_J), the adapter id (int64), rank row ρ, ω = weights·scale, and j < n_j."""
     offs_j = j0 + tl.arange(0, BLOCK_J)
     j_ok = offs_j < n_j
@@ -167,6 +167,7 @@ def _lora_kv_fwd_kernel(
     DIN,
     R,
     S,
+    ids_layer_rows,
     scale,
     stride_cl,
     stride_cb,
@@ -190,7 +191,8 @@ def _lora_kv_fwd_kernel(
     """One (BLOCK_T × BLOCK_O) tile of K and of V of one sample and one layer.
 
     c (L, B, T, Din); packed W_k, W_v (ΣDout, Din); a (L, N, R, Din); b (N, ΣDout, R);
-    ids, wts (B, S) compacted (used slots first, int32 / fp32); nvalid (B,) int32;
+    ids, wts (L·B, S) compacted (used slots first, int32 / fp32), nvalid (L·B,) int32: layer l's rows
+    start at l·ids_layer_rows (B: per-layer ids; 0: one (B, S) set shared by all layers);
     tiles (n_tiles, 2) int32 = (layer, first column in the layer); layers (L, 2) int64 =
     (Dout_l, col_l). Output of layer l: (B, T, Dout_l) contiguous at offset B·T·col_l.
       acc = c·W[col_l + o]ᵀ + Σ_j ω_j·(c·a[l, id_j, ρ_j]ᵀ)·b[id_j, col_l + o, ρ_j]
@@ -225,9 +227,10 @@ def _lora_kv_fwd_kernel(
         acc_k = _mma(x, tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0), acc_k, IEEE)
         acc_v = _mma(x, tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0), acc_v, IEEE)
 
-    n_j = tl.load(nvalid_ptr + b) * R  # used slot-ranks of this sample; 0 skips the low-rank part
+    id_row = layer * ids_layer_rows + b  # this sample's slots in this layer
+    n_j = tl.load(nvalid_ptr + id_row) * R  # used slot-ranks of this sample; 0 skips the low-rank part
     for j0 in range(0, n_j, BLOCK_J):
-        offs_j, j_ok, idx, rho, omega = _slot_ranks(ids_ptr, wts_ptr, b, j0, n_j, R, S, scale, BLOCK_J)
+        offs_j, j_ok, idx, rho, omega = _slot_ranks(ids_ptr, wts_ptr, id_row, j0, n_j, R, S, scale, BLOCK_J)
         a_offs = (idx * stride_an + rho * stride_ar)[None, :]
         u_k, u_v = _shrink(
             c_base,
@@ -598,11 +601,15 @@ def _forward(
     douts: tuple[int, ...],
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward on packed operands: c (L, B, T, Din), W (ΣDout, Din), a (L, N, r, Din),
-    b (N, ΣDout, r), all but c contiguous. Returns flat K and V buffers (B·T·ΣDout,)."""
+    b (N, ΣDout, r), all but c contiguous; ids, weights (B, S) shared by all layers or (L, B, S)
+    per layer. Returns flat K and V buffers (B·T·ΣDout,)."""
     n_layers, bsz, t_len, din = c.shape
     total = sum(douts)
     k = c.new_empty(bsz * t_len * total)
     v = c.new_empty(bsz * t_len * total)
+    ids_layer_rows = bsz if ids.dim() == 3 else 0
+    if ids.dim() == 3:  # per-layer ids: rows (L·B, S)
+        ids, weights = ids.flatten(0, 1), weights.flatten(0, 1)
     slots = _compact_slots(ids, weights, a_k.shape[1], a_k.shape[2])
     cfg = default_config(t_len, max(douts, default=1), din, slots.width, c.dtype)
     tiles, layers = _tables(douts, cfg.block_o, c.device)
@@ -631,6 +638,7 @@ def _forward(
         din,
         slots.rank,
         slots.ids.shape[1],
+        ids_layer_rows,
         float(scale),
         *c.stride(),
         *w_k.stride(),
@@ -914,17 +922,19 @@ def lora_kv_projection_grouped(
     scale: float = 1.0,
     *,
     packed: LayerPack | None = None,
-) -> tuple[list[Tensor], list[Tensor]]:
+    flat: bool = False,
+) -> tuple[list[Tensor], list[Tensor]] | tuple[Tensor, Tensor]:
     """K and V of all L cross-attention layers in ONE launch.
 
     c: (L, B, T, Din) per-layer text embeddings; w_k, w_v: L tensors (Dout_l, Din);
     a_k, a_v: L tensors (N, r, Din); b_k, b_v: L tensors (N, Dout_l, r) (same N, r in every
-    layer); ids, weights: (B, S), shared by all layers.
+    layer); ids, weights: (L, B, S) per layer (EWA gives each layer its own ψ).
     Semantics: for every l, (k[l], v[l]) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l],
-    b_k[l], a_v[l], b_v[l], ids, weights, scale). Returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]),
+    b_k[l], a_v[l], b_v[l], ids[l], weights[l], scale). Returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]),
     each (B, T, Dout_l), contiguous views into one buffer.
     Any list may be None when ``packed`` (from :func:`pack_layers`) holds it; lists given
     are packed on the fly (a copy of the weights per call: pack frozen weights once instead).
+    ``flat``: return the two (B·T·ΣDout,) buffers instead (the registered op's outputs).
     """
     packed = packed or LayerPack(None, None, None, None, None, None, ())
     n_layers, bsz, t_len, din = c.shape
@@ -964,7 +974,14 @@ def lora_kv_projection_grouped(
             raise TypeError(f"lora_kv_projection_grouped: {name} has dtype {t.dtype}; supported: {_DTYPES}")
         if t.dtype != c.dtype:
             raise TypeError(f"lora_kv_projection_grouped: {name} has dtype {t.dtype}; expected {c.dtype} (c's)")
+    if ids.shape[:2] != (n_layers, bsz) or ids.dim() != 3 or weights.shape != ids.shape:
+        raise ValueError(
+            f"lora_kv_projection_grouped: ids {tuple(ids.shape)}, weights {tuple(weights.shape)}; "
+            f"expected both (L, B, S) with L = {n_layers}, B = {bsz}"
+        )
     k, v = _forward(c, wk, wv, ak, bk, av, bv, ids, weights, scale, douts)
+    if flat:
+        return k, v
     ks, vs, offset = [], [], 0
     for dout in douts:
         size = bsz * t_len * dout

@@ -152,6 +152,7 @@ def _reference_backend() -> Backend:
     for op in ops:
         impls[op] = getattr(reference, op)
         impls[op + "_backward"] = getattr(reference, op + "_backward")
+    impls["lora_kv_projection_grouped"] = reference.lora_kv_projection_grouped  # inference only: no backward
     return Backend("reference", impls, lambda op, args: None)
 
 

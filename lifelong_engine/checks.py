@@ -22,6 +22,7 @@ _SCHEMA_TYPES = {  # schema type → (accepted Python types, what the error says
     "Tensor": ((Tensor,), "a torch.Tensor"),
     "float": ((numbers.Real, torch.SymFloat, torch.SymInt), "a real number"),
     "str": ((str,), "a string"),
+    "List[Tensor]": ((list, tuple), "a list of torch.Tensor"),
 }
 
 
@@ -33,7 +34,7 @@ def argument_types(op: str, schema, arguments: dict) -> None:
             continue
         value, kind = arguments[arg.name], str(arg.type)
         optional = kind.startswith("Optional[")
-        types, what = _SCHEMA_TYPES[kind.removeprefix("Optional[").removesuffix("]")]
+        types, what = _SCHEMA_TYPES[kind[len("Optional[") : -1] if optional else kind]
         if (value is None and optional) or (isinstance(value, types) and not isinstance(value, bool)):
             continue
         got = type(value).__name__ if isinstance(value, Tensor) else f"{type(value).__name__} {value!r:.80}"
@@ -96,6 +97,42 @@ def _any(*conditions: Tensor) -> list[bool]:
 
 
 # --------------------------------------------------------------------------- lora_kv
+
+
+def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values: bool) -> None:
+    """Every layer l checked as lora_kv_projection(c[l], …, ids[l], weights[l]), errors naming the layer;
+    all layers share B, T, Din, N and r (one pool layout)."""
+    op = "lora_kv_projection_grouped"
+    _tensor(op, "c", c, 4, "[L, B, T, Din]")
+    n_layers, bsz = c.shape[0], c.shape[1]
+    lists = dict(w_k=w_k, w_v=w_v, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v)
+    for name, lst in lists.items():
+        if len(lst) != n_layers:
+            raise ValueError(f"{op}: {name} has {len(lst)} layers; expected L = {n_layers}, the first dim of c")
+    for name, t in dict(ids=ids, weights=weights).items():
+        _tensor(op, name, t, 3, "[L, B, S]")
+        if t.shape[:2] != (n_layers, bsz):
+            raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected (L, B, S) = ({n_layers}, {bsz}, S)")
+    for layer in range(n_layers):
+        if a_k[layer].shape[:2] != a_k[0].shape[:2]:
+            raise ValueError(
+                f"{op}: a_k[{layer}] has shape {_shape(a_k[layer])}; expected (N, r) = {_shape(a_k[0])[:2]} "
+                "as in layer 0 (one adapter pool for all layers)"
+            )
+        try:
+            lora_kv_projection(
+                c[layer], w_k[layer], w_v[layer], a_k[layer], b_k[layer], a_v[layer], b_v[layer], ids[layer],
+                weights[layer], scale, values=False,
+            )  # fmt: skip
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{op}: layer {layer}: {error}") from None
+    if values and ids.numel():  # all layers' ids in one check (one host sync)
+        n = a_k[0].shape[0]
+        below, above = _any(ids < -1, ids >= n)
+        if below:
+            raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
+        if above:
+            raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
 
 
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values: bool) -> None:

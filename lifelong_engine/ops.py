@@ -25,6 +25,7 @@ from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
     "lora_kv_projection",
+    "lora_kv_projection_grouped",
     "lora_term",
     "regional_cross_attention",
     "ewa_weights",
@@ -172,6 +173,47 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
 
 
 _lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+
+
+@_custom_op("lifelong::lora_kv_projection_grouped")
+def _lora_kv_projection_grouped(
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_kv_projection` of all L cross-attention layers at once (one launch on the triton backend).
+
+    c: (L, B, T, Din) layer-wise text embeddings; w_k, w_v: L tensors (Dout_l, Din); a_k, a_v: L tensors
+    (N, r, Din); b_k, b_v: L tensors (N, Dout_l, r) (one pool: the same N, r in every layer);
+    ids, weights: (L, B, S), each layer its own (EWA gives each layer its own ψ).
+    Semantics: (k_l, v_l) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l],
+    ids[l], weights[l], scale). The registered op returns two flat buffers (B·T·ΣDout_l,), layer after
+    layer; the public function returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]), each (B, T, Dout_l), views
+    into them. Inference only (no autograd formula).
+    """
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=True)
+    return _run("lora_kv_projection_grouped", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+
+@_lora_kv_projection_grouped.register_fake
+def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+    size = c.shape[1] * c.shape[2] * sum(w.shape[0] for w in w_k)
+    return c.new_empty(size), c.new_empty(size)
+
+
+def _split_layers(c: Tensor, w_k: list[Tensor], flat: Tensor) -> list[Tensor]:
+    """Layer l's (B, T, Dout_l) view of a flat grouped output."""
+    bsz, t_len = c.shape[1], c.shape[2]
+    sizes = [bsz * t_len * w.shape[0] for w in w_k]
+    return [part.view(bsz, t_len, w.shape[0]) for part, w in zip(flat.split(sizes), w_k)]
 
 
 # ------------------------------------------------------------------------------ lora_term
@@ -570,6 +612,15 @@ def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Ten
 # ------------------------------------------------------------------ public functions
 
 lora_kv_projection = _public("lora_kv_projection")
+_lora_kv_projection_grouped_flat = _public("lora_kv_projection_grouped")
+
+
+def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    k_all, v_all = _lora_kv_projection_grouped_flat(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+    return _split_layers(c, w_k, k_all), _split_layers(c, w_k, v_all)
+
+
+lora_kv_projection_grouped.__doc__ = _lora_kv_projection_grouped.__doc__
 lora_term = _public("lora_term")
 regional_cross_attention = _public("regional_cross_attention")
 ewa_weights = _public("ewa_weights")

@@ -17,6 +17,7 @@ __all__ = [
     "NORM_EPS",
     "lora_kv_projection",
     "lora_kv_projection_backward",
+    "lora_kv_projection_grouped",
     "regional_cross_attention",
     "regional_cross_attention_backward",
     "ewa_weights",
@@ -68,6 +69,38 @@ def lora_kv_projection(
     return c @ w_k.T + lora_term(c, a_k, b_k, ids, weights, scale), c @ w_v.T + lora_term(
         c, a_v, b_v, ids, weights, scale
     )
+
+
+def lora_kv_projection_grouped(
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+    project=None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_kv_projection` of all L layers, each with its own ids and weights.
+
+    c: (L, B, T, Din); w_k, w_v, a_k, b_k, a_v, b_v: L per-layer tensors; ids, weights: (L, B, S).
+    Semantics: (k_l, v_l) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l],
+    ids[l], weights[l], scale). Returns flat (k_all, v_all), each (B·T·ΣDout_l,): k_l flattened, in
+    layer order (the layout of the grouped kernel's output buffer). ``project`` is the per-layer op
+    (this module's by default; a backend passes its own fast path).
+    """
+    project = project or lora_kv_projection
+    outs = [
+        project(c[layer], w_k[layer], w_v[layer], a_k[layer], b_k[layer], a_v[layer], b_v[layer], ids[layer],
+                weights[layer], scale)
+        for layer in range(c.shape[0])
+    ]  # fmt: skip
+    if not outs:
+        return c.new_empty(0), c.new_empty(0)
+    return torch.cat([k.reshape(-1) for k, _ in outs]), torch.cat([v.reshape(-1) for _, v in outs])
 
 
 def lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:

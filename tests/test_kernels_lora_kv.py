@@ -236,8 +236,17 @@ def layer_args(douts, B=2, T=9, Din=20, N=4, r=3, S=3, dtype=torch.float32):
     per_layer = [inputs.lora_kv(B=B, T=T, Din=Din, Dout=d, N=N, r=r, S=S, dtype=dtype, device=DEVICE) for d in douts]
     c = torch.stack([a[0] for a in per_layer])
     lists = [[a[i] for a in per_layer] for i in range(1, 7)]
-    ids = torch.tensor([[2, -1, 2], [-1, 0, 3]], device=DEVICE)
-    weights = torch.rand(B, S, dtype=dtype, device=DEVICE) + 0.5
+    # Per-layer ids and weights (EWA gives each layer its own ψ): rows differ across layers,
+    # including a repeated id, an empty row and all slots used.
+    patterns = ([2, -1, 2], [-1, 0, 3], [-1, -1, -1], [1, 3, 0])
+    ids = torch.tensor(
+        [
+            [patterns[(layer + row) % len(patterns)][:S] + [-1] * (S - 3) for row in range(B)]
+            for layer in range(len(douts))
+        ],
+        device=DEVICE,
+    )
+    weights = torch.rand(len(douts), B, S, dtype=dtype, device=DEVICE) + 0.5
     return c, lists, ids, weights, 0.75
 
 
@@ -248,7 +257,7 @@ def test_grouped_matches_per_layer_reference(dtype):
     ks, vs = lora_kv.lora_kv_projection_grouped(c, *lists, ids, weights, scale)
     assert len(ks) == len(vs) == len(douts)
     for layer, dout in enumerate(douts):
-        args = (c[layer], *(lst[layer] for lst in lists), ids, weights, scale)
+        args = (c[layer], *(lst[layer] for lst in lists), ids[layer], weights[layer], scale)
         assert ks[layer].shape == (2, 9, dout) and ks[layer].is_contiguous() and ks[layer].dtype == dtype
         check((ks[layer], vs[layer]), args, reference.lora_kv_projection, args)
 
@@ -308,5 +317,5 @@ def test_sd15_grouped_all_layers(dtype):
     c, lists, ids, weights, scale = layer_args(douts, B=2, T=77, Din=768, N=16, r=4, S=3, dtype=dtype)
     ks, vs = lora_kv.lora_kv_projection_grouped(c, *lists, ids, weights, scale)
     for layer in range(len(douts)):
-        args = (c[layer], *(lst[layer] for lst in lists), ids, weights, scale)
+        args = (c[layer], *(lst[layer] for lst in lists), ids[layer], weights[layer], scale)
         check((ks[layer], vs[layer]), args, reference.lora_kv_projection, args)
