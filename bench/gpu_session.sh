@@ -11,8 +11,9 @@
 #            Triton cache (same keys as the real launches: the target is sm_90 both ways) and
 #            the machine's own resource table (its Triton, its ptxas)
 #   kernels  pytest -m gpu -n 8 --timeout 120 tests/test_kernels_*.py
-#   bench    bench/kernels.py cut: batch 2 and 8, no compile / flex / xformers providers,
-#            --rep-ms 20, one process per subject (75 / 60 / 40 s); every op, and the peft /
+#   bench    the kernel benchmarks cut: batch 2 and 8, no compile / flex / xformers providers,
+#            --rep-ms 20, one script per subject (bench/regional.py / lora_kv.py / ewa.py,
+#            75 / 60 / 40 s); every op, and the peft /
 #            SDPA / per-region baselines
 #   engine   pytest -m gpu (the engine's end-to-end tests on CUDA), kernels' tests excluded
 # extra: train (bench/train.py, SD-1.5 bf16, batch 1 and 4, 10 steps), serve (bench/serve.py sd15).
@@ -139,14 +140,14 @@ tests_stage() {  # tests_stage NAME LIMIT_S WORKERS PYTEST-ARGS...: the GPU test
     fi
 }
 
-# The cut kernel benchmark, one process per subject, each with its share of the stage's time so
+# The cut kernel benchmarks, one process (script) per subject, each with its share of the stage's time so
 # that a slow subject cannot starve the others (results are written after every record).
 export BENCH_CUT="--batch 2,8 --exclude compile,flex,xformers --rep-ms 20" PY
 bench_cut() {
     local rc=0
-    timeout 75 "$PY" bench/kernels.py --subject regional $BENCH_CUT || rc=1
-    timeout 60 "$PY" bench/kernels.py --subject lora_kv $BENCH_CUT || rc=1
-    timeout 40 "$PY" bench/kernels.py --subject ewa $BENCH_CUT || rc=1
+    timeout 75 "$PY" bench/regional.py $BENCH_CUT || rc=1
+    timeout 60 "$PY" bench/lora_kv.py $BENCH_CUT || rc=1
+    timeout 40 "$PY" bench/ewa.py $BENCH_CUT || rc=1
     return $rc
 }
 

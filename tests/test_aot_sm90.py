@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Loaded from its file: bench/ on sys.path would shadow top-level names (bench/kernels.py).
+# Loaded from its file: bench/ on sys.path would put its scripts (common, ewa, ...) among the top-level names.
 _spec = importlib.util.spec_from_file_location("_lifelong_bench_aot_sm90", ROOT / "bench" / "aot_sm90.py")
 aot_sm90 = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(aot_sm90)
