@@ -59,7 +59,8 @@ SM90_MAX_SHARED = 232448  # bytes of shared memory one block may take on sm_90 (
 # the fixed kernels compile without spills (Triton 3.9 and 3.6, see README); the regional fp32
 # kernels keep spills at d = 160 (fwd 176-184 B, bwd 1,056 B on 3.9; 3.2 spills 80-96 B in the
 # fp32 forward at d = 40), whose 3xTF32 dots hold hi/lo parts of 16 x 256 fp32 tiles already
-# at tl.dot's minimum tile sizes. A new spill anywhere else fails CI.
+# at tl.dot's minimum tile sizes. A new spill anywhere else fails CI (ewa_official's _rows_kernel
+# included: 0 B at both models' shapes in every dtype).
 SPILL_LIMITS = {
     "_regional_attn_fwd_kernel": {"half": 0, "fp32": 192},
     "_regional_attn_bwd_kernel": {"half": 0, "fp32": 1088},
@@ -193,12 +194,13 @@ MODELS = {
     "sdxl": dict(attn=[("4096q", 10, 4096, 64), ("1024q", 20, 1024, 64)], din=2048, douts=(640, 1280)),
 }
 BATCH, TOKENS, SLOTS, RANK, POOL, CONCEPTS, EWA_LAYERS = 2, 77, 5, 4, 16, 1000, 16
+EWA_ROWS = 4  # token rows per concept of the released code's EWA (kernels/ewa_official.py)
 
 
 def _cases(model: str, dtype) -> dict[str, Callable[[], None]]:
     """name → a call of the real launchers at this model's shapes (CPU tensors)."""
     import torch
-    from lifelong_engine.kernels import ewa, lora_kv, regional_attention
+    from lifelong_engine.kernels import ewa, ewa_official, lora_kv, regional_attention
 
     spec = MODELS[model]
     cases: dict[str, Callable[[], None]] = {}
@@ -239,6 +241,14 @@ def _cases(model: str, dtype) -> dict[str, Callable[[], None]]:
         ewa.ewa_merge(psi[:, 0], a, b, 2.0)
 
     cases[f"ewa G={CONCEPTS}"] = ewa_ops
+
+    def ewa_rows():
+        prompt = torch.randn(BATCH, EWA_LAYERS, TOKENS, spec["din"], dtype=dtype)
+        concepts = torch.randn(EWA_LAYERS, CONCEPTS, EWA_ROWS, spec["din"], dtype=dtype)
+        rows = torch.rand(CONCEPTS, EWA_ROWS) < 0.75
+        ewa_official.ewa_weights_rows(prompt, concepts, rows, torch.ones(BATCH, TOKENS, dtype=torch.bool))
+
+    cases[f"ewa_rows G={CONCEPTS} W={EWA_ROWS}"] = ewa_rows
     return cases
 
 

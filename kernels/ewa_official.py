@@ -19,10 +19,12 @@ import triton.language as tl
 
 from lifelong_engine import reference
 
+from . import ewa_common as common
+from .ewa_common import block_size
+
 __all__ = ["ewa_weights_rows", "ewa_weights_rows_backward", "why_not"]
 
-_EPS = reference.NORM_EPS
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_EPS = common.EPS
 
 
 @triton.jit
@@ -109,37 +111,10 @@ def _rows_kernel(
             m_sum += tl.where(row_ok, best, 0.0)
             count += row_ok.to(tl.float32)
         m = m_sum / tl.maximum(count, 1.0)
-        mp = tl.exp2(power * tl.log2(tl.abs(m)))
-        if POW_MODE == 1:
-            mp = tl.where(m < 0, -mp, mp)
-        if POW_MODE == 2:
-            mp = tl.where(m < 0, float("nan"), mp)
-        mp = tl.where(g_ok, mp, 0.0)
+        mp = tl.where(g_ok, common.power(m, power, POW_MODE), 0.0)
         tl.store(scratch_ptr + out_row + offs_g, mp, mask=g_ok)
-        if L1:
-            total += tl.abs(mp)
-        else:
-            total += mp * mp
-    norm = tl.sum(total, axis=0)
-    if not L1:
-        norm = tl.sqrt(norm)
-    norm = tl.maximum(norm, eps)
-    for g0 in range(0, G, BLOCK_G):
-        offs_g = g0 + tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
-        mp = tl.load(scratch_ptr + out_row + offs_g, mask=g_ok, other=0.0)
-        tl.store(psi_ptr + out_row + offs_g, (mp / norm).to(psi_ptr.dtype.element_ty), mask=g_ok)
-
-
-def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    p = max(lo, triton.next_power_of_2(max(n, 1)))
-    return min(p, hi) if hi else p
-
-
-def _pow_mode(power: float) -> int:
-    if float(power).is_integer():
-        return 1 if int(power) % 2 else 0
-    return 2
+        total = common.add_to_norm(total, mp, L1)
+    common.store_normalized(scratch_ptr, psi_ptr, pid.to(tl.int64), G, total, eps, L1, BLOCK_G)
 
 
 def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask=None, power=4.0, norm="l1"):
@@ -177,11 +152,11 @@ def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask=None, power=4.0
         _EPS,
         HAS_MASK=prompt_mask is not None,
         IEEE=prompt.dtype == torch.float32,
-        POW_MODE=_pow_mode(power),
+        POW_MODE=common.pow_mode(power),
         L1=norm == "l1",
-        BLOCK_T=_pow2(t_len, hi=32),
-        BLOCK_G=_pow2(n_concepts, hi=32),
-        BLOCK_D=_pow2(dim, hi=64),
+        BLOCK_T=block_size(t_len, hi=32),
+        BLOCK_G=block_size(n_concepts, hi=32),
+        BLOCK_D=block_size(dim, hi=64),
         num_warps=4,
     )
     return psi
@@ -190,9 +165,4 @@ def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask=None, power=4.0
 ewa_weights_rows_backward = reference.ewa_weights_rows_backward
 
 
-def why_not(args: tuple) -> str | None:
-    """Why this kernel cannot run the (forward or backward) arguments, or None."""
-    for t in args:
-        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dtype not in _DTYPES:
-            return f"dtype {t.dtype} is not supported (float16, bfloat16, float32)"
-    return None
+why_not = common.why_not

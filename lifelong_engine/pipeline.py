@@ -99,7 +99,6 @@ class LifelongPipeline:
             for layer, attn in self.attention.items()
             for proj, lin in zip(PROJECTIONS, (attn.to_k, attn.to_v, attn.to_q, attn.to_out[0]))
         }
-        self._attn, self._widths = self.attention, self.widths  # old names, still read by training/
         self._concepts: dict[str, ConceptAdapter] = {}
         self._embeddings: dict[str, Tensor] = {}  # ê (L, D) per concept
         self._pool: AdapterPool | None = None

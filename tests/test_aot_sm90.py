@@ -86,3 +86,18 @@ def test_check_fails_on_compile_errors_shared_memory_and_spills_over_the_kernels
         ]
     )
     assert [p.split(": ", 1)[1].split()[0] for p in problems] == ["CompilationError:", "232449", "8", str(limit + 8)]
+
+
+def test_matrix_calls_every_kernel_module():
+    """Regression: kernels/ewa_official.py was added without a case, so CI never compiled it for sm_90.
+    ewa_common holds @triton.jit helpers inlined into the ewa kernels, compiled with them."""
+    import inspect
+
+    called = inspect.getsource(aot_sm90._cases)
+    modules = [
+        p.stem
+        for p in (ROOT / "kernels").glob("*.py")
+        if "@triton.jit" in p.read_text() and p.stem not in ("__init__", "ewa_common")
+    ]
+    assert "ewa_official" in modules
+    assert [m for m in modules if f"{m}." not in called] == []

@@ -86,7 +86,7 @@ def test_cidm_shared_subspace_state_is_updated(tmp_path):
     tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
     tr.learn(CONCEPTS[1], images(CONCEPTS[1]), "square")
     shared = tr.strategy.r2[lp.layers[0], "to_k"]
-    dout, din = lp._widths[lp.layers[0], "to_k"][::-1]
+    dout, din = lp.widths[lp.layers[0], "to_k"][::-1]
     assert shared["w"].shape == (dout, din) and set(shared["h"]) == set(CONCEPTS)
     # a new trainer over the same directory picks the state up
     again = trainer(new_pipeline(), tmp_path, "cidm")

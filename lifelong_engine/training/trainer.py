@@ -150,7 +150,7 @@ class ContinualTrainer:
         pipe = pipeline.pipe
         self.resolution = resolution or pipeline.unet.config.sample_size * pipe.vae_scale_factor
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.widths = dict(pipeline._widths)  # (layer, proj) → (Din, Dout)
+        self.widths = dict(pipeline.widths)  # (layer, proj) → (Din, Dout)
         if store is not None:
             self.run_dir = Path(store.staging)
         else:
@@ -484,8 +484,7 @@ class ContinualTrainer:
             base_fingerprint=lp.fingerprint,
             method=self.method,
         )
-        with torch.no_grad():
-            adapter.concept_embeddings = lp.text.concept_embedding(adapter.to(lp.device, lp.dtype)).float().cpu()
+        adapter.concept_embeddings = lp.concept_embedding(adapter).cpu()
         adapter = self.strategy.finish(task, state, adapter)
         self._save_method_state()
         return adapter
