@@ -228,23 +228,35 @@ def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
 def layer_kv(
     attn, c: Tensor, pool: AdapterPool | None, layer: str, ids: Tensor, weights: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Text K/V of one ``attn2`` layer with concepts: c (n, T, Din) → k, v (n, H, T, d)."""
+    """Text K/V of one ``attn2`` layer with concepts: c (n, T, Din) → k, v (n, H, T, d).
+
+    Plain ``nn.Linear`` projections run the fused ``ops.lora_kv_projection``. A projection that is
+    anything else — a peft LoRA layer (``load_lora_weights``, ``add_adapter``), a quantized linear — runs
+    its own forward, so whatever it adds (every active adapter with its scale and ``set_adapters``
+    weight, none after ``disable_lora``; read at every call) is part of the K/V, and the concepts are added
+    to it with ``ops.lora_term``."""
     if attn.norm_cross:
         c = attn.norm_encoder_hidden_states(c)
     ab_k = pool.get(layer, "to_k") if pool is not None else None
     ab_v = pool.get(layer, "to_v") if pool is not None else None
-    if ab_k is None:
-        ab_k = ab_v = (c.new_zeros(0, 1, c.shape[-1]), c.new_zeros(0, attn.to_k.out_features, 1))
-        ids, weights = ids[:, :0], weights[:, :0]
-    w_k, w_v = attn.to_k.weight, attn.to_v.weight
-    dtype = compute_dtype(c.device, w_k.dtype)  # under autocast, the autocast dtype: the ops take one dtype
-    c, w_k, w_v = c.to(dtype), w_k.to(dtype), w_v.to(dtype)
-    ab_k, ab_v = tuple(t.to(dtype) for t in ab_k), tuple(t.to(dtype) for t in ab_v)
-    k, v = ops.lora_kv_projection(c, w_k, w_v, *ab_k, *ab_v, ids, weights.to(dtype), 1.0)
-    if attn.to_k.bias is not None:
-        k = k + attn.to_k.bias
-    if attn.to_v.bias is not None:
-        v = v + attn.to_v.bias
+    if type(attn.to_k) is not torch.nn.Linear or type(attn.to_v) is not torch.nn.Linear:
+        k, v = attn.to_k(c), attn.to_v(c)
+        if ab_k is not None:
+            k = k + ops.lora_term(c.to(k.dtype), *(t.to(k.dtype) for t in ab_k), ids, weights.to(k.dtype))
+            v = v + ops.lora_term(c.to(v.dtype), *(t.to(v.dtype) for t in ab_v), ids, weights.to(v.dtype))
+    else:
+        if ab_k is None:
+            ab_k = ab_v = (c.new_zeros(0, 1, c.shape[-1]), c.new_zeros(0, attn.to_k.out_features, 1))
+            ids, weights = ids[:, :0], weights[:, :0]
+        w_k, w_v = attn.to_k.weight, attn.to_v.weight
+        dtype = compute_dtype(c.device, w_k.dtype)  # under autocast, the autocast dtype: the ops take one dtype
+        c, w_k, w_v = c.to(dtype), w_k.to(dtype), w_v.to(dtype)
+        ab_k, ab_v = tuple(t.to(dtype) for t in ab_k), tuple(t.to(dtype) for t in ab_v)
+        k, v = ops.lora_kv_projection(c, w_k, w_v, *ab_k, *ab_v, ids, weights.to(dtype), 1.0)
+        if attn.to_k.bias is not None:
+            k = k + attn.to_k.bias
+        if attn.to_v.bias is not None:
+            v = v + attn.to_v.bias
     n, T, dout = k.shape
     k, v = (x.view(n, T, attn.heads, dout // attn.heads).transpose(1, 2) for x in (k, v))
     if attn.norm_k is not None:
