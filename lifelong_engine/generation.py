@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import torch
@@ -193,22 +194,20 @@ def condition(
     for j, i in enumerate(real):
         positions[i] = encoded.positions[j]
         eos[i] = int(encoded.eos[j])
-    from .pipeline import ewa_variant
-
     G = len(library.adapters)
     if plan.composite > 1 and plan.composite != G:
         raise ValueError(f"a composite plan of {plan.composite} copies needs as many concepts; the library has {G}")
-    variant = "sum" if plan.composite > 1 else ewa_variant(library.default_ewa if ewa is None else ewa)
-    ewa = variant != "sum"
-    ids, psi = model.concept_weights(encoded, power, norm, top_k if ewa else None, library, variant)
     if plan.composite > 1:  # text i of copy k = i // (n / K) mixes concept k alone
+        ids, _ = model.concept_weights(encoded, power, norm, None, library, "sum")
         copy_of = torch.arange(len(real), device=device) * plan.composite // len(real)
         ids = ids.gather(-1, copy_of[:, None, None].expand(-1, ids.shape[1], 1))
-        psi = psi[..., :1]
+        psi = torch.ones(ids.shape, device=device)
+    else:
+        ids, psi = _concept_weights(model, encoded, [plan.texts[i] for i in real], library, power, norm, top_k, ewa)
     full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=device)
     full_psi = torch.zeros(n, L, ids.shape[-1], device=device)
     full_ids[real] = ids
-    full_psi[real] = psi if ewa else torch.ones_like(psi)
+    full_psi[real] = psi
     # Every text uses its row owner's weights: a negative prompt is weighted like its image's prompt.
     text_owner = torch.arange(n)
     text_owner[plan.row_texts[:, 0]] = plan.owner
@@ -244,6 +243,43 @@ def condition(
         positions,
         eos,
     )
+
+
+def _concept_weights(model, encoded, texts: list[str], library: Library, power, norm, top_k, ewa):
+    """(ids, psi), each (texts, L, S): the concepts each text mixes into each layer and their weights.
+
+    The rule (README "Concepts with and without ê"): concepts with a concept embedding ê of their own (learned
+    token rows or a stored ê: CIDM, C-LoRA, ... and imported textual inversions) are weighted as ``ewa`` asks
+    (their own default: EWA when all of them are CIDM, else weight 1 each); concepts without one
+    (:attr:`Library.triggered`: an imported ordinary LoRA) take no part in EWA and apply at weight 1 to a text
+    that names their token (the trigger word, a whole word), 0 to any other. Without ``top_k`` the S columns
+    are the library's concepts in library order."""
+    from .pipeline import ewa_variant
+
+    triggered = library.triggered
+    learned = [i for i in range(len(library.adapters)) if i not in triggered]
+    own = library.subset(learned)
+    variant = ewa_variant(own.default_ewa if ewa is None else ewa)
+    weighted = variant != "sum"
+    ids, psi = model.concept_weights(encoded, power, norm, top_k if weighted else None, own, variant)
+    if not weighted:
+        psi = torch.ones_like(psi)
+    if not triggered:
+        return ids, psi
+    n, L = ids.shape[:2]
+    named = [[_names(text, library.adapters[i].token) for i in triggered] for text in texts]
+    on = torch.tensor(named, dtype=psi.dtype, device=psi.device)[:, None].expand(n, L, len(triggered))
+    ids = torch.cat([ids, library.ids[triggered].expand(n, L, len(triggered))], -1)
+    psi = torch.cat([psi, on], -1)
+    if top_k is None or not weighted:  # back to library order
+        order = torch.tensor(learned + triggered).argsort().to(ids.device)
+        ids, psi = ids[..., order], psi[..., order]
+    return ids, psi
+
+
+def _names(text: str, token: str) -> bool:
+    """True when ``text`` has ``token`` as a whole word (not inside a longer word or ``<token>``)."""
+    return re.search(r"(?<![\w<>-])" + re.escape(token) + r"(?![\w<>-])", text) is not None
 
 
 def _added_cond(model, plan: Plan, pooled: Tensor | None) -> dict | None:

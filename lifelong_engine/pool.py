@@ -183,6 +183,18 @@ class Library:
         return {c.token: c for c in self.adapters}
 
     @property
+    def triggered(self) -> list[int]:
+        """Library positions of the concepts without a concept embedding of their own: no learned token rows and
+        no stored ê (an imported ordinary LoRA, whose token is a trigger word left as text). They take no part
+        in EWA; each applies at weight 1 to a prompt that names its token, and not at all to one that does not
+        (:func:`~lifelong_engine.generation.condition`)."""
+        return [i for i, c in enumerate(self.adapters) if c.token_embeddings is None and c.concept_embeddings is None]
+
+    def subset(self, positions: list[int]) -> Library:
+        """The library of the concepts at ``positions`` (same pool)."""
+        return Library([self.adapters[i] for i in positions], self.pool, self.ids[positions])
+
+    @property
     def default_ewa(self) -> str:
         """The merge the concepts ask for: their ``ewa`` metadata ("paper", "official" or "sum"; a CIDM
         concept without it: "paper", any other method: "sum") when all agree, else "sum"."""
