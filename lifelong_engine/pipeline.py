@@ -78,11 +78,12 @@ class LifelongPipeline:
         if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
             raise TypeError(f"expected a diffusers StableDiffusion(XL)Pipeline, got {type(pipe).__name__}")
         self.pipe, self.unet, self.max_regions = pipe, pipe.unet, max_regions
+        self.unet_model = unwrap_unet(pipe.unet)  # the UNet2DConditionModel, under torch.compile / peft wrappers
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self.layers = attn2_layers(self.unet)
+        self.layers = attn2_layers(self.unet_model)
         if not self.layers:
             raise ValueError("the UNet has no cross-attention (attn2) layers")
-        self.fingerprint = fingerprint or unet_fingerprint(self.unet)
+        self.fingerprint = fingerprint or unet_fingerprint(self.unet_model)
         pairs = (
             [(pipe.tokenizer, pipe.text_encoder), (getattr(pipe, "tokenizer_2", None), pipe.text_encoder_2)]
             if (self.is_sdxl)
@@ -92,7 +93,7 @@ class LifelongPipeline:
         self.text = PromptEncoder(
             [t for t, _ in pairs], [e for _, e in pairs], len(self.layers), "penultimate" if self.is_sdxl else "last"
         )
-        modules = dict(self.unet.named_modules())
+        modules = dict(self.unet_model.named_modules())
         self.attention = {name: modules[name] for name in self.layers}  # layer → its attn2 module
         self.widths = {  # (layer, projection) → (Din, Dout)
             (layer, proj): (lin.in_features, lin.out_features)
@@ -115,7 +116,10 @@ class LifelongPipeline:
 
     def install(self) -> None:
         """Install the engine's processors (keeping the current ones for :meth:`restore`)."""
-        current = self.unet.attn_processors
+        current = self.unet_model.attn_processors
+        missing = [layer for layer in self.layers if f"{layer}.processor" not in current]
+        if missing:
+            raise LifelongError(f"the UNet's attention processors do not name its attn2 layers {missing[:3]}")
         if self._previous is None or not self.installed:
             self._previous = dict(current)
         self._installed = {
@@ -124,22 +128,24 @@ class LifelongPipeline:
             else PassThroughProcessor(self._previous[name])
             for name in current
         }
-        self.unet.set_attn_processor(dict(self._installed))
+        self.unet_model.set_attn_processor(dict(self._installed))
 
     def restore(self) -> None:
         """Put back the processors the UNet had before :meth:`install`."""
         if self._previous is not None:
-            self.unet.set_attn_processor(dict(self._previous))
+            self.unet_model.set_attn_processor(dict(self._previous))
             self._previous, self._installed = None, {}
 
     @property
     def installed(self) -> bool:
-        """True while every attention layer still runs the processor the engine installed."""
-        current = self.unet.attn_processors
+        """True while every attention layer still runs the processor the engine installed (on every attn2
+        layer its cross-attention processor)."""
+        current = self.unet_model.attn_processors
         return (
             bool(self._installed)
             and current.keys() == self._installed.keys()
             and all(current[k] is p for k, p in self._installed.items())
+            and all(isinstance(current.get(f"{layer}.processor"), CrossAttentionProcessor) for layer in self.layers)
         )
 
     def check_installed(self) -> None:
@@ -520,6 +526,31 @@ class LifelongPipeline:
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+
+_WRAPPERS = {  # wrapper class name → (what makes it, how to reach the wrapped module)
+    "OptimizedModule": ("torch.compile", lambda m: m._orig_mod),
+    "PeftModel": ("peft.get_peft_model", lambda m: m.get_base_model()),
+}
+
+
+def unwrap_unet(unet):
+    """The diffusers UNet2DConditionModel inside ``unet``, through the wrappers of ``_WRAPPERS`` (torch.compile,
+    peft's get_peft_model); a TypeError naming the wrapper for anything else that is not a UNet
+    with attention processors. The processors are installed on this module; calls still go through the
+    wrapper (compiled, peft's forward)."""
+    seen = []
+    while type(unet).__name__ in _WRAPPERS and not hasattr(type(unet), "set_attn_processor"):
+        seen.append(_WRAPPERS[type(unet).__name__][0])
+        unet = _WRAPPERS[type(unet).__name__][1](unet)
+    if not (hasattr(type(unet), "set_attn_processor") and hasattr(type(unet), "attn_processors")):
+        inside = f" (inside {' → '.join(seen)})" if seen else ""
+        raise TypeError(
+            f"pipe.unet is a {type(unet).__module__}.{type(unet).__name__}{inside}, not a diffusers UNet with "
+            f"attention processors; LifelongPipeline unwraps {', '.join(w for w, _ in _WRAPPERS.values())}: unwrap "
+            "the UNet before wrapping the pipeline"
+        )
+    return unet
 
 
 def _is_int(x) -> bool:
