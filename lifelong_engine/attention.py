@@ -18,6 +18,7 @@ the cross-attention processor computes ordinary attention like diffusers' ``Attn
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -207,14 +208,25 @@ def _plain_attention(attn, hidden_states: Tensor, encoder_hidden_states: Tensor 
 
 
 class PassThroughProcessor:
-    """Runs the layer's previous processor unchanged; accepts (and ignores) the engine's context."""
+    """Runs the layer's previous processor unchanged; accepts (and ignores) the engine's context.
+
+    Arguments reach the inner processor by name, and only those its ``__call__`` declares (as diffusers'
+    ``Attention.forward`` filters ``cross_attention_kwargs``): ``SlicedAttnProcessor`` takes no ``temb``."""
 
     def __init__(self, inner):
         self.inner = inner
+        params = inspect.signature(inner.__call__).parameters
+        self._takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._takes = frozenset(params)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  lifelong_context=None, **kwargs):  # fmt: skip
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        kwargs.update(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask)
+        if temb is not None:
+            kwargs["temb"] = temb
+        if not self._takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._takes}
+        return self.inner(attn, hidden_states, **kwargs)
 
 
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
