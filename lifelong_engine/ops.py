@@ -65,14 +65,27 @@ def _public(name: str):
     return call
 
 
+def _contiguous(out):
+    """Every op returns contiguous tensors, whatever its backend computed (the torch backend's SDPA returns
+    q's layout), so the fake implementations (contiguous, :func:`_empty`) describe every backend."""
+    if isinstance(out, tuple):
+        return tuple(t.contiguous() for t in out)
+    return out.contiguous()
+
+
+def _empty(x: Tensor) -> Tensor:
+    """A fake output shaped like x, contiguous as the real outputs are (``empty_like`` keeps x's strides)."""
+    return x.new_empty(x.shape)
+
+
 def _run(op: str, *args, backend: str | None = None):
-    return backends.select(op, args, backend)(*args)
+    return _contiguous(backends.select(op, args, backend)(*args))
 
 
 def _run_backward(op: str, *args, needs: list[bool], backend: str):
     """A backward op's implementation; one that takes ``needs`` skips the gradients not needed."""
     impl = backends.select(op, args, backend)
-    return impl(*args, needs=needs) if getattr(impl, "takes_needs", False) else impl(*args)
+    return _contiguous(impl(*args, needs=needs) if getattr(impl, "takes_needs", False) else impl(*args))
 
 
 def _keep_needed(ctx, grads: tuple) -> tuple:
@@ -142,12 +155,12 @@ def _lora_kv_projection_backward(
 @_lora_kv_projection_backward.register_fake
 def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, needs, backend):
     return (
-        torch.empty_like(c),
-        torch.empty_like(a_k),
-        torch.empty_like(b_k),
-        torch.empty_like(a_v),
-        torch.empty_like(b_v),
-        torch.empty_like(weights),
+        _empty(c),
+        _empty(a_k),
+        _empty(b_k),
+        _empty(a_v),
+        _empty(b_v),
+        _empty(weights),
     )
 
 
@@ -248,7 +261,7 @@ def _lora_term_backward(
 
 @_lora_term_backward.register_fake
 def _(grad, x, a, b, ids, weights, scale, backend):
-    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(weights)
+    return _empty(x), _empty(a), _empty(b), _empty(weights)
 
 
 def _lora_term_setup(ctx, inputs, output):
@@ -296,7 +309,7 @@ def _regional_cross_attention(
 @_regional_cross_attention.register_fake
 def _(q, k, v, region_ids, kv_len=None, scale=None):
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
-    return torch.empty_like(q)
+    return _empty(q)
 
 
 @_custom_op("lifelong::_regional_cross_attention_backward")
@@ -317,7 +330,7 @@ def _regional_cross_attention_backward(
 
 @_regional_cross_attention_backward.register_fake
 def _(grad_out, q, k, v, region_ids, kv_len, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _empty(q), _empty(k), _empty(v)
 
 
 def _regional_setup(ctx, inputs, output):
@@ -391,7 +404,7 @@ def _ewa_weights_backward(
 
 @_ewa_weights_backward.register_fake
 def _(grad_psi, prompt, concepts, prompt_mask, power, norm, backend):
-    return torch.empty_like(prompt), torch.empty_like(concepts)
+    return _empty(prompt), _empty(concepts)
 
 
 def _ewa_weights_setup(ctx, inputs, output):
@@ -440,7 +453,7 @@ def _ewa_merge_backward(
 
 @_ewa_merge_backward.register_fake
 def _(grad_delta, psi, a, b, scale, backend):
-    return torch.empty_like(psi), torch.empty_like(a), torch.empty_like(b)
+    return _empty(psi), _empty(a), _empty(b)
 
 
 def _ewa_merge_setup(ctx, inputs, output):
@@ -505,7 +518,7 @@ def _ewa_weights_rows_backward(
 
 @_ewa_weights_rows_backward.register_fake
 def _(grad_psi, prompt, concepts, concept_rows, prompt_mask, power, norm, backend):
-    return torch.empty_like(prompt), torch.empty_like(concepts)
+    return _empty(prompt), _empty(concepts)
 
 
 def _ewa_weights_rows_setup(ctx, inputs, output):
@@ -548,7 +561,7 @@ def _regional_cross_attention_trusted(
 @_regional_cross_attention_trusted.register_fake
 def _(q, k, v, region_ids, kv_len=None, scale=None):
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
-    return torch.empty_like(q)
+    return _empty(q)
 
 
 _regional_cross_attention_trusted.register_autograd(_regional_backward, setup_context=_regional_setup)
