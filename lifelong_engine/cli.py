@@ -56,12 +56,15 @@ def _concepts_import(args: argparse.Namespace) -> int:
 
 
 def _concepts_export(args: argparse.Namespace) -> int:
-    from lifelong_engine.formats import export_lora
+    from lifelong_engine.formats import export_lora, token_rows_note, token_rows_path
 
     with _store(args) as store:
         adapter = store.load(args.name, args.namespace, args.version)
     path = export_lora(adapter, args.out, format=args.format)
     print(f"wrote {path} ({args.format})")
+    rows = adapter.token_embeddings
+    shared = rows is not None and rows.shape[0] == 1  # export_lora wrote them beside the LoRA
+    print(f"wrote {token_rows_path(path)} ({token_rows_note(adapter)})" if shared else token_rows_note(adapter))
     return 0
 
 

@@ -11,7 +11,9 @@
 Only the cross-attention projections (attn2 to_k/to_v/to_q/to_out.0) are kept; anything else a file
 holds (self-attention, resnets, text encoder) is reported in a warning and left out.
 
-``export_lora`` writes peft or kohya files that ``diffusers``' ``load_lora_weights`` loads.
+``export_lora`` writes peft or kohya files that ``diffusers``' ``load_lora_weights`` loads, and beside them the
+concept's token rows for ``load_textual_inversion`` where diffusers can represent them (not CIDM's layer-wise
+rows; :func:`token_rows_note`).
 Files are recognised by content, not by suffix: safetensors, or a torch zip file (``.bin``/``.pt``) read
 only with ``torch.load(weights_only=True)``, so a pickle that would run code is refused, never executed.
 Hostile files are refused before they cost anything: special files (FIFOs, devices) are not opened for
@@ -38,7 +40,15 @@ from torch import Tensor
 
 from .concepts import PROJECTIONS, ConceptAdapter, factors_from_delta, validate_name
 
-__all__ = ["import_lora", "export_lora", "load_state_dict", "attn2_layers"]
+__all__ = [
+    "import_lora",
+    "export_lora",
+    "export_token_rows",
+    "token_rows_path",
+    "token_rows_note",
+    "load_state_dict",
+    "attn2_layers",
+]
 
 _LAYER = r"^(?:unet\.)?(?P<layer>.+\.attn2)\."
 _ATTN2 = re.compile(_LAYER + r"(?P<proj>to_k|to_v|to_q|to_out\.0)\.(?P<kind>lora_A|lora_B)\.weight$")
@@ -366,12 +376,18 @@ def _import_textual_inversion(sd, name, token) -> ConceptAdapter:
     )
 
 
-def export_lora(adapter: ConceptAdapter, path: str | os.PathLike, format: str = "peft") -> Path:
-    """Write the adapter's UNet LoRA as a safetensors file diffusers' ``load_lora_weights`` reads.
+def export_lora(
+    adapter: ConceptAdapter, path: str | os.PathLike, format: str = "peft", text_widths: tuple[int, ...] | None = None
+) -> Path:
+    """Write the adapter's UNet LoRA as a safetensors file diffusers' ``load_lora_weights`` reads, and its token
+    rows beside it (:func:`export_token_rows`, at :func:`token_rows_path`) when diffusers can read them.
 
     format: "peft" (``unet.…attn2.to_k.lora_A.weight``) or "kohya" (``lora_unet_…`` with ``.alpha``).
     The LoRA scale is folded into lora_B, so the file means the same under any alpha convention.
-    Token embeddings are not part of a diffusers LoRA file and are not written.
+    Token rows shared by every layer (one set: a textual inversion, a concept learned so) are written in the
+    format diffusers' ``load_textual_inversion`` reads. Layer-wise token rows (CIDM: one set per ``attn2``
+    layer) have no diffusers format and are NOT written: in diffusers such a concept's token is plain text.
+    :func:`token_rows_note` says which case a concept is in. Returns the LoRA file's path.
     """
     if format not in ("peft", "kohya"):
         raise ValueError(f"export_lora: format={format!r}; expected 'peft' or 'kohya'")
@@ -390,4 +406,55 @@ def export_lora(adapter: ConceptAdapter, path: str | os.PathLike, format: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, path, metadata={"format": "pt"})
+    if adapter.token_embeddings is not None and adapter.token_embeddings.shape[0] == 1:
+        export_token_rows(adapter, token_rows_path(path), text_widths)
+    return path
+
+
+def token_rows_path(lora_path: str | os.PathLike) -> Path:
+    """Where :func:`export_lora` writes a concept's token rows: ``NAME.safetensors`` → ``NAME.tokens.safetensors``."""
+    lora_path = Path(lora_path)
+    return lora_path.with_name(lora_path.stem + ".tokens.safetensors")
+
+
+def token_rows_note(adapter: ConceptAdapter) -> str:
+    """What :func:`export_lora` does with the concept's token rows, in words (the CLI prints it)."""
+    rows = adapter.token_embeddings
+    if rows is None:
+        return f"no token rows: in diffusers the concept's token {adapter.token!r} is plain text, as here"
+    if rows.shape[0] > 1:
+        return (
+            f"token rows NOT exported: they are layer-wise ({rows.shape[0]} sets, one per attn2 layer, as CIDM learns "
+            f"them) and diffusers' textual inversion holds one set for all layers; in diffusers the token "
+            f"{adapter.token!r} is plain text, so the concept's prompts differ there"
+        )
+    return f"token rows exported for diffusers' load_textual_inversion (token {adapter.token!r}, {rows.shape[1]} rows)"
+
+
+def export_token_rows(
+    adapter: ConceptAdapter, path: str | os.PathLike, text_widths: tuple[int, ...] | None = None
+) -> Path:
+    """Write the concept's token rows (shared by every layer) as a textual-inversion file for diffusers.
+
+    One text encoder: ``{token: (words, D)}``, which ``pipe.load_textual_inversion(path)`` loads under the
+    concept's token (the prompt's ``<token>`` then expands to its words as here). Two text encoders (SDXL; rows
+    are the two encoders' rows side by side): ``{"clip_l": (words, D1), "clip_g": (words, D2)}``, the SDXL
+    convention, loaded with ``load_textual_inversion(sd["clip_l"], token=..., text_encoder=pipe.text_encoder,
+    tokenizer=pipe.tokenizer)`` and the same with ``clip_g`` and ``text_encoder_2`` / ``tokenizer_2``.
+    text_widths: the text encoders' embedding widths (default: (768, 1280) for 2048-wide rows, SDXL's; else one
+    encoder). Layer-wise rows are a ValueError (diffusers has no format for them)."""
+    rows = adapter.token_embeddings
+    if rows is None or rows.shape[0] != 1:
+        raise ValueError(f"export_token_rows: concept {adapter.name!r}: {token_rows_note(adapter)}")
+    rows = rows[0].detach().float().cpu().contiguous()
+    widths = tuple(text_widths) if text_widths else ((768, 1280) if rows.shape[-1] == 2048 else (rows.shape[-1],))
+    if sum(widths) != rows.shape[-1] or len(widths) not in (1, 2):
+        raise ValueError(f"export_token_rows: text_widths={widths} do not add up to the rows' width {rows.shape[-1]}")
+    if len(widths) == 1:
+        sd = {adapter.token: rows}
+    else:
+        sd = {"clip_l": rows[:, : widths[0]].contiguous(), "clip_g": rows[:, widths[0] :].contiguous()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, path, metadata={"format": "pt", "token": adapter.token})
     return path
