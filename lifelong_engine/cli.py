@@ -26,7 +26,15 @@ def _info(args: argparse.Namespace) -> int:
 def _store(args: argparse.Namespace):
     from lifelong_engine.store import ConceptStore
 
-    return ConceptStore(args.store)
+    return ConceptStore(args.store, files=args.files)
+
+
+def _store_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--store", required=required, default=None,
+        help="the concept store: a directory (created if missing), or a postgresql:// URL with --files",
+    )  # fmt: skip
+    p.add_argument("--files", default=None, help="with a postgresql:// --store: the shared directory of its files")
 
 
 def _concepts_list(args: argparse.Namespace) -> int:
@@ -95,7 +103,7 @@ def _add_concepts(sub) -> None:
     def action(name: str, func, help: str, namespace: str | None = "default", scoped: bool = True):
         """scoped: the command takes --namespace (default ``namespace``; None = all namespaces)."""
         p = concepts.add_parser(name, help=help)
-        p.add_argument("--store", required=True, help="the store directory")
+        _store_options(p)
         if scoped:
             p.add_argument("--namespace", default=namespace, help=f"namespace (default: {namespace or 'all'})")
         p.set_defaults(func=func)
@@ -149,74 +157,35 @@ def _add_demo(sub) -> None:
 
 # ------------------------------------------------------------------ learn / generate
 
-# Defaults per base model: TinyWorld (the shipped toy model) and a diffusers SD / SDXL checkpoint.
-_DEFAULTS = {
-    "tinyworld": {"steps": 100, "lr": 5e-3, "batch": 4, "inference_steps": 20, "guidance_scale": 4.0},
-    "diffusers": {"steps": 400, "lr": 1e-3, "batch": 1, "inference_steps": 30, "guidance_scale": 7.5},
-}
-
 
 def _defaults(args: argparse.Namespace) -> dict:
-    return _DEFAULTS["tinyworld" if args.model == "tinyworld" else "diffusers"]
+    from lifelong_engine.workflows import model_defaults
+
+    return model_defaults(args.model)
 
 
 def _pipeline(args: argparse.Namespace):
     """The LifelongPipeline over --model (with --weights for TinyWorld) on --device."""
-    import torch
+    from lifelong_engine.workflows import load_pipeline
 
-    from lifelong_engine import LifelongPipeline
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model == "tinyworld":
-        from lifelong_engine.tinyworld.model import load_tinyworld_pipeline
-
-        pipe = load_tinyworld_pipeline(device, args.weights)
-    else:
-        from diffusers import DiffusionPipeline
-
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-            raise ValueError(f"{args.model} holds a {type(pipe).__name__}; expected a Stable Diffusion (XL) pipeline")
-    pipe.set_progress_bar_config(disable=args.no_progress)
-    return LifelongPipeline.from_pipe(pipe)
-
-
-def _load_concepts(lp, store, namespace: str, names: list[str] | None) -> list[str]:
-    """Add the store's concepts of ``namespace`` learned on this base model (or only ``names``)."""
-    records = {r.name: r for r in store.list(namespace)}
-    if names is None:
-        names = [n for n, r in records.items() if r.base_fingerprint in ("", lp.fingerprint)]
-    missing = [n for n in names if n not in records]
-    if missing:
-        raise ValueError(f"no concept {missing} in namespace {namespace!r} of the store (it has {sorted(records)})")
-    for name in names:
-        lp.add_concept(store.load(name, namespace))
-    return names
+    return load_pipeline(args.model, args.weights, args.device, progress=not args.no_progress)
 
 
 def _learn(args: argparse.Namespace) -> int:
-    from lifelong_engine.store import ConceptStore
-    from lifelong_engine.training import ContinualTrainer
+    from lifelong_engine.workflows import learn_concept
 
-    d = _defaults(args)
     lp = _pipeline(args)
-    with ConceptStore(args.store) as store:
-        past = [n for n in _load_concepts(lp, store, args.namespace, None) if n != args.name]
-        if args.name in lp.concepts:
-            lp.remove_concept(args.name)  # learning it again makes a new version
-        trainer = ContinualTrainer(
-            lp, method=args.method, rank=args.rank, max_steps=args.steps or d["steps"],
-            learning_rate=args.lr or d["lr"], batch_size=args.batch_size or d["batch"], store=store,
-            seed=args.seed, namespace=args.namespace, progress=not args.no_progress,
+    with _store(args) as store:
+        done = learn_concept(
+            lp, store, args.name, args.images, args.class_word, args.namespace, model=args.model,
+            method=args.method, rank=args.rank, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, resume=args.resume, progress=not args.no_progress,
         )  # fmt: skip
-        adapter = trainer.learn(args.name, args.images, args.class_word, resume=args.resume)
-        stats = trainer.stats[args.name]
-        version = store.record(args.name, args.namespace).version
+    stats = done.stats
     print(
-        f"learned {adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) with "
-        f"{len(past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "
-        f"{stats.eval_loss_after:.4f}; saved as {args.namespace}/{args.name} v{version} in {args.store}"
+        f"learned {done.adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) "
+        f"with {len(done.past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "
+        f"{stats.eval_loss_after:.4f}; saved as {args.namespace}/{args.name} v{done.version} in {args.store}"
     )
     return 0
 
@@ -238,15 +207,15 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lifelong_engine import AttentionGuidance
-    from lifelong_engine.store import ConceptStore
+    from lifelong_engine.workflows import load_concepts
 
     d = _defaults(args)
     lp = _pipeline(args)
     names: list[str] = []
     if args.store:
         wanted = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
-        with ConceptStore(args.store) as store:
-            names = _load_concepts(lp, store, args.namespace, wanted)
+        with _store(args) as store:
+            names = load_concepts(lp, store, args.namespace, wanted)
     elif args.concepts:
         raise ValueError("--concepts needs --store")
     guidance = None
@@ -286,7 +255,7 @@ def _add_learn_generate(sub) -> None:
     p.add_argument("name", help="the concept's name; prompts call it <name>")
     p.add_argument("images", help="a folder of images (or one image file)")
     p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
-    p.add_argument("--store", required=True, help="the concept store directory (created if missing)")
+    _store_options(p)
     p.add_argument("--method", default="cidm", help="cidm (default), c-lora, lora-m, custom-diffusion, ...")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: TinyWorld 100, else 400)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TinyWorld 5e-3, else 1e-3)")
@@ -299,7 +268,7 @@ def _add_learn_generate(sub) -> None:
 
     p = sub.add_parser("generate", help="render a prompt with concepts from a store")
     p.add_argument("prompt", help='e.g. "a <my-dog> dog on a beach"')
-    p.add_argument("--store", default=None, help="the concept store directory")
+    _store_options(p, required=False)
     p.add_argument("--concepts", default=None, help="comma list (default: every concept of the namespace)")
     p.add_argument("--region", action="append", type=_region, help="'PROMPT@x0,y0,x1,y1' (repeatable)")
     p.add_argument("--alpha", type=float, default=0.7, help="regional noise mixing (1: single pass)")
