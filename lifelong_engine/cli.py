@@ -285,6 +285,125 @@ def _add_learn_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+# ------------------------------------------------------------------ the cluster (Ray)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    with _store(args):  # a store that cannot be opened fails here, in one line, before Ray starts
+        pass
+    try:
+        from lifelong_engine import cluster
+    except ImportError as e:
+        raise ValueError(f"serve needs Ray Serve: pip install 'lifelong-engine[cluster]' ({e})") from e
+    if (args.min_replicas is None) != (args.max_replicas is None):
+        raise ValueError("--min-replicas and --max-replicas go together (autoscaling between them)")
+    autoscaling = None
+    if args.min_replicas is not None:
+        autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    config = cluster.ClusterConfig(
+        store=args.store, files=args.files, model=args.model, weights=args.weights, replicas=args.replicas,
+        autoscaling=autoscaling, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+        max_batch_rows=args.max_batch_rows, max_queue=args.max_queue, multiplex=not args.no_multiplex,
+    )  # fmt: skip
+    address = None if args.address == "local" else args.address
+    print(f"serving on http://{args.host}:{args.port}/ (Ray: {args.address}); Ctrl-C stops", flush=True)
+    cluster.run(config, address=address, host=args.host, port=args.port)
+    return 0
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _submit_learn(args: argparse.Namespace) -> int:
+    import base64
+    import contextlib
+    import json
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    source = Path(args.images)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not files:
+        raise ValueError(f"{source}: no image files ({', '.join(_IMAGE_SUFFIXES)})")
+    body = {
+        "name": args.name, "class_word": args.class_word, "namespace": args.namespace, "method": args.method,
+        "steps": args.steps, "rank": args.rank, "learning_rate": args.lr, "batch_size": args.batch_size,
+        "seed": args.seed, "images": [base64.b64encode(p.read_bytes()).decode() for p in files],
+    }  # fmt: skip
+    url = args.url.rstrip("/")
+
+    def call(path: str, data: dict | None = None) -> dict:
+        payload = None if data is None else json.dumps(data).encode()
+        request = urllib.request.Request(url + path, payload, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            message = e.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                message = json.loads(message)["error"]
+            raise ValueError(f"{url}{path}: HTTP {e.code}: {message}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"{url}: cannot reach the service ({e.reason})") from None
+
+    job = call("/v1/concepts/learn", body)
+    print(f"job {job['job']} {job['state']}: learn {args.namespace}/{args.name} from {len(files)} images", flush=True)
+    if not args.wait:
+        return 0
+    state = job["state"]
+    while state not in ("done", "failed"):
+        time.sleep(2)
+        job = call(f"/v1/jobs/{job['job']}")
+        if job["state"] != state:
+            state = job["state"]
+            print(f"job {job['job']} {state}", flush=True)
+    if state == "failed":
+        print(f"error: {job['error']}", file=sys.stderr)
+        return 1
+    print(f"learned {args.namespace}/{args.name} v{job['version']} ({job['steps']} steps, {len(job['past'])} earlier "
+          f"concepts frozen)")  # fmt: skip
+    return 0
+
+
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API on Ray Serve (a local Ray instance, or join a cluster)")
+    _store_options(p)
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1; one GPU each on GPUs)")
+    p.add_argument(
+        "--address", default="local",
+        help="'local' (default: start Ray on this machine), 'auto' (the cluster this machine belongs to) or "
+        "ray://HEAD:10001",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="tinyworld", help="'tinyworld' (default) or a diffusers SD / SDXL directory")
+    p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
+    p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min- and --max-replicas")
+    p.add_argument("--max-replicas", type=int, default=None)
+    p.add_argument("--max-batch-rows", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--no-multiplex", action="store_true", help="route requests to any replica (not by namespace)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("cluster-submit-learn", help="submit a learn job to a running `serve` (prints the job id)")
+    p.add_argument("name", help="the concept's name; prompts call it <name>")
+    p.add_argument("images", help="a folder of images (or one image file)")
+    p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--method", default="cidm")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (exit 1 when it failed)")
+    p.set_defaults(func=_submit_learn)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifelong-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_concepts(sub)
     _add_demo(sub)
     _add_learn_generate(sub)
+    _add_cluster(sub)
     args = parser.parse_args(argv)
     from lifelong_engine.errors import LifelongError
 
