@@ -449,7 +449,8 @@ class Api:
         }
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
+        path, prefix = request.scope["path"], request.scope.get("root_path", "")
+        path = (path.removeprefix(prefix) if prefix else path).rstrip("/") or "/"  # the app's route prefix off
         try:
             if path.startswith("/v1/jobs/") and request.method == "GET":
                 return await self.job(path.removeprefix("/v1/jobs/"))

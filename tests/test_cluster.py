@@ -212,11 +212,21 @@ def _wait(url, job, states=("done", "failed"), timeout=600.0):
     raise AssertionError(f"job {job} still {record['state']} after {timeout} s")
 
 
-def test_learn_jobs_run_in_order_per_namespace_and_in_parallel_across(cluster):
+def test_learn_jobs_run_in_order_per_namespace_and_in_parallel_across(cluster, tmp_path, capsys):
+    import PIL.Image
+
+    from lifelong_engine import cli
+
     url, root = cluster
     first = _learn(url, "red", "carol", (200, 20, 20))
     second = _learn(url, "blue", "carol", (20, 20, 200))
-    other = _learn(url, "green", "dave", (20, 200, 20))
+    for shade in (0, 40):  # the third through the command line
+        PIL.Image.new("RGB", (32, 32), (20, 200 + shade // 4, 20)).save(tmp_path / f"{shade}.png")
+    args = ["cluster-submit-learn", "green", str(tmp_path), "--class-word", "ball", "--namespace", "dave"]
+    assert cli.main([*args, "--url", url, "--steps", "2", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("job ") and "learn dave/green from 2 images" in out
+    other = out.split()[1]
     assert requests.get(f"{url}/v1/jobs/{second}", timeout=TIMEOUT).json()["state"] == "queued"  # waits for red
     a, b, c = (_wait(url, job) for job in (first, second, other))
     assert [a["state"], b["state"], c["state"]] == ["done"] * 3, (a, b, c)
@@ -271,6 +281,32 @@ def test_a_killed_learn_worker_is_retried_then_reported_failed_and_the_store_sta
     with ConceptStore(root) as store:
         assert "doomed" not in {r.name for r in store.list("erin")}
         assert store.verify() == []
+
+
+def test_a_full_engine_queue_answers_503_with_retry_after(cluster):
+    """An app whose engine holds one running request and one queued, and does not wait for room: a burst
+    gets some images and, for the rest, 503 + Retry-After naming the full queue; nothing is lost."""
+    url, root = cluster
+    config = ClusterConfig(
+        store=str(root), replicas=1, cpus_per_replica=0, max_batch_rows=1, max_queue=1, submit_timeout=0.0,
+        max_ongoing_requests=16, retry_after_s=3,
+    )  # fmt: skip
+    serve.run(build_app(config), name="busy", route_prefix="/busy")
+    try:
+
+        def call(i):
+            response = generate(f"{url}/busy", prompt=f"thing {i}", seed=i, steps=3, guidance_scale=1.0)
+            return response.status_code, response.headers.get("Retry-After"), response.text[:300]
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(call, range(12)))
+    finally:
+        serve.delete("busy")
+    statuses = [status for status, *_ in answers]
+    assert set(statuses) == {200, 503}, answers
+    for status, retry_after, text in answers:
+        if status == 503:
+            assert retry_after == "3" and "the queue is full" in text, (retry_after, text)
 
 
 def test_a_replica_killed_mid_flight_fails_its_requests_clearly_and_none_hangs(cluster):
