@@ -6,6 +6,7 @@ shares one Ray session, and each test sends small requests (32×32 images, 1–2
 
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import json
 import os
@@ -39,11 +40,37 @@ def lp():
 
 
 @pytest.fixture(scope="module")
-def cluster(lp, tmp_path_factory):
-    """(base URL, store directory): the app on a local Ray, concept "dog" in namespace alice, one concept
-    per user namespace."""
+def store_location(tmp_path_factory):
+    """(location, files) of the store every process of the app opens: a PostgreSQL schema of its own with
+    a shared files directory when LIFELONG_TEST_POSTGRES_URL reaches a server (as in .ci/run), else a
+    directory."""
+    from test_store import POSTGRES_URL, _postgres_reachable
+
     root = tmp_path_factory.mktemp("cluster")
-    with ConceptStore(root / "store") as store:
+    if _postgres_reachable() is not None:
+        yield str(root / "store"), None
+        return
+    import uuid
+
+    import psycopg
+
+    schema = f"cluster_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        url = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
+        yield url, str(root / "files")
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="module")
+def cluster(lp, store_location):
+    """(base URL, config): the app on a local Ray, concept "dog" in namespace alice, one concept per user
+    namespace."""
+    location, files = store_location
+    with ConceptStore(location, files=files) as store:
 
         def concept(name, seed):
             return concept_for_unet(
@@ -60,10 +87,11 @@ def cluster(lp, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(
-            store=str(root / "store"), replicas=2, cpus_per_replica=0, learn_cpus=1, learn_retries=1, retry_after_s=1
-        )
+            store=location, files=files, replicas=2, cpus_per_replica=0, learn_cpus=1, learn_retries=1,
+            retry_after_s=1,
+        )  # fmt: skip
         serve.run(build_app(config), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", root / "store"
+        yield f"http://127.0.0.1:{port}", config
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -82,7 +110,7 @@ def png_pixels(content: bytes) -> np.ndarray:
 
 
 def test_generate_returns_the_engines_png_with_and_without_the_concept(cluster, lp):
-    url, root = cluster
+    url, config = cluster
     body = dict(prompt="a dog on grass", namespace="alice", seed=7, steps=2, guidance_scale=2.0)
     with_concept = generate(url, **body)
     assert with_concept.status_code == 200, with_concept.text
@@ -96,7 +124,7 @@ def test_generate_returns_the_engines_png_with_and_without_the_concept(cluster, 
     assert np.abs(served - plain).max() > 10  # the concept changes the image
 
     # the same request in-process: the served image is the Engine's image
-    with ConceptStore(root) as store, Engine(lp, store) as engine:
+    with config.open_store() as store, Engine(lp, store) as engine:
         request = GenerationRequest(
             "a dog on grass", concepts=["dog"], namespace="alice", seed=7, num_inference_steps=2, guidance_scale=2.0
         )
@@ -217,7 +245,7 @@ def test_learn_jobs_run_in_order_per_namespace_and_in_parallel_across(cluster, t
 
     from lifelong_engine import cli
 
-    url, root = cluster
+    url, config = cluster
     first = _learn(url, "red", "carol", (200, 20, 20))
     second = _learn(url, "blue", "carol", (20, 20, 200))
     for shade in (0, 40):  # the third through the command line
@@ -233,7 +261,7 @@ def test_learn_jobs_run_in_order_per_namespace_and_in_parallel_across(cluster, t
     assert b["started"] >= a["finished"]  # one namespace: strictly in order
     assert b["past"] == ["red"] and a["past"] == []  # blue learned with red frozen
     assert c["started"] < a["finished"] and a["started"] < c["finished"]  # two namespaces: at the same time
-    with ConceptStore(root) as store:
+    with config.open_store() as store:
         assert {(r.namespace, r.name) for r in store.list()} >= {
             ("carol", "red"),
             ("carol", "blue"),
@@ -271,14 +299,14 @@ def _kill_task(name: str, not_pid: int | None = None, timeout: float = 300.0) ->
 
 
 def test_a_killed_learn_worker_is_retried_then_reported_failed_and_the_store_stays_whole(cluster):
-    url, root = cluster
+    url, config = cluster
     job = _learn(url, "doomed", "erin", (90, 90, 90), steps=50)
     first = _kill_task(f"learn:{job}")
     _kill_task(f"learn:{job}", not_pid=first)  # the retry (learn_retries=1), killed too
     record = _wait(url, job)
     assert record["state"] == "failed"
     assert "after 2 attempt(s)" in record["error"]
-    with ConceptStore(root) as store:
+    with config.open_store() as store:
         assert "doomed" not in {r.name for r in store.list("erin")}
         assert store.verify() == []
 
@@ -286,12 +314,12 @@ def test_a_killed_learn_worker_is_retried_then_reported_failed_and_the_store_sta
 def test_a_full_engine_queue_answers_503_with_retry_after(cluster):
     """An app whose engine holds one running request and one queued, and does not wait for room: a burst
     gets some images and, for the rest, 503 + Retry-After naming the full queue; nothing is lost."""
-    url, root = cluster
-    config = ClusterConfig(
-        store=str(root), replicas=1, cpus_per_replica=0, max_batch_rows=1, max_queue=1, submit_timeout=0.0,
+    url, config = cluster
+    busy = dataclasses.replace(
+        config, replicas=1, cpus_per_replica=0, max_batch_rows=1, max_queue=1, submit_timeout=0.0,
         max_ongoing_requests=16, retry_after_s=3,
     )  # fmt: skip
-    serve.run(build_app(config), name="busy", route_prefix="/busy")
+    serve.run(build_app(busy), name="busy", route_prefix="/busy")
     try:
 
         def call(i):
