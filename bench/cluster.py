@@ -1,19 +1,21 @@
 """The Ray Serve deployment (lifelong_engine.cluster) against the in-process Engine, on the shipped TinyWorld model.
 
-    python bench/cluster.py [--requests 48] [--steps 2] [--clients 16] [--namespaces 24] [--held 6]
-                            [--routing-requests 96] [--cpus 2]
+    python bench/cluster.py [--requests 32] [--steps 2] [--clients 16] [--namespaces 24] [--held 6]
+                            [--routing-requests 64] [--rounds 3] [--cpus 2]
 
 In one run, on one machine (a local Ray instance with ``--cpus`` logical CPUs; replicas on the CPU, or
 one GPU each when the machine has GPUs):
 
 - ``engine``: :class:`lifelong_engine.serving.Engine` in this process: images/s for ``--requests``
-  requests submitted at once, and the latency of one request alone (median of 5);
+  requests submitted at once, and the latency of one request alone;
 - ``serve-1`` / ``serve-2``: the HTTP API with 1 and 2 engine replicas, the same requests from
   ``--clients`` client threads: images/s (and the 2 vs 1 ratio), and the latency of one request alone
-  over HTTP: its excess over ``engine`` is the HTTP + Ray overhead per request;
+  over HTTP: its excess over ``engine`` is the HTTP + Ray overhead per request. The three take turns,
+  ``--rounds`` times (a shared machine's load drifts), and ratios are medians of per-round ratios;
 - routing: ``--routing-requests`` requests over ``--namespaces`` namespaces (one concept each, drawn with
-  weights 1/rank), each replica holding at most ``--held`` namespaces, with and without Serve's
-  multiplexing by namespace: the share of requests whose namespace the serving replica already held.
+  weights 1/rank) from ``--clients`` threads, each replica holding at most ``--held`` namespaces, with and
+  without Serve's multiplexing by namespace: the share of requests whose namespace the serving replica
+  already held (``X-Concepts-Cached``).
 
 Every request: 32×32, ``--steps`` steps, guidance 4, the namespace's concepts. Appends JSON lines to
 bench/results/<device>/cluster.jsonl.
@@ -56,48 +58,58 @@ def body(i: int, namespace: str, steps: int) -> dict:
     }
 
 
-def run_engine(lp, store, namespaces: list[str], n: int, steps: int) -> dict:
-    def request(i: int) -> GenerationRequest:
-        b = body(i, namespaces[i % len(namespaces)], steps)
-        return GenerationRequest(
-            b["prompt"], namespace=b["namespace"], concepts=[f"c-{b['namespace']}"], seed=i, num_inference_steps=steps,
-            guidance_scale=4.0,
-        )  # fmt: skip
+def engine_request(i: int, namespace: str, steps: int) -> GenerationRequest:
+    b = body(i, namespace, steps)
+    return GenerationRequest(
+        b["prompt"], namespace=namespace, concepts=[f"c-{namespace}"], seed=i, num_inference_steps=steps,
+        guidance_scale=b["guidance_scale"],
+    )  # fmt: skip
 
-    with Engine(lp, store, max_batch_rows=16) as engine:
-        engine.generate([request(i) for i in range(len(namespaces))])  # warm: every concept loaded
-        single = []
-        for i in range(5):
-            t0 = time.perf_counter()
-            engine.generate([request(i)])
-            single.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        engine.generate([request(i) for i in range(n)])
-        wall = time.perf_counter() - t0
-    return {"images_per_second": n / wall, "wall_s": wall, "single_ms": statistics.median(single) * 1e3}
+
+DROPPED = [0]  # connections the server closed without an answer (then sent again), reported with the results
 
 
 def post(url: str, payload: dict) -> http.Response:
-    response = http.post(f"{url}/v1/generate", json=payload, timeout=600)
+    for attempt in range(3):
+        try:
+            response = http.post(f"{url}/v1/generate", json=payload, timeout=600)
+            break
+        except http.ConnectionError:  # seen on this machine at load average ~90: Serve's proxy gave up
+            DROPPED[0] += 1
+            if attempt == 2:
+                raise
     if response.status_code != 200:
         raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
     return response
 
 
-def run_http(url: str, namespaces: list[str], n: int, steps: int, clients: int) -> dict:
-    for i, namespace in enumerate(namespaces):  # warm: every namespace loaded on some replica
-        post(url, body(i, namespace, steps))
-    time.sleep(2)  # replicas report what they hold to Serve's routers asynchronously
+def measure(provider, namespaces: list[str], n: int, steps: int, clients: int) -> dict:
+    """One round for ``provider`` (an Engine, or a base URL): the latency of single requests one after
+    another (median of 3), then images/s for ``n`` requests at once (the Engine: all submitted together;
+    HTTP: from ``clients`` threads)."""
+
+    def one(i: int):
+        namespace = namespaces[i % len(namespaces)]
+        if isinstance(provider, Engine):
+            return provider.generate([engine_request(i, namespace, steps)])[0]
+        return post(provider, body(i, namespace, steps))
+
+    def many():
+        if isinstance(provider, Engine):
+            provider.generate([engine_request(i, namespaces[i % len(namespaces)], steps) for i in range(n)])
+            return
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(n)))
+
     single = []
-    for i in range(5):
+    for i in range(3):
         t0 = time.perf_counter()
-        post(url, body(i, namespaces[i % len(namespaces)], steps))
+        one(i)
         single.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda i: post(url, body(i, namespaces[i % len(namespaces)], steps)), range(n)))
+    many()
     wall = time.perf_counter() - t0
-    return {"images_per_second": n / wall, "wall_s": wall, "single_ms": statistics.median(single) * 1e3}
+    return {"images_per_second": n / wall, "single_ms": statistics.median(single) * 1e3}
 
 
 def run_routing(url: str, namespaces: list[str], n: int, steps: int, clients: int) -> dict:
@@ -111,31 +123,27 @@ def run_routing(url: str, namespaces: list[str], n: int, steps: int, clients: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--throughput-namespaces", type=int, default=4)
     parser.add_argument("--namespaces", type=int, default=24)
     parser.add_argument("--held", type=int, default=6, help="namespaces a replica keeps (routing part)")
-    parser.add_argument("--routing-requests", type=int, default=96)
+    parser.add_argument("--routing-requests", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three providers in turn")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info, env = common.describe_device(device), common.environment(argv)
     case = f"tinyworld requests={args.requests} steps={args.steps} clients={args.clients}"
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ConceptStore(Path(tmp) / "store") as store:
         lp = load_pipeline("tinyworld", device=device)
-        width = lp.text.token_width
         namespaces = [f"user{k}" for k in range(args.namespaces)]
-        with ConceptStore(Path(tmp) / "store") as store:
-            for k, namespace in enumerate(namespaces):
-                store.save(random_concept(lp.unet, width, f"c-{namespace}", seed=k), namespace)
-            hot = namespaces[: args.throughput_namespaces]
-            print("engine in-process ...", flush=True)
-            records.append({"provider": "engine", **run_engine(lp, store, hot, args.requests, args.steps)})
-        del lp
+        for k, namespace in enumerate(namespaces):
+            store.save(random_concept(lp.unet, lp.text.token_width, f"c-{namespace}", seed=k), namespace)
+        hot = namespaces[: args.throughput_namespaces]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -143,32 +151,54 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             base = ClusterConfig(store=str(Path(tmp) / "store"), cpus_per_replica=0, namespaces_per_replica=args.held)
-            for replicas, multiplex in ((2, True), (2, False), (1, True)):
-                name = f"r{replicas}{'' if multiplex else '-any'}"
+            urls = {}
+            for name, replicas, multiplex in (("r2", 2, True), ("r2-any", 2, False), ("r1", 1, True)):
                 print(f"serve {name}: starting ...", flush=True)
-                config = dataclasses.replace(base, replicas=replicas, multiplex=multiplex)
-                serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-                url = f"http://127.0.0.1:{port}/{name}"
-                routing = run_routing(url, namespaces, args.routing_requests, args.steps, args.clients)
-                records.append({"provider": f"routing-{'multiplexed' if multiplex else 'any-replica'}",
-                                "replicas": replicas, **routing})  # fmt: skip
-                if multiplex:
-                    out = run_http(url, hot, args.requests, args.steps, args.clients)
-                    records.append({"provider": f"serve-{replicas}", "replicas": replicas, **out})
-                serve.delete(name)
+                serve.run(build_app(dataclasses.replace(base, replicas=replicas, multiplex=multiplex)), name=name,
+                          route_prefix=f"/{name}")  # fmt: skip
+                urls[name] = f"http://127.0.0.1:{port}/{name}"
+            for name in ("r2", "r2-any"):  # routing first, on replicas that hold nothing yet
+                routing = run_routing(urls[name], namespaces, args.routing_requests, args.steps, args.clients)
+                provider = "routing-multiplexed" if name == "r2" else "routing-any-replica"
+                records.append({"provider": provider, "replicas": 2, **routing})
+            serve.delete("r2-any")
+            # throughput and latency: the three providers in turn, --rounds times (a shared machine's load
+            # drifts; each round compares them under about the same load)
+            with Engine(lp, store, max_batch_rows=16) as engine:
+                providers = {"engine": engine, "serve-1": urls["r1"], "serve-2": urls["r2"]}
+                for provider in providers.values():  # warm: every hot namespace loaded, routes known
+                    measure(provider, hot, len(hot), args.steps, 1)
+                time.sleep(2)
+                rounds = {name: [] for name in providers}
+                for r in range(args.rounds):
+                    for name, provider in providers.items():
+                        print(f"round {r}: {name} ...", flush=True)
+                        rounds[name].append(measure(provider, hot, args.requests, args.steps, args.clients))
         finally:
             serve.shutdown()
             ray.shutdown()
+    for name, results in rounds.items():
+        records.append({
+            "provider": name, "replicas": {"engine": 0, "serve-1": 1, "serve-2": 2}[name],
+            "images_per_second": statistics.median(x["images_per_second"] for x in results),
+            "single_ms": statistics.median(x["single_ms"] for x in results), "rounds": results,
+        })  # fmt: skip
+
+    def ratio(a: str, b: str, key: str) -> float:  # the median over rounds of the per-round ratio
+        return statistics.median(x[key] / y[key] for x, y in zip(rounds[a], rounds[b]))
+
     by = {r["provider"]: r for r in records}
-    summary = {
+    records.append({
         "provider": "summary",
-        "serve2_vs_serve1_images_per_second": by["serve-2"]["images_per_second"] / by["serve-1"]["images_per_second"],
-        "serve1_vs_engine_images_per_second": by["serve-1"]["images_per_second"] / by["engine"]["images_per_second"],
-        "http_ray_overhead_ms": by["serve-1"]["single_ms"] - by["engine"]["single_ms"],
+        "serve2_vs_serve1_images_per_second": ratio("serve-2", "serve-1", "images_per_second"),
+        "serve1_vs_engine_images_per_second": ratio("serve-1", "engine", "images_per_second"),
+        "http_ray_overhead_ms": statistics.median(
+            x["single_ms"] - y["single_ms"] for x, y in zip(rounds["serve-1"], rounds["engine"])
+        ),
         "hit_rate_multiplexed": by["routing-multiplexed"]["hit_rate"],
         "hit_rate_any_replica": by["routing-any-replica"]["hit_rate"],
-    }
-    records.append(summary)
+        "connections_dropped_and_resent": DROPPED[0],
+    })  # fmt: skip
     writer = common.ResultWriter(args.out or common.BENCH_DIR / "results" / info.slug)
     for rec in records:
         writer.write({"subject": "cluster", "case": case, "namespaces": args.namespaces, "held": args.held,
