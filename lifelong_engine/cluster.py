@@ -146,8 +146,8 @@ class _Namespace:
     """One namespace's concepts held by a replica (the multiplexed "model"): loaded once from the store,
     dropped when the replica's LRU of namespaces lets it go (Ray Serve calls ``__del__`` then)."""
 
-    def __init__(self, name: str, adapters: dict, held: dict):
-        self.name, self.adapters, self._held = name, adapters, held
+    def __init__(self, name: str, names: list[str], adapters: dict, held: dict):
+        self.name, self.names, self.adapters, self._held = name, names, adapters, held
         held[name] = self
 
     def __del__(self):
@@ -197,16 +197,21 @@ class EngineReplica:
         self.namespace = serve.multiplexed(max_num_models_per_replica=config.namespaces_per_replica)(load)
 
     def _load_namespace(self, namespace: str) -> _Namespace:
-        """The namespace's newest concepts learned on this model, from the store."""
+        """The namespace's newest concepts learned on this model, from the store. One that does not load
+        or does not fit the model is left out of memory, so that it fails alone: a request naming it (or
+        all of the namespace) gets its error from the Engine, the others are served."""
         fingerprint = self.pipeline.fingerprint
-        adapters = {}
+        names, adapters = [], {}
         for record in self.store.list(namespace):
-            if record.base_fingerprint in ("", fingerprint):
+            if record.base_fingerprint not in ("", fingerprint):
+                continue
+            names.append(record.name)
+            with contextlib.suppress(ValueError, ConceptStoreError):
                 adapter = self.store.load(record.name, namespace, record.version)
                 self.pipeline.check_adapter(adapter)
                 adapters[record.name] = adapter
         self.namespace_loads += 1
-        return _Namespace(namespace, adapters, self.held)
+        return _Namespace(namespace, names, adapters, self.held)
 
     async def generate(self, namespace: str, options: dict[str, Any]) -> dict[str, Any]:
         """Render one request: ``{"status": 200, "png", "timings", "seed", "replica", "cached"}``, or
@@ -219,7 +224,7 @@ class EngineReplica:
             held = await self.namespace(namespace)
             options = dict(options)
             if options.get("concepts") is None:
-                options["concepts"] = sorted(held.adapters)
+                options["concepts"] = held.names
             request = GenerationRequest(namespace=namespace, **options)
             future = await asyncio.to_thread(self.engine.submit, request)
             result = await asyncio.wrap_future(future)

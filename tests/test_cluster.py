@@ -19,7 +19,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 requests = pytest.importorskip("requests")
-from concept_factory import concept_for_unet  # noqa: E402
+from concept_factory import concept_for_unet, make_adapter  # noqa: E402
 from ray import serve  # noqa: E402
 
 from lifelong_engine.cluster import ClusterConfig, build_app  # noqa: E402
@@ -78,6 +78,8 @@ def cluster(lp, store_location):
             )
 
         store.save(concept("dog", 0), "alice")
+        store.save(concept("good", 1), "mixed")
+        store.save(make_adapter("misfit", base_fingerprint=""), "mixed")  # another UNet's shapes
         for i, namespace in enumerate(NAMESPACES + ROUTED):
             store.save(concept(f"thing{i}", 10 + i), namespace)
     with socket.socket() as s:
@@ -159,13 +161,25 @@ def test_bad_requests_get_a_4xx_naming_the_problem(cluster, body, status, words)
     assert words in response.json()["error"]
 
 
+def test_a_concept_that_does_not_fit_fails_alone(cluster):
+    """A namespace holding a concept of another model: requests that use it get a 400 naming it, the
+    namespace's other concepts are still served (before, loading the namespace failed every request)."""
+    url, _ = cluster
+    good = generate(url, prompt="a <good> thing", namespace="mixed", concepts=["good"], seed=0, steps=1)
+    assert good.status_code == 200, good.text
+    for concepts in (["misfit"], None):  # None: every concept of the namespace
+        response = generate(url, prompt="a thing", namespace="mixed", concepts=concepts, seed=0, steps=1)
+        assert response.status_code == 400, response.text
+        assert "concept 'misfit'" in response.json()["error"]
+
+
 def test_routes_and_methods(cluster):
     url, _ = cluster
     assert requests.get(f"{url}/healthz", timeout=TIMEOUT).json()["status"] == "ok"
     names = {
         (c["namespace"], c["name"]) for c in requests.get(f"{url}/v1/concepts", timeout=TIMEOUT).json()["concepts"]
     }
-    assert ("alice", "dog") in names and len(names) == 1 + len(NAMESPACES) + len(ROUTED)
+    assert ("alice", "dog") in names and len(names) == 3 + len(NAMESPACES) + len(ROUTED)
     alice = requests.get(f"{url}/v1/concepts", params={"namespace": "alice"}, timeout=TIMEOUT).json()["concepts"]
     assert [(c["name"], c["version"]) for c in alice] == [("dog", 1)]
     assert requests.get(f"{url}/v1/generate", timeout=TIMEOUT).status_code == 405
