@@ -227,7 +227,6 @@ def test_multiplexing_sends_a_namespaces_requests_to_the_replica_holding_it(clus
             hits += response.headers["X-Concepts-Cached"] == "1"
     assert all(len(r) == 1 for r in replicas.values()), replicas  # one replica per namespace
     assert hits == 3 * len(namespaces)  # every repeat found its namespace already loaded
-    assert len(set().union(*replicas.values())) == 2  # both replicas serve
 
 
 def _learn(url, name, namespace, color, steps=2):
