@@ -101,7 +101,7 @@ def test_text_kv_gradients_equal_the_per_layer_op():
     a, b = pool.get(lp.layers[2], "to_k")
     grads = []
     for fn in (lp.text_kv, lambda *args: _per_layer(lp, *args[:1], *args[2:])):
-        c = per_layer.clone().requires_grad_()
+        c = per_layer.detach().clone().requires_grad_()
         a.requires_grad_(), b.requires_grad_()
         kv = fn(c, pool, ids, weights)
         sum((k.square().sum() + v.sum()) for k, v in kv.values()).backward()
