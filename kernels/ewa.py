@@ -68,36 +68,24 @@ def _cos_max_kernel(
     g_ok = offs_g < G
     p_base = prompt_ptr + b.to(tl.int64) * stride_pb + l.to(tl.int64) * stride_pl
     c_base = concepts_ptr + l.to(tl.int64) * stride_cl
-    best = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < T
-        dots = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
-        x_sq = tl.zeros((BLOCK_T,), tl.float32)
-        e_sq = tl.zeros((BLOCK_G,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            x_ptrs = p_base + offs_t[:, None] * stride_pt + offs_d[None, :]
-            e_ptrs = c_base + offs_g[:, None] * stride_cg + offs_d[None, :]
-            x = tl.load(x_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            e = tl.load(e_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                dots += tl.dot(x, tl.trans(e), input_precision="ieee")
-            else:
-                dots += tl.dot(x, tl.trans(e))
-            xf = x.to(tl.float32)
-            ef = e.to(tl.float32)
-            x_sq += tl.sum(xf * xf, axis=1)
-            e_sq += tl.sum(ef * ef, axis=1)
-        x_norm = tl.maximum(tl.sqrt(x_sq), eps)
-        e_norm = tl.maximum(tl.sqrt(e_sq), eps)
-        cos = dots / x_norm[:, None] / e_norm[None, :]
-        allowed = t_ok
-        if HAS_MASK:
-            allowed = allowed & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_t, mask=t_ok, other=0) != 0)
-        cos = tl.where(allowed[:, None], cos, float("-inf"))
-        best = tl.maximum(best, tl.max(cos, axis=0))
+    mask_row = mask_ptr + b.to(tl.int64) * stride_mb
+    best = common.cos_max(
+        p_base,
+        c_base,
+        mask_row,
+        offs_g,
+        g_ok,
+        T,
+        D,
+        stride_pt,
+        stride_cg,
+        eps,
+        HAS_MASK,
+        IEEE,
+        BLOCK_T,
+        BLOCK_G,
+        BLOCK_D,
+    )
     tl.store(m_ptr + pid_bl.to(tl.int64) * G + offs_g, best, mask=g_ok)
 
 

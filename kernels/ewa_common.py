@@ -1,5 +1,5 @@
 """What the two EWA kernel modules share (:mod:`.ewa`, the paper's op; :mod:`.ewa_official`, the
-released code's): dtypes, block sizes, the power step and the normalise pass of ψ."""
+released code's): dtypes, block sizes, the cosine-max tile loop, the power step and the normalise pass of ψ."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import triton.language as tl
 
 from lifelong_engine import reference
 
-__all__ = ["DTYPES", "EPS", "CLAMP", "block_size", "pow_mode", "power", "add_to_norm", "store_normalized", "why_not"]
+__all__ = [
+    "DTYPES",
+    "EPS",
+    "CLAMP",
+    "block_size",
+    "pow_mode",
+    "cos_max",
+    "power",
+    "add_to_norm",
+    "store_normalized",
+    "why_not",
+]
 
 EPS = reference.NORM_EPS
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -27,6 +38,60 @@ def pow_mode(p: float) -> int:
     if float(p).is_integer():
         return 1 if int(p) % 2 else 0
     return 2
+
+
+@triton.jit
+def cos_max(
+    p_base,
+    e_base,
+    mask_row,
+    offs_g,
+    g_ok,
+    T,
+    D,
+    stride_pt,
+    stride_cg,
+    eps,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """max over the allowed tokens t < T of cos(x_t, e_g) (fp32; -inf where no token is allowed) for one
+    prompt, x_t at p_base + t·stride_pt, and the BLOCK_G concept vectors e_g at e_base + offs_g·stride_cg
+    (unit stride in D); with HAS_MASK, token t is allowed where mask_row[t] != 0."""
+    best = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        dots = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
+        x_sq = tl.zeros((BLOCK_T,), tl.float32)
+        e_sq = tl.zeros((BLOCK_G,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            x = tl.load(
+                p_base + offs_t[:, None] * stride_pt + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            e = tl.load(
+                e_base + offs_g[:, None] * stride_cg + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            if IEEE:
+                dots += tl.dot(x, tl.trans(e), input_precision="ieee")
+            else:
+                dots += tl.dot(x, tl.trans(e))
+            xf = x.to(tl.float32)
+            ef = e.to(tl.float32)
+            x_sq += tl.sum(xf * xf, axis=1)
+            e_sq += tl.sum(ef * ef, axis=1)
+        cos = dots / tl.maximum(tl.sqrt(x_sq), eps)[:, None] / tl.maximum(tl.sqrt(e_sq), eps)[None, :]
+        allowed = t_ok
+        if HAS_MASK:
+            allowed = allowed & (tl.load(mask_row + offs_t, mask=t_ok, other=0) != 0)
+        cos = tl.where(allowed[:, None], cos, float("-inf"))
+        best = tl.maximum(best, tl.max(cos, axis=0))
+    return best
 
 
 @triton.jit

@@ -65,6 +65,7 @@ def _rows_kernel(
     p_base = prompt_ptr + b.to(tl.int64) * stride_pb + l.to(tl.int64) * stride_pl
     c_base = concepts_ptr + l.to(tl.int64) * stride_cl
     out_row = pid.to(tl.int64) * G
+    mask_row = mask_ptr + b.to(tl.int64) * stride_mb
     total = tl.zeros((BLOCK_G,), tl.float32)
     for g0 in range(0, G, BLOCK_G):
         offs_g = g0 + tl.arange(0, BLOCK_G)
@@ -73,41 +74,11 @@ def _rows_kernel(
         count = tl.zeros((BLOCK_G,), tl.float32)
         for w in range(0, W):
             row_ok = tl.load(rows_ptr + offs_g * W + w, mask=g_ok, other=0) != 0
-            best = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                t_ok = offs_t < T
-                dots = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
-                x_sq = tl.zeros((BLOCK_T,), tl.float32)
-                e_sq = tl.zeros((BLOCK_G,), tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    d_ok = offs_d < D
-                    x = tl.load(
-                        p_base + offs_t[:, None] * stride_pt + offs_d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
-                    e = tl.load(
-                        c_base + offs_g[:, None] * stride_cg + w * stride_cw + offs_d[None, :],
-                        mask=g_ok[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
-                    if IEEE:
-                        dots += tl.dot(x, tl.trans(e), input_precision="ieee")
-                    else:
-                        dots += tl.dot(x, tl.trans(e))
-                    xf = x.to(tl.float32)
-                    ef = e.to(tl.float32)
-                    x_sq += tl.sum(xf * xf, axis=1)
-                    e_sq += tl.sum(ef * ef, axis=1)
-                cos = dots / tl.maximum(tl.sqrt(x_sq), eps)[:, None] / tl.maximum(tl.sqrt(e_sq), eps)[None, :]
-                allowed = t_ok
-                if HAS_MASK:
-                    keep = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_t, mask=t_ok, other=0)
-                    allowed = allowed & (keep != 0)
-                cos = tl.where(allowed[:, None], cos, float("-inf"))
-                best = tl.maximum(best, tl.max(cos, axis=0))
+            e_base = c_base + w * stride_cw
+            best = common.cos_max(
+                p_base, e_base, mask_row, offs_g, g_ok, T, D, stride_pt, stride_cg, eps, HAS_MASK, IEEE, BLOCK_T,
+                BLOCK_G, BLOCK_D,
+            )  # fmt: skip
             m_sum += tl.where(row_ok, best, 0.0)
             count += row_ok.to(tl.float32)
         m = m_sum / tl.maximum(count, 1.0)

@@ -4,8 +4,8 @@
 ``UNet2DConditionModel``:
 
 - ``attn2`` (cross-attention): :class:`CrossAttentionProcessor`. During a generation its
-  K/V come from the :class:`GenerationContext`, computed once per generation for every layer by
-  ``ops.lora_kv_projection`` with the active concepts, and attention runs through
+  K/V come from the :class:`GenerationContext`, computed once per generation for all layers by one
+  ``ops.lora_kv_projection_grouped_trusted`` call with the active concepts, and attention runs through
   ``ops.regional_cross_attention`` with the context's region map, so each query attends to the
   prompt of the region it lies in.
 - every other attention layer: :class:`PassThroughProcessor`, the previous processor unchanged.
@@ -34,7 +34,8 @@ __all__ = [
     "GenerationContext",
     "ImageLora",
     "PassThroughProcessor",
-    "layer_kv",
+    "BaseKV",
+    "text_kv",
     "unet_forward",
 ]
 
@@ -237,7 +238,7 @@ def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     return default
 
 
-def layer_kv(
+def _layer_kv(
     attn, c: Tensor, pool: AdapterPool | None, layer: str, ids: Tensor, weights: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Text K/V of one ``attn2`` layer with concepts: c (n, T, Din) → k, v (n, H, T, d).
@@ -274,3 +275,120 @@ def layer_kv(
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     return k, v
+
+
+class BaseKV:
+    """The frozen base K/V weights of every ``attn2`` layer packed once (:meth:`LifelongPipeline.install`):
+    w_k, w_v (ΣDout_l, Din), layer after layer, the operands of ``ops.lora_kv_projection_grouped_trusted``
+    (one launch for all layers on the triton backend; per-layer views on CPU).
+
+    No copy: the layers' own weights become views into the packed tensors (same values, same Parameter
+    objects), so an in-place edit of a weight (``load_state_dict``, ``weight.data += delta``) is an edit of
+    the pack. A weight replaced or moved (a new Parameter, ``weight.data = …``, ``unet.to(…)``) is seen at the
+    next use (identity and storage address, host-side, no device read) and the layers are packed again.
+    Layers whose weights differ in dtype or device are not packed (:attr:`packed` is False)."""
+
+    def __init__(self, attention: dict):
+        self.modules = list(attention.values())
+        self.douts = tuple(m.to_k.out_features for m in self.modules)
+        self.w_k: Tensor | None = None
+        self.w_v: Tensor | None = None
+        self._key: list[tuple[Tensor, int]] = []
+        self.pack()
+
+    def _sources(self) -> list[Tensor]:
+        return [w for m in self.modules for w in (m.to_k.weight, m.to_v.weight)]
+
+    def pack(self) -> None:
+        sources = self._sources()
+        if len({(w.dtype, w.device) for w in sources}) != 1 or sources[0].device.type == "meta":
+            self.w_k = self.w_v = None
+            self._key = [(w, w.data_ptr()) for w in sources]
+            return
+        with torch.no_grad():
+            packed = []
+            for ws in (sources[0::2], sources[1::2]):
+                flat = torch.cat([w.detach() for w in ws])
+                for w, view in zip(ws, flat.split(self.douts)):
+                    w.data = view
+                packed.append(flat)
+        self.w_k, self.w_v = packed
+        self._key = [(w, w.data_ptr()) for w in sources]
+
+    @property
+    def packed(self) -> bool:
+        return self.w_k is not None
+
+    def stale(self) -> bool:
+        """True when some layer's K/V weight is no longer the packed one (replaced or moved)."""
+        return any(w is not w0 or w.data_ptr() != p0 for w, (w0, p0) in zip(self._sources(), self._key))
+
+    def requires_grad(self) -> bool:
+        return any(w.requires_grad for w in self._sources())
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """(w_k, w_v) packed, in ``dtype`` (one cast of each when it is not the weights' dtype: autocast), or
+        None when the layers cannot be packed."""
+        if self.stale():
+            self.pack()
+        if not self.packed:
+            return None
+        return self.w_k.to(dtype), self.w_v.to(dtype)
+
+
+def text_kv(
+    attention: dict, base: BaseKV, c: Tensor, pool: AdapterPool | None, ids: Tensor, weights: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Text K/V of every ``attn2`` layer (``attention``: layer → module, in the order of c's layers) with
+    concepts, in one grouped op call: c (n, L, T, Din), ids / weights (n, L, S) → layer → (k, v), each
+    (n, H, T, d). ids were made and checked by the caller (no value check here). Differentiable in c, the
+    pool's factors and weights; K/V weights that require grad get their gradients too (then, or when the
+    layers could not be packed, the public grouped op runs on the layers' own weights)."""
+    layers, mods = list(attention), list(attention.values())
+    if any(type(m.to_k) is not torch.nn.Linear or type(m.to_v) is not torch.nn.Linear for m in mods):
+        # a projection that is not a plain nn.Linear (a peft LoRA layer, a quantized linear) runs its own forward
+        return {
+            layer: _layer_kv(m, c[:, i], pool, layer, ids[:, i], weights[:, i])
+            for i, (layer, m) in enumerate(zip(layers, mods))
+        }
+    if any(m.norm_cross for m in mods):
+        c = torch.stack(
+            [m.norm_encoder_hidden_states(c[:, l]) if m.norm_cross else c[:, l] for l, m in enumerate(mods)]
+        )
+    else:
+        c = c.transpose(0, 1)
+    dtype = compute_dtype(c.device, mods[0].to_k.weight.dtype)  # under autocast, the autocast dtype
+    c = c.to(dtype).contiguous()
+    din = c.shape[-1]
+    a_k, b_k, a_v, b_v = [], [], [], []
+    has_pool = pool is not None and any(pool.get(layer, "to_k") is not None for layer in layers)
+    for layer, m in zip(layers, mods):
+        for proj, a_list, b_list in (("to_k", a_k, b_k), ("to_v", a_v, b_v)):
+            ab = pool.get(layer, proj) if has_pool else None
+            if ab is None:  # no adapters here: an empty pool (or zeros where the pool lacks this layer)
+                n, r = (pool.capacity, pool.rank) if has_pool else (0, 1)
+                ab = (c.new_zeros(n, r, din), c.new_zeros(n, m.to_k.out_features, r))
+            a_list.append(ab[0].to(dtype))
+            b_list.append(ab[1].to(dtype))
+    if not has_pool:
+        ids, weights = ids[..., :0], weights[..., :0]
+    ids, weights = ids.transpose(0, 1), weights.transpose(0, 1).to(dtype)
+    packed = None if base.requires_grad() and torch.is_grad_enabled() else base.weights(dtype)
+    if packed is None:  # base weights that train, or that could not be packed: the layers' own, by the public op
+        w_k = [m.to_k.weight.to(dtype) for m in mods]
+        w_v = [m.to_v.weight.to(dtype) for m in mods]
+        ks, vs = ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, 1.0)
+    else:
+        ks, vs = ops.lora_kv_projection_grouped_trusted(c, *packed, base.douts, a_k, b_k, a_v, b_v, ids, weights)
+    kv = {}
+    for layer, m, k, v in zip(layers, mods, ks, vs):
+        if m.to_k.bias is not None:
+            k = k + m.to_k.bias
+        if m.to_v.bias is not None:
+            v = v + m.to_v.bias
+        n, t_len, dout = k.shape
+        k, v = (x.view(n, t_len, m.heads, dout // m.heads).transpose(1, 2) for x in (k, v))
+        if m.norm_k is not None:
+            k = m.norm_k(k)
+        kv[layer] = (k, v)
+    return kv

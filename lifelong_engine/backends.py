@@ -152,7 +152,12 @@ def _reference_backend() -> Backend:
     for op in ops:
         impls[op] = getattr(reference, op)
         impls[op + "_backward"] = getattr(reference, op + "_backward")
-    impls["lora_kv_projection_grouped"] = reference.lora_kv_projection_grouped  # inference only: no backward
+    for name in (
+        "lora_kv_projection_grouped",
+        "lora_kv_projection_grouped_packed",
+        "lora_kv_projection_grouped_backward",
+    ):
+        impls[name] = getattr(reference, name)
     return Backend("reference", impls, lambda op, args: None)
 
 

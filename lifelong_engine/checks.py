@@ -126,13 +126,8 @@ def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, sc
             )  # fmt: skip
         except (TypeError, ValueError) as error:
             raise type(error)(f"{op}: layer {layer}: {error}") from None
-    if values and ids.numel():  # all layers' ids in one check (one host sync)
-        n = a_k[0].shape[0]
-        below, above = _any(ids < -1, ids >= n)
-        if below:
-            raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
-        if above:
-            raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
+    if values:  # all layers' ids in one check (one host sync)
+        adapter_ids(op, ids, a_k[0].shape[0] if a_k else 0)
 
 
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values: bool) -> None:
@@ -169,12 +164,20 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, val
         raise ValueError(f"{op}: weights has shape {_shape(weights)}; expected {_shape(ids)}, one weight per ids slot")
     _same_device(op, "c", c, w_k=w_k, w_v=w_v, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v, ids=ids, weights=weights)
     _finite_scalar(op, "scale", scale, c.dtype, "c")
-    if values and ids.numel():
-        below, above = _any(ids < -1, ids >= n)
-        if below:
-            raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
-        if above:
-            raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
+    if values:
+        adapter_ids(op, ids, n)
+
+
+def adapter_ids(op: str, ids: Tensor, n: int) -> None:
+    """Raise ValueError unless every id is an adapter of a pool of n (0..n-1) or -1 (an empty slot); one
+    host sync. The generation core calls it once per plan for the ids the hot path then reuses unchecked."""
+    if not ids.numel():
+        return
+    below, above = _any(ids < -1, ids >= n)
+    if below:
+        raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
+    if above:
+        raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
 
 
 def lora_term(x, a, b, ids, weights, scale, values: bool) -> None:

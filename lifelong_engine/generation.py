@@ -31,6 +31,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from torch import Tensor
 
+from . import checks
 from .attention import GenerationContext, ImageLora, unet_forward
 from .guidance import AttentionGuidance, GuidanceState, guide_latents, prepare_guidance
 from .pool import Library
@@ -176,9 +177,10 @@ def condition(
     ewa: bool | str | None = None,
 ) -> Conditioning:
     """Encode the plan's texts, weight the library's concepts by EWA and compute every layer's text K/V
-    once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once,
-    by the public ``lora_kv_projection``; the denoising loop reuses them unchecked. A composite plan (LoRA
-    Composite) needs one copy per concept of the library: copy k's texts get concept k alone, weight 1."""
+    once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once
+    (:func:`~lifelong_engine.checks.adapter_ids`); the text K/V op and the denoising loop reuse them
+    unchecked. A composite plan (LoRA Composite) needs one copy per concept of the library: copy k's texts
+    get concept k alone, weight 1."""
     device, dtype = model.device, model.dtype
     real = [i for i, t in enumerate(plan.texts) if t is not None]
     encoded = model.encode_prompt([plan.texts[i] for i in real], library)
@@ -214,6 +216,8 @@ def condition(
     full_ids, full_psi = full_ids[text_owner], full_psi[text_owner]
 
     pool = library.pool if G else None
+    if pool is not None:  # the one value check of the ids the hot path reuses (one host sync)
+        checks.adapter_ids("generation", full_ids, pool.capacity)
     kv = model.text_kv(per_layer, pool, full_ids, full_psi, plan.row_texts)
     latent = tuple(s // model.pipe.vae_scale_factor for s in plan.size)
     levels = len(model.unet.config.block_out_channels)

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from . import backends, checks, torch_backend, triton_backend  # noqa: F401  (register the backends)
+from . import backends, checks, reference, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
@@ -199,7 +199,7 @@ def _lora_kv_projection_grouped(
     b_v: list[Tensor],
     ids: Tensor,
     weights: Tensor,
-    scale: float = 1.0,
+    scale: float,  # no default: autograd of list inputs fails when a default argument is left out
 ) -> tuple[Tensor, Tensor]:
     """:func:`lora_kv_projection` of all L cross-attention layers at once (one launch on the triton backend).
 
@@ -209,24 +209,150 @@ def _lora_kv_projection_grouped(
     Semantics: (k_l, v_l) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l],
     ids[l], weights[l], scale). The registered op returns two flat buffers (B·T·ΣDout_l,), layer after
     layer; the public function returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]), each (B, T, Dout_l), views
-    into them. Inference only (no autograd formula).
+    into them. Differentiable in c, every w, a, b and weights (the backward is the per-layer one, layer
+    by layer, computing only the gradients needed).
     """
     checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=True)
     return _run("lora_kv_projection_grouped", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
 
 
-@_lora_kv_projection_grouped.register_fake
-def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
-    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+def _grouped_fake(c, w_k):
     size = c.shape[1] * c.shape[2] * sum(w.shape[0] for w in w_k)
     return c.new_empty(size), c.new_empty(size)
 
 
-def _split_layers(c: Tensor, w_k: list[Tensor], flat: Tensor) -> list[Tensor]:
-    """Layer l's (B, T, Dout_l) view of a flat grouped output."""
-    bsz, t_len = c.shape[1], c.shape[2]
-    sizes = [bsz * t_len * w.shape[0] for w in w_k]
-    return [part.view(bsz, t_len, w.shape[0]) for part, w in zip(flat.split(sizes), w_k)]
+@_lora_kv_projection_grouped.register_fake
+def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+    return _grouped_fake(c, w_k)
+
+
+@_custom_op("lifelong::_lora_kv_projection_grouped_backward")
+def _lora_kv_projection_grouped_backward(
+    grad_k: Tensor,
+    grad_v: Tensor,
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """(dc, [da_k_l], [db_k_l], [da_v_l], [db_v_l], dweights); see reference.lora_kv_projection_grouped_backward.
+    needs: which of the six are wanted (the others may be returned as zeros without being computed)."""
+    args = (grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+    return _run_backward("lora_kv_projection_grouped_backward", *args, needs=needs, backend=backend)
+
+
+@_lora_kv_projection_grouped_backward.register_fake
+def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, needs, backend):
+    lists = [[torch.empty_like(t) for t in lst] for lst in (a_k, b_k, a_v, b_v)]
+    return torch.empty_like(c), *lists, torch.empty_like(weights)
+
+
+def _grouped_save(ctx, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale) -> None:
+    ctx.n_layers = len(a_k)
+    ctx.save_for_backward(c, *w_k, *w_v, *a_k, *b_k, *a_v, *b_v, ids, weights)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+    # needs_input_grad is flattened over list elements; whether any element of a list needs one is what counts.
+    ctx.needs = [c.requires_grad, *(any(t.requires_grad for t in lst) for lst in (a_k, b_k, a_v, b_v))]
+    ctx.needs.append(weights.requires_grad)
+    ctx.need_w = (any(t.requires_grad for t in w_k), any(t.requires_grad for t in w_v))
+
+
+def _grouped_grads(ctx, grad_k, grad_v):
+    """(dc, [dw_k_l] or None, [dw_v_l] or None, [da_k_l], [db_k_l], [da_v_l], [db_v_l], dweights), None
+    where not needed."""
+    c, *saved = ctx.saved_tensors
+    n = ctx.n_layers
+    w_k, w_v, a_k, b_k, a_v, b_v = (saved[i * n : (i + 1) * n] for i in range(6))
+    ids, weights = saved[6 * n :]
+    size = c.shape[1] * c.shape[2] * sum(w.shape[0] for w in w_k)
+    grad_k = c.new_zeros(size) if grad_k is None else grad_k
+    grad_v = c.new_zeros(size) if grad_v is None else grad_v
+    dc, da_k, db_k, da_v, db_v, dweights = torch.ops.lifelong._lora_kv_projection_grouped_backward(
+        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, ctx.needs, ctx.backend
+    )
+    douts = [w.shape[0] for w in w_k]
+    dws = []  # base weights are usually frozen: their gradient, a plain GEMM per layer, only when asked
+    for grad, need in zip((grad_k, grad_v), ctx.need_w):
+        gs = reference.split_layers(grad, c.shape[1], c.shape[2], douts) if need else []
+        dws.append([torch.einsum("bto,btd->od", g, c[l]) for l, g in enumerate(gs)] if need else None)
+    # autograd wants a list input's gradient as a list (of Nones where none is needed)
+    lists = [g if need else [None] * n for g, need in zip((da_k, db_k, da_v, db_v), ctx.needs[1:5])]
+    return dc if ctx.needs[0] else None, *dws, *lists, dweights if ctx.needs[5] else None
+
+
+def _grouped_setup(ctx, inputs, output):
+    _grouped_save(ctx, *inputs)
+
+
+def _grouped_backward(ctx, grad_k, grad_v):
+    dc, dw_k, dw_v, *lists, dweights = _grouped_grads(ctx, grad_k, grad_v)
+    nones = [None] * ctx.n_layers
+    return dc, dw_k or nones, dw_v or nones, *lists, None, dweights, None
+
+
+_lora_kv_projection_grouped.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
+@_custom_op("lifelong::_lora_kv_projection_grouped_packed")
+def _lora_kv_projection_grouped_packed(
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    douts: list[int],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float,  # no default: autograd of list inputs fails when a default argument is left out
+) -> tuple[Tensor, Tensor]:
+    """lora_kv_projection_grouped with the base weights packed (w_k, w_v (ΣDout_l, Din)) and without its
+    value checks (ids made and checked by the caller); see :func:`lora_kv_projection_grouped_trusted`."""
+    checks.lora_kv_projection_grouped(c, *_layer_weights(w_k, w_v, douts), a_k, b_k, a_v, b_v, ids, weights, scale,
+                                      values=False)  # fmt: skip
+    return _run("lora_kv_projection_grouped_packed", c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+
+@_lora_kv_projection_grouped_packed.register_fake
+def _(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    w_k, w_v = _layer_weights(w_k, w_v, douts)
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+    return _grouped_fake(c, w_k)
+
+
+def _layer_weights(w_k: Tensor, w_v: Tensor, douts) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer l's (Dout_l, Din) views of packed base weights."""
+    if w_k.ndim != 2 or w_k.shape[0] != sum(douts) or w_v.shape != w_k.shape:
+        raise ValueError(
+            f"lora_kv_projection_grouped: packed w_k {tuple(w_k.shape)}, w_v {tuple(w_v.shape)}; expected both "
+            f"(ΣDout_l, Din) with ΣDout_l = {sum(douts)}"
+        )
+    return list(w_k.split(list(douts))), list(w_v.split(list(douts)))
+
+
+def _packed_setup(ctx, inputs, output):
+    c, w_k, w_v, douts, *rest = inputs
+    _grouped_save(ctx, c, *_layer_weights(w_k, w_v, douts), *rest)
+
+
+def _packed_backward(ctx, grad_k, grad_v):
+    dc, dw_k, dw_v, *lists, dweights = _grouped_grads(ctx, grad_k, grad_v)
+    dw_k, dw_v = (torch.cat(dw) if dw is not None else None for dw in (dw_k, dw_v))
+    return dc, dw_k, dw_v, None, *lists, None, dweights, None
+
+
+_lora_kv_projection_grouped_packed.register_autograd(_packed_backward, setup_context=_packed_setup)
 
 
 # ------------------------------------------------------------------------------ lora_term
@@ -622,6 +748,36 @@ def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Ten
     return _run("lora_term", x, a, b, ids, weights, scale)
 
 
+def lora_kv_projection_grouped_trusted(
+    c: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    douts: tuple[int, ...],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`lora_kv_projection_grouped` for callers that packed the frozen base weights once (w_k, w_v
+    (ΣDout_l, Din), layer l's rows after those of layers < l; douts: each layer's Dout) and checked ids when
+    they made them: no value checks (no host sync), no weight copy. Without autograd the backend runs
+    directly; with it, through the registered op and its backward (gradients of c, a, b and weights, only
+    those needed). Returns ([k_l], [v_l]), each (B, T, Dout_l)."""
+    douts = list(douts)
+    if _needs_graph(c, weights, *a_k, *b_k, *a_v, *b_v, w_k, w_v):
+        k, v = _lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+    else:
+        layers_k, layers_v = _layer_weights(w_k, w_v, douts)
+        checks.lora_kv_projection_grouped(c, layers_k, layers_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+        k, v = _run("lora_kv_projection_grouped_packed", c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+    return reference.split_layers(k, c.shape[1], c.shape[2], douts), reference.split_layers(
+        v, c.shape[1], c.shape[2], douts
+    )
+
+
 # ------------------------------------------------------------------ public functions
 
 lora_kv_projection = _public("lora_kv_projection")
@@ -630,7 +786,10 @@ _lora_kv_projection_grouped_flat = _public("lora_kv_projection_grouped")
 
 def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     k_all, v_all = _lora_kv_projection_grouped_flat(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
-    return _split_layers(c, w_k, k_all), _split_layers(c, w_k, v_all)
+    douts = [w.shape[0] for w in w_k]
+    return reference.split_layers(k_all, c.shape[1], c.shape[2], douts), reference.split_layers(
+        v_all, c.shape[1], c.shape[2], douts
+    )
 
 
 lora_kv_projection_grouped.__doc__ = _lora_kv_projection_grouped.__doc__

@@ -34,7 +34,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from . import checks, generation, ops
-from .attention import CrossAttentionProcessor, PassThroughProcessor, layer_kv
+from .attention import BaseKV, CrossAttentionProcessor, PassThroughProcessor, text_kv
 from .concepts import PROJECTIONS, ConceptAdapter
 from .errors import LifelongError
 from .formats import attn2_layers
@@ -115,11 +115,13 @@ class LifelongPipeline:
     # -------------------------------------------------------------- processors
 
     def install(self) -> None:
-        """Install the engine's processors (keeping the current ones for :meth:`restore`)."""
+        """Install the engine's processors (keeping the current ones for :meth:`restore`) and pack the base
+        K/V weights of every cross-attention layer for the grouped text K/V op (:class:`BaseKV`)."""
         current = self.unet_model.attn_processors
         missing = [layer for layer in self.layers if f"{layer}.processor" not in current]
         if missing:
             raise LifelongError(f"the UNet's attention processors do not name its attn2 layers {missing[:3]}")
+        self.base_kv = BaseKV(self.attention)
         if self._previous is None or not self.installed:
             self._previous = dict(current)
         self._installed = {
@@ -309,13 +311,14 @@ class LifelongPipeline:
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """K/V of every ``attn2`` layer for texts per_layer (n, L, T, D), concepts of ``pool`` mixed in
         per text and layer by ids/weights (n, L, S). Returns layer → (k, v), each (n, 1, H, T, d), or
-        (rows, P, H, T, d) gathered by ``slots`` (rows, P) text indices. Differentiable (training)."""
-        kv = {}
-        for l, layer in enumerate(self.layers):
-            c = per_layer[:, l].to(self.dtype)
-            k, v = layer_kv(self.attention[layer], c, pool, layer, ids[:, l], weights[:, l].to(self.dtype))
-            kv[layer] = (k[slots], v[slots]) if slots is not None else (k[:, None], v[:, None])
-        return kv
+        (rows, P, H, T, d) gathered by ``slots`` (rows, P) text indices. All layers in one grouped op call;
+        ids are the caller's, made and checked once (:func:`~lifelong_engine.checks.adapter_ids`).
+        Differentiable (training)."""
+        kv = text_kv(self.attention, self.base_kv, per_layer.to(self.dtype), pool, ids, weights)
+        return {
+            layer: (k[slots], v[slots]) if slots is not None else (k[:, None], v[:, None])
+            for layer, (k, v) in kv.items()
+        }
 
     # ------------------------------------------------------------- generation
 

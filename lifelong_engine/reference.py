@@ -18,6 +18,8 @@ __all__ = [
     "lora_kv_projection",
     "lora_kv_projection_backward",
     "lora_kv_projection_grouped",
+    "lora_kv_projection_grouped_backward",
+    "lora_kv_projection_grouped_packed",
     "regional_cross_attention",
     "regional_cross_attention_backward",
     "ewa_weights",
@@ -101,6 +103,53 @@ def lora_kv_projection_grouped(
     if not outs:
         return c.new_empty(0), c.new_empty(0)
     return torch.cat([k.reshape(-1) for k, _ in outs]), torch.cat([v.reshape(-1) for _, v in outs])
+
+
+def lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0, project=None):
+    """:func:`lora_kv_projection_grouped` with the base weights packed: w_k, w_v (ΣDout_l, Din), layer l's
+    rows at [Σ_{j<l} Dout_j, … + Dout_l); douts: (Dout_0, …, Dout_{L-1})."""
+    w_k, w_v = list(w_k.split(list(douts))), list(w_v.split(list(douts)))
+    return lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, project)
+
+
+def split_layers(flat: Tensor, bsz: int, t_len: int, douts) -> list[Tensor]:
+    """Layer l's (B, T, Dout_l) view of a flat (B·T·ΣDout_l,) grouped buffer."""
+    parts = flat.split([bsz * t_len * d for d in douts])
+    return [part.view(bsz, t_len, d) for part, d in zip(parts, douts)]
+
+
+def lora_kv_projection_grouped_backward(
+    grad_k: Tensor,
+    grad_v: Tensor,
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+    project_backward=None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """Gradients of :func:`lora_kv_projection_grouped`: layer l's are :func:`lora_kv_projection_backward`'s
+    of its part of the flat grad_k, grad_v (B·T·ΣDout_l,). Returns (dc (L, B, T, Din), [da_k_l], [db_k_l],
+    [da_v_l], [db_v_l], dweights (L, B, S)). ``project_backward``: the per-layer backward (this module's by
+    default; a backend passes its own)."""
+    project_backward = project_backward or lora_kv_projection_backward
+    douts = [w.shape[0] for w in w_k]
+    gks = split_layers(grad_k, c.shape[1], c.shape[2], douts)
+    gvs = split_layers(grad_v, c.shape[1], c.shape[2], douts)
+    per_layer = [
+        project_backward(gks[l], gvs[l], c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l], ids[l], weights[l],
+                         scale)
+        for l in range(c.shape[0])
+    ]  # fmt: skip
+    if not per_layer:
+        return torch.zeros_like(c), [], [], [], [], torch.zeros_like(weights)
+    grads = list(zip(*per_layer))
+    return torch.stack(grads[0]), *(list(g) for g in grads[1:5]), torch.stack(grads[5])
 
 
 def lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:

@@ -23,6 +23,7 @@ generation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,24 @@ def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, sc
     return reference.lora_kv_projection_grouped(
         c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, lora_kv_projection
     )
+
+
+def lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    """Packed base weights split into per-layer views (no copy), then the per-layer fast path."""
+    return reference.lora_kv_projection_grouped_packed(
+        c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale, lora_kv_projection
+    )
+
+
+@_takes_needs
+def lora_kv_projection_grouped_backward(
+    grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0, needs=None
+):
+    """The per-layer backward above, once per layer, computing only the gradients in ``needs``."""
+    return reference.lora_kv_projection_grouped_backward(
+        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale,
+        functools.partial(lora_kv_projection_backward, needs=needs),
+    )  # fmt: skip
 
 
 def _shared_backward(shared: _Shared, c, g, w, a, b, need_c, need_a, need_b) -> tuple:
@@ -316,7 +335,12 @@ def why_not(op: str, args: tuple) -> str | None:
 def register() -> None:
     impls = {name: globals()[name] for op in ("lora_kv_projection", "regional_cross_attention")
              for name in (op, op + "_backward")}  # fmt: skip
-    impls["lora_kv_projection_grouped"] = lora_kv_projection_grouped
+    for name in (
+        "lora_kv_projection_grouped",
+        "lora_kv_projection_grouped_packed",
+        "lora_kv_projection_grouped_backward",
+    ):
+        impls[name] = globals()[name]
     impls |= {name: getattr(reference, name) for op in ("lora_term", "ewa_weights", "ewa_merge")
               for name in (op, op + "_backward")}  # fmt: skip
     register_backend(Backend("torch", impls, why_not, auto_devices=("cpu",)))

@@ -14,12 +14,14 @@ import os
 
 import torch
 
+from . import reference
 from .backends import Backend, mark_missing, register_backend
 
 # op → kernel module (in lifelong_engine.kernels) that implements it and its backward.
 _MODULES = {
     "lora_kv_projection": "lora_kv",
     "lora_kv_projection_grouped": "lora_kv",
+    "lora_kv_projection_grouped_packed": "lora_kv",
     "regional_cross_attention": "regional_attention",
     "ewa_weights": "ewa",
     "ewa_merge": "ewa",
@@ -37,9 +39,16 @@ def _module(op: str):
 
 def _impl(op: str):
     def run(*args):
+        module = _module(op)
         if op == "lora_kv_projection_grouped":  # the kernel's flat (B·T·ΣDout,) buffers are the op's outputs
-            return _module(op).lora_kv_projection_grouped(*args, flat=True)
-        return getattr(_module(op), op)(*args)
+            return module.lora_kv_projection_grouped(*args, flat=True)
+        if op == "lora_kv_projection_grouped_packed":  # base weights packed once by the caller: no copy here
+            c, w_k, w_v, douts, *rest = args
+            packed = module.LayerPack(w_k, w_v, None, None, None, None, tuple(douts))
+            return module.lora_kv_projection_grouped(c, None, None, *rest, packed=packed, flat=True)
+        if op == "lora_kv_projection_grouped_backward":  # no grouped backward kernel: the per-layer one per layer
+            return reference.lora_kv_projection_grouped_backward(*args, module.lora_kv_projection_backward)
+        return getattr(module, op)(*args)
 
     run.__name__ = op
     return run
@@ -55,11 +64,16 @@ def why_not(op: str, args: tuple) -> str | None:
             return "bfloat16 is not supported by Triton's CPU interpreter (its bf16 tl.dot is wrong); use float16/32"
     elif device.type != "cuda":
         return f"tensors are on {device}; it runs CUDA tensors"
-    if op == "lora_kv_projection_grouped":  # the kernel's limits, on layer 0's arguments (same B, T, dtypes)
-        c, *lists, ids, weights, scale = args
+    if op.startswith("lora_kv_projection_grouped"):  # the kernel's limits, on layer 0's arguments (same B, T, dtypes)
+        grads = args[:2] if op.endswith("_backward") else ()
+        c, *lists, ids, weights, scale = args[len(grads) :]
         if c.shape[0] == 0:
             return None
-        args = (c[0], *(layers[0] for layers in lists), ids[0], weights[0], scale)
+        if op.endswith("_packed"):
+            w_k, w_v, douts, *lists = lists
+            lists = [[w_k[: douts[0]]], [w_v[: douts[0]]], *lists]
+        layer0 = tuple(g[: c.shape[1] * c.shape[2] * lists[0][0].shape[0]].view(*c.shape[1:3], -1) for g in grads)
+        args = (*layer0, c[0], *(layers[0] for layers in lists), ids[0], weights[0], scale)
     return _module(op).why_not(args)
 
 
@@ -67,9 +81,12 @@ def register() -> None:
     if importlib.util.find_spec("triton") is None:
         mark_missing("triton", "the triton package is not installed")
         return
-    # The grouped op is inference only (no backward).
+    # The packed grouped entry shares the grouped op's backward.
     names = [
-        name for op in _MODULES for name in (op, op + "_backward") if name != "lora_kv_projection_grouped_backward"
+        name
+        for op in _MODULES
+        for name in (op, op + "_backward")
+        if name != "lora_kv_projection_grouped_packed_backward"
     ]
     register_backend(Backend("triton", {name: _impl(name) for name in names}, why_not, auto_devices=("cuda",)))
 

@@ -94,3 +94,109 @@ def test_bad_inputs_are_named():
                                        weights, scale)  # fmt: skip
     with pytest.raises(TypeError, match="lora_kv_projection_grouped: w_k must be a list of torch.Tensor"):
         ops.lora_kv_projection_grouped(c, w_k[0], w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+
+# ------------------------------------------------------------------------------ autograd (issue 15/18)
+
+GRAD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _flat(ks, vs):
+    return torch.cat([t.reshape(-1) for t in (*ks, *vs)])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_with_its_own_psi_per_layer(backend):
+    """Gradients of c, one layer's a_k, another's b_v, the per-layer weights and one base weight, in fp64."""
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = grouped_args()
+
+    def f(c, a0, b1, wts, w0):
+        return _flat(*ops.lora_kv_projection_grouped(
+            c, [w0, *w_k[1:]], w_v, [a0, *a_k[1:]], b_k, a_v, [b_v[0], b1, b_v[2]], ids, wts, scale
+        ))  # fmt: skip
+
+    inputs = tuple(t.clone().requires_grad_() for t in (c, a_k[0], b_v[1], weights, w_k[0]))
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_opcheck_of_the_autograd_registration(backend):
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = grouped_args()
+    args = (c.requires_grad_(), w_k, w_v, [a.requires_grad_() for a in a_k], b_k, a_v, b_v, ids,
+            weights.requires_grad_(), scale)  # fmt: skip
+    with ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.lifelong.lora_kv_projection_grouped.default, args, test_utils=GRAD_UTILS)
+
+
+def _packed(w_k, w_v):
+    return torch.cat(w_k), torch.cat(w_v), [w.shape[0] for w in w_k]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_the_trusted_packed_entry_equals_the_public_op_with_gradients(backend):
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = grouped_args()
+    pk, pv, douts = _packed(w_k, w_v)
+    with ops.use_backend(backend):
+        want = ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+        got = ops.lora_kv_projection_grouped_trusted(c, pk, pv, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+        torch.testing.assert_close(_flat(*got), _flat(*want), rtol=1e-12, atol=1e-12)
+
+        def f(c, a2, wts):
+            return _flat(*ops.lora_kv_projection_grouped_trusted(
+                c, pk, pv, douts, a_k, b_k, [*a_v[:2], a2], b_v, ids, wts, scale
+            ))  # fmt: skip
+
+        assert torch.autograd.gradcheck(
+            f, tuple(t.clone().requires_grad_() for t in (c, a_v[2], weights)), fast_mode=True
+        )
+        args = (c.requires_grad_(), pk, pv, douts, [a.requires_grad_() for a in a_k], b_k, a_v, b_v, ids, weights,
+                scale)  # fmt: skip
+        torch.library.opcheck(torch.ops.lifelong._lora_kv_projection_grouped_packed.default, args,
+                              test_utils=GRAD_UTILS)  # fmt: skip
+
+
+def test_the_backward_computes_only_what_is_needed():
+    """A frozen pool and weights (the text side of a step that trains only tokens): the per-layer backward
+    is asked for dc alone, and a trained pool without trained weights does not compute dweights."""
+    from lifelong_engine import torch_backend
+
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = grouped_args()
+    seen = []
+    real = torch_backend.lora_kv_projection_backward
+
+    def spy(*args, needs=None):
+        seen.append(tuple(needs))
+        return real(*args, needs=needs)
+
+    try:
+        torch_backend.lora_kv_projection_backward = spy
+        with ops.use_backend("torch"):
+            c1 = c.clone().requires_grad_()
+            _flat(
+                *ops.lora_kv_projection_grouped(c1, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+            ).sum().backward()
+            a1 = [a.clone().requires_grad_() for a in a_k]
+            _flat(
+                *ops.lora_kv_projection_grouped(c, w_k, w_v, a1, b_k, a_v, b_v, ids, weights, scale)
+            ).sum().backward()
+    finally:
+        torch_backend.lora_kv_projection_backward = real
+    assert seen == [(True, False, False, False, False, False)] * 3 + [(False, True, False, False, False, False)] * 3
+
+
+@pytest.mark.skipif(not CAN_RUN, reason="needs TRITON_INTERPRET=1")
+def test_triton_backward_matches_the_reference():
+    args = grouped_args(torch.float32)
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = args
+    grads = {}
+    for backend in ("reference", "triton"):
+        inputs = [c.clone().requires_grad_(), a_k[1].clone().requires_grad_(), weights.clone().requires_grad_()]
+        with ops.use_backend(backend):
+            ks, vs = ops.lora_kv_projection_grouped(
+                inputs[0], w_k, w_v, [a_k[0], inputs[1], a_k[2]], b_k, a_v, b_v, ids, inputs[2], scale
+            )
+            (_flat(ks, vs) * torch.linspace(-1, 1, _flat(ks, vs).numel())).sum().backward()
+        grads[backend] = [t.grad for t in inputs]
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

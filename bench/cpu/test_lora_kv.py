@@ -84,3 +84,53 @@ def test_lora_kv_forward_backward(benchmark, name, provider):
     benchmark.group = f"lora_kv-train-{name}"
     benchmark.extra_info.update(CASES=name, trained_adapters=1)
     benchmark(_train_call(provider, inputs))
+
+
+SD15_DOUTS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)  # 16 attn2
+
+
+def _text_side_call(provider: str, bsz: int = 2, rank: int = 4):
+    """The training step's text side at SD-1.5 shapes (16 attn2 layers, Din 768, T 77): every layer's K/V
+    with one trained adapter (its factors require grad) and trained text (c requires grad), forward +
+    backward. ``per_layer``: the public op once per layer (the path before issue 15); ``grouped``: one
+    call of the trusted grouped entry on base weights packed once."""
+    g = torch.Generator().manual_seed(0)
+    L, T, din = len(SD15_DOUTS), 77, 768
+    c0 = torch.randn(L, bsz, T, din, generator=g)
+    w_k = [torch.randn(d, din, generator=g) * 0.03 for d in SD15_DOUTS]
+    w_v = [torch.randn(d, din, generator=g) * 0.03 for d in SD15_DOUTS]
+    packed_k, packed_v = torch.cat(w_k), torch.cat(w_v)
+    a0 = [torch.randn(1, rank, din, generator=g) * 0.1 for _ in SD15_DOUTS]
+    b0 = [torch.randn(1, d, rank, generator=g) * 0.1 for d in SD15_DOUTS]
+    ids, weights = torch.zeros(L, bsz, 1, dtype=torch.long), torch.ones(L, bsz, 1)
+    grads = [torch.randn(bsz, T, d, generator=g) for d in SD15_DOUTS]
+
+    def call():
+        c = c0.clone().requires_grad_()
+        a_k, a_v = [a.clone().requires_grad_() for a in a0], [a.clone().requires_grad_() for a in a0]
+        b_k, b_v = [b.clone().requires_grad_() for b in b0], [b.clone().requires_grad_() for b in b0]
+        if provider == "per_layer":
+            kv = [
+                ops.lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l], ids[l], weights[l], 1.0)
+                for l in range(L)
+            ]
+            ks, vs = [k for k, _ in kv], [v for _, v in kv]
+        else:
+            ks, vs = ops.lora_kv_projection_grouped_trusted(
+                c, packed_k, packed_v, SD15_DOUTS, a_k, b_k, a_v, b_v, ids, weights
+            )
+        torch.autograd.backward([*ks, *vs], [*grads, *grads])
+        return [c.grad.flatten(), a_k[3].grad.flatten(), b_v[7].grad.flatten()]
+
+    return call
+
+
+@pytest.mark.parametrize("provider", ("per_layer", "grouped"))
+def test_text_side_all_layers(benchmark, provider):
+    want = _text_side_call("per_layer")()
+    got = _text_side_call(provider)()
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4)
+    benchmark.group = "lora_kv-text-side-sd15"
+    benchmark.extra_info.update(layers=len(SD15_DOUTS), B=2, T=77, trained_adapters=1)
+    benchmark(_text_side_call(provider))
