@@ -68,9 +68,9 @@ def _public(name: str):
 def _contiguous(out):
     """Every op returns contiguous tensors, whatever its backend computed (the torch backend's SDPA returns
     q's layout), so the fake implementations (contiguous, :func:`_empty`) describe every backend."""
-    if isinstance(out, tuple):
-        return tuple(t.contiguous() for t in out)
-    return out.contiguous()
+    if isinstance(out, (tuple, list)):  # several outputs; a list-typed output (grouped ops' gradients) likewise
+        return type(out)(_contiguous(t) for t in out)
+    return out.contiguous() if out is not None else None
 
 
 def _empty(x: Tensor) -> Tensor:
