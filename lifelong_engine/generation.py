@@ -22,24 +22,29 @@ A generation goes through four stages:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from torch import Tensor
 
 from .attention import GenerationContext, ImageLora, unet_forward
 from .guidance import AttentionGuidance, GuidanceState, guide_latents, prepare_guidance
 from .pool import Library
+from .prompts import EncodedPrompts
 from .regions import Box, RegionPlan, latent_masks
 
 __all__ = [
     "Batch",
     "Conditioning",
     "DenoisingState",
+    "Options",
     "Plan",
+    "Text",
     "aggregate_noise",
     "condition",
     "guide",
@@ -49,12 +54,46 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Text:
+    """A prompt slot given as more than one string: SDXL's ``prompt_2`` (what the second text encoder reads
+    while the first reads ``prompt``), or ready embeddings as diffusers takes them: ``embeds`` (T, D), one
+    row of ``prompt_embeds``, used for every layer, and SDXL's ``pooled`` (Dp,)."""
+
+    prompt: str | None = None
+    prompt_2: str | None = None
+    embeds: Tensor | None = None
+    pooled: Tensor | None = None
+
+
+@dataclasses.dataclass
+class Options:
+    """diffusers' call options the core honours besides the plan, with diffusers' defaults.
+
+    clip_skip: text-encoder layers skipped for the positive texts (diffusers encodes negative prompts without
+    it); attention_kwargs: diffusers' ``cross_attention_kwargs``, passed to every UNet call; its ``scale``
+    also scales the peft LoRA layers of the text encoders and of the text K/V projections while they run, as
+    diffusers does; original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning (None: the
+    image size); the negative forms condition the unconditional rows when both negative sizes are given
+    (else the positive ones do), as in diffusers."""
+
+    clip_skip: int | None = None
+    attention_kwargs: dict | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+
+
 @dataclasses.dataclass
 class Plan:
     """The UNet rows of one generation: ``composite`` × ``passes`` × ``images``, pass-major (uncond if cfg,
     global, regions); ``composite`` > 1 (LoRA Composite): one copy of those rows per concept, concept-major.
 
-    texts: every distinct text (negatives, prompts, region prompts; None: no text, a zero embedding);
+    texts: every text (negatives, prompts, region prompts: a string, a :class:`Text`, or None: no text, a zero
+    embedding), the first ``negatives`` of each copy the negative prompts;
     row_texts: (rows, P) the text of each prompt slot of each row (slot 0: the row's global text);
     owner: (rows,) the text whose EWA weights the row uses; boxes[row]: (prompt slot, box) painted in
     order; image_texts: (images,) each image's prompt; size: (height, width) in pixels. With composite K,
@@ -73,6 +112,7 @@ class Plan:
     alpha: float
     size: tuple[int, int]
     composite: int = 1
+    negatives: int = 0
 
     @property
     def rows(self) -> int:
@@ -85,8 +125,8 @@ class Plan:
 
 
 def make_plan(
-    prompts: Sequence[str],
-    negatives: Sequence[str | None],
+    prompts: Sequence[str | Text],
+    negatives: Sequence[str | Text | None],
     regions: list[tuple[str, Box]],
     per_prompt: int,
     cfg: bool,
@@ -137,6 +177,7 @@ def make_plan(
         alpha,
         tuple(size),
         composite,
+        B,
     )
 
 
@@ -162,6 +203,78 @@ class Conditioning:
     psi: Tensor | None
     positions: list[list[list[int]]]
     eos: Tensor
+    attention_kwargs: dict | None = None
+
+
+@contextlib.contextmanager
+def lora_scale(model, scale: float | None):
+    """While active, the peft LoRA layers of the text encoders and the UNet are scaled by ``scale`` (diffusers'
+    ``cross_attention_kwargs["scale"]``, which diffusers applies to the text encoders while encoding and to
+    the UNet while it runs; the engine computes the text K/V outside the UNet call, so it scales both here)."""
+    modules = [*model.text.text_encoders, model.unet] if scale is not None and USE_PEFT_BACKEND else []
+    for module in modules:
+        scale_lora_layers(module, scale)
+    try:
+        yield
+    finally:
+        for module in modules:
+            unscale_lora_layers(module, scale)
+
+
+def _encode_texts(model, plan: Plan, library: Library, options: Options) -> EncodedPrompts:
+    """The plan's texts encoded, one entry per text: strings and :class:`Text` prompts through the text
+    encoders (the positive ones with ``clip_skip``), given embeddings used for every layer, None as zeros
+    (no words, EOS at 0)."""
+    texts, n = plan.texts, len(plan.texts)
+    per_copy = n // plan.composite
+    given = [i for i, t in enumerate(texts) if isinstance(t, Text) and t.embeds is not None]
+    groups: dict[int | None, list[int]] = {}  # clip_skip → the texts encoded with it
+    for i, t in enumerate(texts):
+        if t is not None and i not in given:
+            negative = i % per_copy < plan.negatives
+            groups.setdefault(None if negative else options.clip_skip, []).append(i)
+    parts = []
+    for clip_skip, index in groups.items():
+        first = [t.prompt if isinstance(t, Text) else t for t in (texts[i] for i in index)]
+        second = [t.prompt_2 if isinstance(t, Text) and t.prompt_2 is not None else f
+                  for t, f in zip((texts[i] for i in index), first)]  # fmt: skip
+        second = second if second != first else None
+        parts.append((index, model.encode_prompt(first, library, prompts_2=second, clip_skip=clip_skip)))
+    if given:
+        embeds = torch.stack([texts[i].embeds for i in given]).to(model.device)
+        pools = [texts[i].pooled for i in given]
+        if model.is_sdxl and any(p is None for p in pools):
+            raise ValueError("SDXL needs pooled_prompt_embeds (and negative_pooled_prompt_embeds) with prompt embeds")
+        if parts and embeds.shape[1:] != parts[0][1].per_layer.shape[2:]:
+            raise ValueError(
+                f"prompt embeds of shape {tuple(embeds.shape[1:])}; the text encoders give "
+                f"{tuple(parts[0][1].per_layer.shape[2:])} per prompt"
+            )
+        T = embeds.shape[1]
+        none = torch.zeros(len(given), T, dtype=torch.bool, device=model.device)
+        parts.append((given, EncodedPrompts(
+            embeds[:, None].expand(-1, len(model.layers), -1, -1),
+            torch.stack(pools).to(model.device) if model.is_sdxl else None,
+            none, torch.zeros(len(given), dtype=torch.long, device=model.device), none, [[] for _ in given],
+        )))  # fmt: skip
+    if not parts:
+        raise ValueError("nothing to condition on: every text of the plan is empty")
+    ref = parts[0][1]
+    per_layer = ref.per_layer.new_zeros(n, *ref.per_layer.shape[1:])
+    pooled = ref.pooled.new_zeros(n, ref.pooled.shape[-1]) if ref.pooled is not None else None
+    T = per_layer.shape[2]
+    word_mask = torch.zeros(n, T, dtype=torch.bool, device=per_layer.device)
+    concept_mask = torch.zeros_like(word_mask)
+    eos = torch.zeros(n, dtype=torch.long, device=per_layer.device)
+    positions: list[list[list[int]]] = [[] for _ in range(n)]
+    for index, enc in parts:
+        per_layer[index] = enc.per_layer.to(per_layer.dtype)
+        if pooled is not None:
+            pooled[index] = enc.pooled.to(pooled.dtype)
+        word_mask[index], concept_mask[index], eos[index] = enc.word_mask, enc.concept_mask, enc.eos
+        for j, i in enumerate(index):
+            positions[i] = enc.positions[j]
+    return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions)
 
 
 def condition(
@@ -173,26 +286,28 @@ def condition(
     norm: str | None = None,
     top_k: int | None = None,
     ewa: bool | str | None = None,
+    options: Options | None = None,
 ) -> Conditioning:
     """Encode the plan's texts, weight the library's concepts by EWA and compute every layer's text K/V
     once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once,
     by the public ``lora_kv_projection``; the denoising loop reuses them unchecked. A composite plan (LoRA
-    Composite) needs one copy per concept of the library: copy k's texts get concept k alone, weight 1."""
+    Composite) needs one copy per concept of the library: copy k's texts get concept k alone, weight 1.
+    ``options``: the diffusers call options (:class:`Options`)."""
+    options = options or Options()
+    scale = (options.attention_kwargs or {}).get("scale")
+    with lora_scale(model, scale):
+        return _condition(model, plan, library, guidance_scale, power, norm, top_k, ewa, options)
+
+
+def _condition(model, plan, library, guidance_scale, power, norm, top_k, ewa, options) -> Conditioning:
     device, dtype = model.device, model.dtype
     real = [i for i, t in enumerate(plan.texts) if t is not None]
-    encoded = model.encode_prompt([plan.texts[i] for i in real], library)
-    n, (L, T, D) = len(plan.texts), encoded.per_layer.shape[1:]
-    per_layer = encoded.per_layer.new_zeros(n, L, T, D)
-    per_layer[real] = encoded.per_layer
-    pooled = None
-    if encoded.pooled is not None:
-        pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
-        pooled[real] = encoded.pooled
-    positions: list[list[list[int]]] = [[] for _ in range(n)]
-    eos = torch.zeros(n, dtype=torch.long)
-    for j, i in enumerate(real):
-        positions[i] = encoded.positions[j]
-        eos[i] = int(encoded.eos[j])
+    every = _encode_texts(model, plan, library, options)
+    per_layer, pooled, positions, eos = every.per_layer, every.pooled, every.positions, every.eos.cpu()
+    n, L = per_layer.shape[:2]
+    encoded = EncodedPrompts(
+        per_layer[real], None, every.word_mask[real], every.eos[real], every.concept_mask[real], []
+    )
     from .pipeline import ewa_variant
 
     G = len(library.adapters)
@@ -227,7 +342,7 @@ def condition(
             {layer: full_psi[plan.owner, l].to(dtype) for l, layer in enumerate(model.layers)},
         )
     hidden = per_layer[plan.row_texts[:, 0], 0].to(dtype)
-    added = _added_cond(model, plan, pooled)
+    added = _added_cond(model, plan, pooled, options)
     timestep_cond = None
     if model.unet.config.time_cond_proj_dim is not None:
         scale = torch.tensor(guidance_scale - 1).repeat(plan.rows)
@@ -243,21 +358,36 @@ def condition(
         full_psi if G else None,
         positions,
         eos,
+        options.attention_kwargs,
     )
 
 
-def _added_cond(model, plan: Plan, pooled: Tensor | None) -> dict | None:
-    """SDXL's added conditioning of every row: the pooled text of its global text and the time ids."""
+def _added_cond(model, plan: Plan, pooled: Tensor | None, options: Options) -> dict | None:
+    """SDXL's added conditioning of every row: the pooled text of its global text and the time ids (the
+    negative ones on unconditional rows)."""
     if not model.is_sdxl:
         return None
-    height, width = plan.size
+    size = tuple(plan.size)
     projection = model.pipe.text_encoder_2.config.projection_dim
-    time_ids = model.pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=model.dtype, text_encoder_projection_dim=projection
-    )
+
+    def time_ids(original, crops, target):
+        ids = model.pipe._get_add_time_ids(
+            tuple(original or size), tuple(crops), tuple(target or size), dtype=model.dtype,
+            text_encoder_projection_dim=projection,
+        )  # fmt: skip
+        return ids.to(model.device)
+
+    positive = time_ids(options.original_size, options.crops_coords_top_left, options.target_size)
+    negative = positive
+    if options.negative_original_size is not None and options.negative_target_size is not None:
+        negative = time_ids(
+            options.negative_original_size, options.negative_crops_coords_top_left, options.negative_target_size
+        )
+    rows = torch.arange(plan.rows)
+    unconditional = (rows // plan.images % plan.passes == 0) & plan.cfg
     return {
         "text_embeds": pooled[plan.row_texts[:, 0]].to(model.device, model.dtype),
-        "time_ids": time_ids.to(model.device).repeat(plan.rows, 1),
+        "time_ids": torch.where(unconditional[:, None].to(model.device), negative, positive),
     }
 
 
@@ -305,12 +435,21 @@ def start(
     guidance_rescale: float = 0.0,
     scheduler=None,
     attention_guidance: AttentionGuidance | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    denoising_end: float | None = None,
 ) -> DenoisingState:
     """The denoising state of a conditioned plan: ``scheduler`` (default: a copy of the pipeline's) set to
-    ``num_inference_steps``, the initial latents (drawn with ``generator`` unless given), and the
-    attention-guidance state when asked for."""
+    ``num_inference_steps`` (or to custom ``timesteps`` / ``sigmas``, as diffusers' ``retrieve_timesteps``),
+    stopped at ``denoising_end`` (a fraction in (0, 1): the steps whose timestep is at least
+    ``(1 - denoising_end)`` of the training steps, as diffusers' SDXL pipelines do), the initial latents
+    (drawn with ``generator`` unless given), and the attention-guidance state when asked for."""
     scheduler = scheduler if scheduler is not None else copy.deepcopy(model.pipe.scheduler)
-    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, model.device)
+    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, model.device, timesteps, sigmas)
+    if denoising_end is not None and 0 < denoising_end < 1:
+        train_steps = scheduler.config.num_train_timesteps
+        cutoff = int(round(train_steps - denoising_end * train_steps))
+        timesteps = timesteps[: int((timesteps >= cutoff).sum())]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     height, width = plan.size
@@ -344,13 +483,16 @@ class Batch:
     hidden: Tensor
     added: dict | None
     timestep_cond: Tensor | None
+    attention_kwargs: dict | None = None
 
     @classmethod
     def of(cls, model, states: Sequence[DenoisingState]) -> Batch:
         if len(states) == 1:
             c = states[0].cond
-            return cls(c.context, c.hidden, c.added, c.timestep_cond)
+            return cls(c.context, c.hidden, c.added, c.timestep_cond, c.attention_kwargs)
         conds = [s.cond for s in states]
+        if any(c.attention_kwargs for c in conds):
+            raise ValueError("states with cross_attention_kwargs are denoised alone, not batched with others")
         P = max(s.plan.slots for s in states)
         kv = {}
         for layer in model.layers:
@@ -414,7 +556,7 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
         timesteps.append(t.reshape(1).expand(s.rows))
     eps = unet_forward(
         model.unet, torch.cat(inputs), torch.cat(timesteps), batch.context, batch.hidden, batch.added,
-        batch.timestep_cond,
+        batch.timestep_cond, batch.attention_kwargs,
     )  # fmt: skip
     first = 0
     for s in states:
