@@ -42,6 +42,7 @@ __all__ = [
     "Batch",
     "Conditioning",
     "DenoisingState",
+    "ImageInput",
     "Options",
     "Plan",
     "Text",
@@ -75,7 +76,9 @@ class Options:
     also scales the peft LoRA layers of the text encoders and of the text K/V projections while they run, as
     diffusers does; original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning (None: the
     image size); the negative forms condition the unconditional rows when both negative sizes are given
-    (else the positive ones do), as in diffusers."""
+    (else the positive ones do), as in diffusers' text-to-image pipeline; aesthetic_score and its negative:
+    SDXL img2img / inpaint conditioning (set for those pipelines: their time ids follow
+    ``requires_aesthetics_score``, and negative sizes default to the positive ones)."""
 
     clip_skip: int | None = None
     attention_kwargs: dict | None = None
@@ -85,6 +88,33 @@ class Options:
     negative_original_size: tuple[int, int] | None = None
     negative_crops_coords_top_left: tuple[int, int] = (0, 0)
     negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """The image a generation starts from (diffusers' img2img / inpaint pipelines; SDEdit): image (images, 3,
+    H, W) in [-1, 1] as ``VaeImageProcessor.preprocess`` gives it, noised to the timestep ``strength`` of the
+    way in (or, SDXL, from ``denoising_start``: a refiner continuing a base run); for inpainting, mask
+    (images, 1, H, W), 1 where the image is repainted."""
+
+    image: Tensor
+    strength: float
+    denoising_start: float | None = None
+    mask: Tensor | None = None
+
+
+@dataclasses.dataclass
+class Inpaint:
+    """Inpainting state of a generation: mask (images, 1, h, w) and masked-image latents (what a 9-channel
+    inpainting UNet reads beside the latents); for a 4-channel UNet, the image latents and the noise the
+    unmasked part is re-noised with after every step."""
+
+    mask: Tensor
+    masked_latents: Tensor | None
+    image_latents: Tensor | None
+    noise: Tensor
 
 
 @dataclasses.dataclass
@@ -377,9 +407,21 @@ def _added_cond(model, plan: Plan, pooled: Tensor | None, options: Options) -> d
         )  # fmt: skip
         return ids.to(model.device)
 
-    positive = time_ids(options.original_size, options.crops_coords_top_left, options.target_size)
-    negative = positive
-    if options.negative_original_size is not None and options.negative_target_size is not None:
+    if options.aesthetic_score is not None:  # the img2img / inpaint pipelines' time ids
+        original, target = options.original_size or size, options.target_size or size
+        positive, negative = model.pipe._get_add_time_ids(
+            tuple(original), tuple(options.crops_coords_top_left), tuple(target), options.aesthetic_score,
+            options.negative_aesthetic_score, tuple(options.negative_original_size or original),
+            tuple(options.negative_crops_coords_top_left), tuple(options.negative_target_size or target),
+            dtype=model.dtype, text_encoder_projection_dim=projection,
+        )  # fmt: skip
+        positive, negative = positive.to(model.device), negative.to(model.device)
+    else:
+        positive = time_ids(options.original_size, options.crops_coords_top_left, options.target_size)
+        negative = positive
+    if options.aesthetic_score is None and (
+        options.negative_original_size is not None and options.negative_target_size is not None
+    ):
         negative = time_ids(
             options.negative_original_size, options.negative_crops_coords_top_left, options.negative_target_size
         )
@@ -412,6 +454,7 @@ class DenoisingState:
     guide_state: GuidanceState | None = None
     guided: int = 0
     step: int = 0
+    inpaint: Inpaint | None = None
 
     @property
     def rows(self) -> int:
@@ -438,31 +481,81 @@ def start(
     timesteps: list[int] | None = None,
     sigmas: list[float] | None = None,
     denoising_end: float | None = None,
+    image: ImageInput | None = None,
 ) -> DenoisingState:
     """The denoising state of a conditioned plan: ``scheduler`` (default: a copy of the pipeline's) set to
     ``num_inference_steps`` (or to custom ``timesteps`` / ``sigmas``, as diffusers' ``retrieve_timesteps``),
     stopped at ``denoising_end`` (a fraction in (0, 1): the steps whose timestep is at least
     ``(1 - denoising_end)`` of the training steps, as diffusers' SDXL pipelines do), the initial latents
-    (drawn with ``generator`` unless given), and the attention-guidance state when asked for."""
+    (drawn with ``generator`` unless given), and the attention-guidance state when asked for. With an
+    ``image`` (:class:`ImageInput`) the steps are those diffusers' img2img / inpaint pipeline runs for its
+    ``strength`` (its ``get_timesteps``) and the latents are the image's, noised (its ``prepare_latents``);
+    that needs the pipeline's own scheduler."""
     scheduler = scheduler if scheduler is not None else copy.deepcopy(model.pipe.scheduler)
-    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, model.device, timesteps, sigmas)
-    if denoising_end is not None and 0 < denoising_end < 1:
+    timesteps, steps = retrieve_timesteps(scheduler, num_inference_steps, model.device, timesteps, sigmas)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    inpaint = None
+    if image is not None:
+        if scheduler is not model.pipe.scheduler:
+            raise ValueError("a generation from an image runs on the wrapped pipeline's own scheduler")
+        begin = {"denoising_start": image.denoising_start} if _fraction(image.denoising_start) else {}
+        timesteps, steps = model.pipe.get_timesteps(steps, image.strength, model.device, **begin)
+        if steps < 1:
+            raise ValueError(
+                f"strength={image.strength!r} leaves no denoising step of {num_inference_steps}; raise strength or "
+                "num_inference_steps"
+            )
+        latents, inpaint = _image_latents(model, plan, image, timesteps, generator, latents)
+    else:
+        height, width = plan.size
+        latents = model.pipe.prepare_latents(
+            plan.images, model.unet.config.in_channels, height, width, model.dtype, model.device, generator, latents
+        )
+    if _fraction(denoising_end):
         train_steps = scheduler.config.num_train_timesteps
         cutoff = int(round(train_steps - denoising_end * train_steps))
         timesteps = timesteps[: int((timesteps >= cutoff).sum())]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    height, width = plan.size
-    latents = model.pipe.prepare_latents(
-        plan.images, model.unet.config.in_channels, height, width, model.dtype, model.device, generator, latents
-    )
     extra = model.pipe.prepare_extra_step_kwargs(generator, eta)
     state = DenoisingState(plan, cond, scheduler, timesteps, latents, extra, guidance_scale, guidance_rescale)
+    state.inpaint = inpaint
     if attention_guidance is not None:
         state.guidance = attention_guidance
         state.guide_state = prepare_guidance(model, attention_guidance, plan, cond)
         state.guided = attention_guidance.guided_steps(len(timesteps))
     return state
+
+
+def _fraction(x) -> bool:
+    """diffusers' test of a usable denoising_start / denoising_end: a float strictly between 0 and 1."""
+    return isinstance(x, float) and 0 < x < 1
+
+
+def _image_latents(model, plan: Plan, image: ImageInput, timesteps: Tensor, generator, latents):
+    """(latents, Inpaint or None) of a generation from an image, made by the wrapped pipeline's own
+    ``prepare_latents`` / ``prepare_mask_latents`` in diffusers' order (so the generator draws the same)."""
+    pipe = model.pipe
+    begin = {"add_noise": image.denoising_start is None} if model.is_sdxl else {}
+    latent_timestep = timesteps[:1].repeat(plan.images)
+    source = image.image.to(model.device)
+    if image.mask is None:
+        if latents is None:
+            latents = pipe.prepare_latents(
+                source, latent_timestep, plan.images, 1, model.dtype, model.device, generator, **begin
+            )
+        return latents, None
+    four = model.unet.config.in_channels == 4
+    out = pipe.prepare_latents(
+        plan.images, pipe.vae.config.latent_channels, *plan.size, model.dtype, model.device, generator, latents,
+        image=source, timestep=latent_timestep, is_strength_max=image.strength == 1.0, return_noise=True,
+        return_image_latents=four, **begin,
+    )  # fmt: skip
+    mask = image.mask.to(model.device)
+    masked = source * (mask < 0.5)
+    mask, masked_latents = pipe.prepare_mask_latents(
+        mask, masked, plan.images, *plan.size, model.dtype, model.device, generator, False
+    )
+    return out[0], Inpaint(mask, None if four else masked_latents, out[2] if four else None, out[1])
 
 
 def guide(model, state: DenoisingState) -> None:
@@ -551,8 +644,13 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
         batch = Batch.of(model, states)
     inputs, timesteps = [], []
     for s in states:
-        t = s.timesteps[s.step]
-        inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * (s.plan.composite * s.plan.passes)), t))
+        t, copies = s.timesteps[s.step], s.plan.composite * s.plan.passes
+        x = s.scheduler.scale_model_input(torch.cat([s.latents] * copies), t)
+        if s.inpaint is not None and s.inpaint.masked_latents is not None:  # a 9-channel inpainting UNet
+            x = torch.cat(
+                [x, s.inpaint.mask.repeat(copies, 1, 1, 1), s.inpaint.masked_latents.repeat(copies, 1, 1, 1)], 1
+            )
+        inputs.append(x)
         timesteps.append(t.reshape(1).expand(s.rows))
     eps = unet_forward(
         model.unet, torch.cat(inputs), torch.cat(timesteps), batch.context, batch.hidden, batch.added,
@@ -570,6 +668,11 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
                 guided = rescale_noise_cfg(guided, part[1], s.guidance_rescale)
             noise = noise + guided / plan.composite
         s.latents = s.scheduler.step(noise, s.timesteps[s.step], s.latents, **s.extra, return_dict=False)[0]
+        if s.inpaint is not None and s.inpaint.image_latents is not None:  # a 4-channel UNet: keep the unmasked part
+            kept = s.inpaint.image_latents
+            if s.step < len(s.timesteps) - 1:
+                kept = s.scheduler.add_noise(kept, s.inpaint.noise, torch.tensor([s.timesteps[s.step + 1]]))
+            s.latents = (1 - s.inpaint.mask) * kept + s.inpaint.mask * s.latents
         s.step += 1
     return batch
 

@@ -404,6 +404,9 @@ class LifelongPipeline:
         callback, tensor_inputs = self.callback(call)
         composite = max(len(library.adapters), 1) if composition == "lora-c" else 1
         size = (height or self.default_size(), width or self.default_size())
+        image = self.image_input(call, size)
+        if image is not None:
+            size = tuple(image.image.shape[-2:])
         plan = self.plan(
             prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size, composite
         )
@@ -427,6 +430,7 @@ class LifelongPipeline:
             timesteps=call.get("timesteps"),
             sigmas=call.get("sigmas"),
             denoising_end=call.get("denoising_end"),
+            image=image,
         )
         batch = None
         with self.pipe.progress_bar(total=len(state.timesteps)) as progress:
@@ -458,6 +462,8 @@ class LifelongPipeline:
     UNSUPPORTED = {
         "ip_adapter_image": "IP-Adapter is not supported by LifelongPipeline",
         "ip_adapter_image_embeds": "IP-Adapter is not supported by LifelongPipeline",
+        "padding_mask_crop": "not supported by LifelongPipeline (inpaint the whole image)",
+        "masked_image_latents": "not supported by LifelongPipeline (pass image and mask_image)",
     }
     # callback_on_step_end_tensor_inputs the engine can hand to a callback (and take back).
     CALLBACK_TENSORS = ("latents",)
@@ -530,6 +536,29 @@ class LifelongPipeline:
         if not isinstance(seconds, list | tuple) or len(seconds) != len(first):
             raise ValueError(f"{name}={second!r:.80}: expected a string or a list of {len(first)} strings")
         return [p if p == q or not q else generation.Text(p, q) for p, q in zip(first, seconds)]
+
+    def image_input(self, call: dict, size: tuple[int, int]) -> generation.ImageInput | None:
+        """The call's ``image`` (and ``mask_image``) preprocessed as the wrapped img2img / inpaint pipeline does
+        (its ``VaeImageProcessor``s), or None for a text-to-image pipeline."""
+        if "image" not in call:
+            return None
+        image, strength = call["image"], call["strength"]
+        if image is None:
+            raise ValueError(f"{type(self.pipe).__name__} needs image= (a PIL image, an array or a tensor)")
+        if not _is_real(strength) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r}: expected a number in [0, 1]")
+        if "mask_image" not in call:
+            return generation.ImageInput(
+                self.pipe.image_processor.preprocess(image), strength, call.get("denoising_start")
+            )
+        if call["mask_image"] is None:
+            raise ValueError(f"{type(self.pipe).__name__} needs mask_image= (white where the image is repainted)")
+        height, width = size
+        pixels = self.pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="default")
+        mask = self.pipe.mask_processor.preprocess(
+            call["mask_image"], height=height, width=width, resize_mode="default"
+        )
+        return generation.ImageInput(pixels.to(torch.float32), strength, call.get("denoising_start"), mask)
 
     def options(self, call: dict) -> generation.Options:
         """The generation core's :class:`~lifelong_engine.generation.Options` of a call, checked."""
@@ -654,9 +683,16 @@ class LifelongPipeline:
 
 def supported_pipelines() -> tuple[type, ...]:
     """The diffusers pipeline classes LifelongPipeline drives (and their subclasses)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers as d
 
-    return (StableDiffusionPipeline, StableDiffusionXLPipeline)
+    return (
+        d.StableDiffusionPipeline,
+        d.StableDiffusionXLPipeline,
+        d.StableDiffusionImg2ImgPipeline,
+        d.StableDiffusionXLImg2ImgPipeline,
+        d.StableDiffusionInpaintPipeline,
+        d.StableDiffusionXLInpaintPipeline,
+    )
 
 
 def check_supported(pipe) -> None:

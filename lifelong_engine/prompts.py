@@ -202,7 +202,8 @@ class PromptEncoder:
             if self.hidden == "penultimate":
                 hidden.append(out.hidden_states[-((clip_skip or 0) + 2)])
             elif clip_skip:
-                hidden.append(encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)]))
+                norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers < 5 nests it
+                hidden.append(norm(out.hidden_states[-(clip_skip + 1)]))
             else:
                 hidden.append(out[0])
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
