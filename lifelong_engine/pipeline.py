@@ -112,6 +112,76 @@ class LifelongPipeline:
         """Wrap a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
         return cls(pipe, **kwargs)
 
+    # ------------------------------------------------- diffusers conventions
+
+    @classmethod
+    def from_pretrained(
+        cls, path, *, concepts=None, namespace: str = "default", max_regions: int = 8, **kwargs
+    ) -> LifelongPipeline:
+        """``DiffusionPipeline.from_pretrained(path, **kwargs)`` wrapped, with the concepts of ``concepts`` (a
+        :class:`~lifelong_engine.ConceptStore` or its directory; those of ``namespace`` learned on this base
+        model) added. A directory :meth:`save_pretrained` wrote brings its own library (its ``concepts/``
+        store), used when ``concepts`` is None."""
+        from pathlib import Path
+
+        from diffusers import DiffusionPipeline
+
+        lp = cls(DiffusionPipeline.from_pretrained(path, **kwargs), max_regions=max_regions)
+        own = Path(path) / "concepts"
+        if concepts is None and own.is_dir():
+            concepts = own
+        if concepts is not None:
+            lp.load_concepts(concepts, namespace)
+        return lp
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """The wrapped pipeline (``pipe.save_pretrained(directory, **kwargs)``) and its concept library (a
+        concept store in ``directory/concepts``, namespace "default"), for :meth:`from_pretrained`."""
+        from pathlib import Path
+
+        from .store import ConceptStore
+
+        self.pipe.save_pretrained(directory, **kwargs)
+        with ConceptStore(Path(directory) / "concepts") as store:
+            for adapter in self._concepts.values():
+                store.save(adapter.to("cpu"), namespace="default")
+
+    def load_concepts(self, store, namespace: str = "default", names: Sequence[str] | None = None) -> list[str]:
+        """Add the concepts of ``namespace`` in ``store`` (a ConceptStore or its directory) learned on this base
+        model (or exactly ``names``: ValueError naming those missing). Returns the names added."""
+        from .store import ConceptStore
+
+        if not isinstance(store, ConceptStore):
+            with ConceptStore(store) as opened:
+                return self.load_concepts(opened, namespace, names)
+        records = {r.name: r for r in store.list(namespace)}
+        if names is None:
+            names = [n for n, r in records.items() if r.base_fingerprint in ("", self.fingerprint)]
+        missing = [n for n in names if n not in records]
+        if missing:
+            raise ValueError(f"no concept {missing} in namespace {namespace!r} of the store (has {sorted(records)})")
+        for name in names:
+            self.add_concept(store.load(name, namespace))
+        return list(names)
+
+    def to(self, *args, **kwargs) -> LifelongPipeline:
+        """``pipe.to(...)`` (device and/or dtype, as diffusers takes them), the concept library moved along."""
+        self.pipe.to(*args, **kwargs)
+        for name, adapter in self._concepts.items():
+            self._concepts[name] = adapter.to(self.device, self.dtype)
+            self._embeddings[name] = self._embeddings[name].to(self.device)
+        self._pool = None
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """As diffusers' (the wrapped pipeline's progress bar is the one generation shows)."""
+        self.pipe.set_progress_bar_config(**kwargs)
+
+    @property
+    def components(self) -> dict:
+        """The wrapped pipeline's components (diffusers' ``pipe.components``)."""
+        return self.pipe.components
+
     # -------------------------------------------------------------- processors
 
     def install(self) -> None:

@@ -19,14 +19,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import warnings
 
 import torch
+from diffusers.utils import logging
 from torch import Tensor
 
 from .concepts import ConceptAdapter
 
 __all__ = ["EncodedPrompts", "PromptEncoder", "TOKEN_PATTERN"]
+
+# Warnings go through diffusers' logger (``diffusers.utils.logging.set_verbosity_error()`` silences them).
+logger = logging.get_logger("diffusers.lifelong_engine")
 
 # What looks like a concept token in a prompt: <name>, no spaces (CLIP's own <|...|> excluded).
 TOKEN_PATTERN = re.compile(r"<[^<>|\s]+>")
@@ -59,6 +62,7 @@ class _Tokenized:
     ids: list[int]
     concept_rows: list[tuple[int, ConceptAdapter, int]]  # (position, concept, word index)
     eos: int
+    removed: str = ""  # the text truncation removed
 
 
 class PromptEncoder:
@@ -82,7 +86,7 @@ class PromptEncoder:
     # ------------------------------------------------------------ tokenization
 
     def tokenize(self, prompt: str, concepts: dict[str, ConceptAdapter], tokenizer) -> _Tokenized:
-        """Token ids padded to the model length, truncating (with a warning) as diffusers does.
+        """Token ids padded to the model length, truncating as diffusers does (``removed``: what was cut).
 
         Concept tokens with learned rows become one placeholder position per word; tokens of concepts
         without rows stay text. Raises ValueError for a ``<token>`` no concept owns.
@@ -109,17 +113,15 @@ class PromptEncoder:
                 rows += [(len(ids) + 1 + w, piece, w) for w in range(len(piece.words))]
                 ids += [placeholder] * len(piece.words)
         limit = tokenizer.model_max_length - 2
+        removed = ""
         if len(ids) > limit:
             removed = tokenizer.decode(ids[limit:])
-            warnings.warn(
-                f"prompt truncated to {tokenizer.model_max_length} tokens; removed: {removed!r}", stacklevel=4
-            )
             ids = ids[:limit]
             rows = [r for r in rows if r[0] <= limit]
         ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
         eos = len(ids) - 1
         ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
-        return _Tokenized(ids, rows, eos)
+        return _Tokenized(ids, rows, eos, removed)
 
     # ---------------------------------------------------------------- encoding
 
@@ -142,6 +144,13 @@ class PromptEncoder:
             for e, tok in enumerate(self.tokenizers)
         ]
         first = per_encoder[0]
+        for p, prompt in enumerate(prompts):  # one warning per over-long prompt, whatever the encoders
+            if any(tokens[p].removed for tokens in per_encoder):
+                removed = next(tokens[p].removed for tokens in per_encoder if tokens[p].removed)
+                logger.warning(
+                    f"prompt truncated to {self.tokenizers[0].model_max_length} tokens; removed: {removed!r} "
+                    f"(prompt {prompt[:40]!r}...)"
+                )
         # Prompts with layer-wise rows (in any encoder's text) get one encoder row per layer, the others one row.
         variants = [
             self.num_layers

@@ -77,7 +77,9 @@ def test_image_pipelines_equal_diffusers_without_concepts(kind):
     lp = LifelongPipeline.from_pipe(pipe)
     got = call(lp, kind, strength=strength, negative_prompt="blurry")
     assert got.shape == expected.shape == (1, 16, 16, 3)
-    assert float(np.abs(got - expected).max()) <= TOL
+    diff = float(np.abs(got - expected).max())
+    print(f"\nequality | {kind} | {diff:.1e}")
+    assert diff <= TOL
     # with a concept, its LoRA applies (the image changes), and regions work on the image's latents
     lp.add_concept(concept_for_unet(pipe.unet, "dog1", lp.text.token_width))
     with_concept = call(lp, kind, prompt="a <dog1> dog", strength=strength)
@@ -120,6 +122,7 @@ def test_sdxl_refiner_run_equals_diffusers():
         output_type="np",
         **{**kwargs, "generator": torch.Generator().manual_seed(0)},
     ).images
+    print(f"\nequality | SDXL refiner denoising_start | {float(np.abs(got - expected).max()):.1e}")
     assert float(np.abs(got - expected).max()) <= TOL
 
 

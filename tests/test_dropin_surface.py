@@ -24,6 +24,13 @@ def max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
+def assert_equal(feature: str, got, expected) -> None:
+    """got equals diffusers' output within TOL (the max diff is printed for README's table: pytest -s)."""
+    diff = max_diff(got, expected)
+    print(f"\nequality | {feature} | {diff:.1e}")
+    assert diff <= TOL, (feature, diff)
+
+
 @pytest.fixture(scope="module")
 def sd():
     return tiny_sd_pipeline(scheduler="euler")
@@ -42,7 +49,7 @@ def test_defaults_are_the_wrapped_pipelines_own(sdxl):
     lp = LifelongPipeline.from_pipe(sdxl)
     assert lp.signature.parameters["guidance_scale"].default == 5.0
     expected = images(sdxl, "a red ball")
-    assert max_diff(images(lp, "a red ball"), expected) <= TOL
+    assert_equal("SDXL defaults (guidance_scale 5.0)", images(lp, "a red ball"), expected)
     assert max_diff(images(lp, "a red ball", guidance_scale=7.5), expected) > 1e-3  # the old default differs
 
 
@@ -52,7 +59,7 @@ def test_positional_arguments_follow_diffusers(sd, sdxl):
         lp = LifelongPipeline.from_pipe(pipe)
         expected = pipe(*args, generator=torch.Generator().manual_seed(0), output_type="np").images
         got = lp(*args, generator=torch.Generator().manual_seed(0), output_type="np").images
-        assert max_diff(got, expected) <= TOL
+        assert_equal(f"positional arguments ({type(pipe).__name__})", got, expected)
     lp = LifelongPipeline.from_pipe(sd)
     with pytest.raises(TypeError, match="too many positional"):  # engine options are keyword-only
         lp(*([None] * 30))
@@ -108,7 +115,7 @@ def test_sd_call_surface_equals_diffusers(sd, case):
     expected = images(sd, **kwargs)
     got = images(LifelongPipeline.from_pipe(sd), **kwargs)
     assert got.shape == expected.shape
-    assert max_diff(got, expected) <= TOL, case
+    assert_equal(f"{case} (SD)", got, expected)
 
 
 def test_sd_clip_skip_equals_diffusers_formula(sd):
@@ -121,7 +128,7 @@ def test_sd_clip_skip_equals_diffusers_formula(sd):
     _, ne = sd.encode_prompt("a red ball", "cpu", 1, True, "blurry")
     expected = images(sd, prompt_embeds=pe, negative_prompt_embeds=ne)
     got = images(LifelongPipeline.from_pipe(sd), "a red ball", negative_prompt="blurry", clip_skip=1)
-    assert max_diff(got, expected) <= TOL
+    assert_equal("clip_skip (SD)", got, expected)
     assert max_diff(got, images(sd, "a red ball", negative_prompt="blurry")) > 1e-4
 
 
@@ -135,7 +142,7 @@ def test_sdxl_call_surface_equals_diffusers(sdxl, case):
         generator=torch.Generator().manual_seed(0), **{"num_inference_steps": STEPS, "output_type": "np", **kwargs}
     ).images
     assert got.shape == expected.shape
-    assert max_diff(got, expected) <= TOL, case
+    assert_equal(f"{case} (SDXL)", got, expected)
     if case in ("prompt_2", "micro_conditioning", "clip_skip"):  # the option changes the image at all
         assert max_diff(got, images(sdxl, "a red ball", negative_prompt="x" if case == "prompt_2" else None)) > 1e-4
 
@@ -147,7 +154,11 @@ def test_cross_attention_kwargs_lora_scale_equals_diffusers():
     for scale in (0.0, 0.5):
         kwargs = dict(prompt="a red ball", cross_attention_kwargs={"scale": scale})
         expected = images(pipe, **kwargs)
-        assert max_diff(images(lp, **kwargs), expected) <= TOL, scale
+        assert_equal(
+            f"cross_attention_kwargs scale={scale} (peft LoRA on text encoder and to_q)",
+            images(lp, **kwargs),
+            expected,
+        )
     assert max_diff(images(pipe, "a red ball"), expected) > 1e-3  # the scale matters on this pipe
 
 
@@ -162,7 +173,7 @@ def test_callback_on_step_end_sees_and_sets_latents(sd):
     seen_d, seen_e = [], []
     expected = images(sd, "a red ball", callback_on_step_end=callback(seen_d))
     got = images(LifelongPipeline.from_pipe(sd), "a red ball", callback_on_step_end=callback(seen_e))
-    assert max_diff(got, expected) <= TOL
+    assert_equal("callback_on_step_end (latents)", got, expected)
     assert [(i, t) for i, t, _ in seen_e] == [(i, t) for i, t, _ in seen_d]
     assert all(max_diff(a, b) <= TOL for (_, _, a), (_, _, b) in zip(seen_e, seen_d))
     with pytest.raises(ValueError, match="add_text_embeds"):
@@ -177,3 +188,23 @@ def test_prompt_embeds_with_concepts_is_a_clear_error(sd):
         lp(**_embeds_sd(sd), num_inference_steps=1)
     with pytest.raises(ValueError, match="exactly one of prompt"):
         lp(num_inference_steps=1)
+
+
+def test_diffusers_conventions_save_load_to_components(tmp_path):
+    """save_pretrained / from_pretrained(concepts=...) / to / components / set_progress_bar_config (before: none)."""
+    pipe = tiny_sd_pipeline()
+    lp = LifelongPipeline.from_pipe(pipe)
+    lp.add_concept(concept_for_unet(pipe.unet, "dog1", lp.text.token_width))
+    assert lp.components["unet"] is pipe.unet
+    lp.set_progress_bar_config(disable=True)
+    lp.save_pretrained(tmp_path / "saved")
+    again = LifelongPipeline.from_pretrained(tmp_path / "saved")
+    assert list(again.concepts) == ["dog1"]
+    again.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a <dog1> dog", num_inference_steps=1)
+    assert max_diff(images(again, **kwargs), images(lp, **kwargs)) <= TOL
+    other = LifelongPipeline.from_pretrained(tmp_path / "saved", concepts=tmp_path / "saved" / "concepts")
+    assert list(other.concepts) == ["dog1"]
+    assert again.to(torch.float64) is again and again.dtype == torch.float64
+    assert again.concepts["dog1"].lora[next(iter(again.concepts["dog1"].lora))].dtype == torch.float64
+    assert images(again, **kwargs).shape == (1, 16, 16, 3)
