@@ -1,9 +1,11 @@
 """Image editing with learned concepts on TinyWorld: restyling (img2img / SDEdit) and inpainting.
 
     python bench/editing.py [--concepts tw-badge,tw-flag] [--steps 100] [--seeds 4] [--strength 0.6]
-                            [--weights DIR] [--device D]
+                            [--store DIR] [--weights DIR] [--device D]
 
-Learns each concept with CIDM on the TinyWorld model (the shipped one, or ``--weights``), then, with
+Learns each concept with CIDM on the TinyWorld model (the shipped one, or ``--weights``; with ``--store``,
+a concept store such as the demo's ``tinyworld-demo/concepts``, concepts already there are loaded, not
+learned again, and the ones learned are saved there), then, with
 the same concepts in LifelongPipelines over diffusers' ``StableDiffusionImg2ImgPipeline`` and
 ``StableDiffusionInpaintPipeline`` built from the model's components, measures with the shipped
 evaluator:
@@ -36,7 +38,7 @@ import torch
 common.ensure_engine_importable()
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline  # noqa: E402
 
-from lifelong_engine import LifelongPipeline  # noqa: E402
+from lifelong_engine import ConceptStore, LifelongPipeline  # noqa: E402
 from lifelong_engine.tinyworld import get_concept  # noqa: E402
 from lifelong_engine.tinyworld.evaluator import Evaluator  # noqa: E402
 from lifelong_engine.tinyworld.lifelong import image_grid, write_json  # noqa: E402
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale (default: 4)")
     parser.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    parser.add_argument("--store", default=None, help="a concept store to load the concepts from / save them to")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -96,11 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator.load(Path(args.weights) / "evaluator" if args.weights else None, device=device)
     lp = LifelongPipeline.from_pipe(pipe)
     concepts = [get_concept(name.strip()) for name in args.concepts.split(",") if name.strip()]
-    trainer = ContinualTrainer(lp, method="cidm", rank=4, max_steps=args.steps, learning_rate=5e-3, batch_size=4)
+    store = ConceptStore(args.store) if args.store else None
+    learned = []
+    if store is not None:
+        have = {r.name for r in store.list("default") if r.base_fingerprint in ("", lp.fingerprint)}
+        lp.load_concepts(store, "default", [c.name for c in concepts if c.name in have])
+    trainer = ContinualTrainer(
+        lp, method="cidm", rank=4, max_steps=args.steps, learning_rate=5e-3, batch_size=4, store=store
+    )
     t0 = time.perf_counter()
     for c in concepts:
-        samples = c.images(5)
-        trainer.learn(c.name, [s.image for s in samples], c.class_word, [s.caption for s in samples])
+        if c.name not in lp.concepts:
+            samples = c.images(5)
+            trainer.learn(c.name, [s.image for s in samples], c.class_word, [s.caption for s in samples])
+            learned.append(c.name)
     learn_seconds = time.perf_counter() - t0
     img2img = wrap(StableDiffusionImg2ImgPipeline, pipe, lp.concepts)
     inpaint = wrap(StableDiffusionInpaintPipeline, pipe, lp.concepts)
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(__file__).parent / "results" / device.type
     image_grid(rows, out / "editing.png")
     report["settings"] = {k: v for k, v in vars(args).items()}
+    report["learned_here"] = learned
     report["learn_seconds"] = round(learn_seconds, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["environment"] = common.environment(argv)
@@ -158,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{i['after']:.2f} (control {i['control_without_token']:.2f})"
         )
     print(f"wrote {out / 'editing.json'} and editing.png in {report['seconds']:.0f} s")
+    if store is not None:
+        store.close()
     return 0
 
 

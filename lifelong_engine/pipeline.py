@@ -1,7 +1,9 @@
 """LifelongPipeline: generation with a library of concepts, EWA and regional synthesis (DESIGN §5).
 
-Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``: its tokenizers, text
-encoders, UNet, scheduler and VAE are used as they are; the engine installs its attention
+Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, or their img2img and
+inpaint pipelines (:func:`supported_pipelines`; others are refused): its tokenizers, text encoders, UNet,
+scheduler and VAE are used as they are, and a call takes the wrapped pipeline's own arguments in its
+order with its defaults (image editing: ``image``, ``strength``, ``mask_image``); the engine installs its attention
 processors (:mod:`lifelong_engine.attention`) and denoises with the generation core
 (:mod:`lifelong_engine.generation`, which the serving Engine runs too), which differs from
 diffusers' loop in these ways:
@@ -109,7 +111,8 @@ class LifelongPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs) -> LifelongPipeline:
-        """Wrap a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
+        """Wrap a diffusers SD / SDXL text-to-image, img2img or inpaint pipeline (TypeError, naming what is not
+        supported, for any other: ControlNet, T2I adapters, a loaded IP-Adapter, other pipeline classes)."""
         return cls(pipe, **kwargs)
 
     # ------------------------------------------------- diffusers conventions

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from concept_factory import concept_for_unet
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from lifelong_engine.pipeline import LifelongPipeline
@@ -75,7 +75,8 @@ def test_positional_arguments_follow_diffusers(sd, sdxl):
 def _lora(pipe):
     """A peft LoRA on the text encoder and on the UNet's query projections (random, so it shows)."""
     torch.manual_seed(3)
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(config, pipe.text_encoder)  # transformers' add_adapter wants a newer peft
     pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["attn1.to_q", "attn2.to_q"], init_lora_weights=False))
 
 
