@@ -56,13 +56,18 @@ def wrap(cls, pipe, concepts) -> LifelongPipeline:
     lp = LifelongPipeline.from_pipe(edit)
     for adapter in concepts.values():
         lp.add_concept(adapter)
+    lp.restore()  # the pipelines share one UNet: each installs its processors only while it generates
     return lp
 
 
 def generate(lp, prompt: str, seeds: int, **kwargs) -> np.ndarray:
     """(seeds, 32, 32, 3) uint8, one generator per image."""
     generators = [torch.Generator().manual_seed(1000 + i) for i in range(seeds)]
-    out = lp(prompt, num_images_per_prompt=seeds, generator=generators, output_type="np", **kwargs).images
+    lp.install()
+    try:
+        out = lp(prompt, num_images_per_prompt=seeds, generator=generators, output_type="np", **kwargs).images
+    finally:
+        lp.restore()
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 

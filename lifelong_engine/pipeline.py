@@ -107,6 +107,9 @@ class LifelongPipeline:
         self._pool: AdapterPool | None = None
         self._previous: dict | None = None
         self._installed: dict = {}
+        own = inspect.signature(type(self).__call__).parameters.values()
+        keywords = [p for p in own if p.kind is p.KEYWORD_ONLY]
+        self.__signature__ = self.signature.replace(parameters=[*self.signature.parameters.values(), *keywords])
         self.install()
 
     @classmethod

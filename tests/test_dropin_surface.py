@@ -2,6 +2,8 @@
 defaults, and the call surface a diffusers user passes, each equal to diffusers' output with no concept
 (tiny random pipelines, fp32, CPU; issue 17)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,9 @@ def test_positional_arguments_follow_diffusers(sd, sdxl):
         got = lp(*args, generator=torch.Generator().manual_seed(0), output_type="np").images
         assert_equal(f"positional arguments ({type(pipe).__name__})", got, expected)
     lp = LifelongPipeline.from_pipe(sd)
+    names = list(inspect.signature(lp).parameters)
+    assert names[:8] == list(inspect.signature(type(sd).__call__).parameters)[1:9]  # help(lp) shows diffusers'
+    assert inspect.signature(lp).parameters["regions"].kind is inspect.Parameter.KEYWORD_ONLY
     with pytest.raises(TypeError, match="too many positional"):  # engine options are keyword-only
         lp(*([None] * 30))
     with pytest.raises(TypeError, match="nonsense"):
