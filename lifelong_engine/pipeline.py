@@ -481,8 +481,9 @@ class LifelongPipeline:
         composite = max(len(library.adapters), 1) if composition == "lora-c" else 1
         size = (height or self.default_size(), width or self.default_size())
         image = self.image_input(call, size)
-        if image is not None:
-            size = tuple(image.image.shape[-2:])
+        if image is not None:  # the image's size (latents given as the image: times the VAE's scale factor)
+            factor = 1 if image.image.shape[1] == 3 else self.pipe.vae_scale_factor
+            size = tuple(factor * x for x in image.image.shape[-2:])
         plan = self.plan(
             prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size, composite
         )
