@@ -32,7 +32,15 @@ def _info(args: argparse.Namespace) -> int:
 def _store(args: argparse.Namespace):
     from lifelong_engine.store import ConceptStore
 
-    return ConceptStore(args.store)
+    return ConceptStore(args.store, files=args.files)
+
+
+def _store_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--store", required=required, default=None,
+        help="the concept store: a directory (created if missing), or a postgresql:// URL with --files",
+    )  # fmt: skip
+    p.add_argument("--files", default=None, help="with a postgresql:// --store: the shared directory of its files")
 
 
 def _concepts_list(args: argparse.Namespace) -> int:
@@ -101,7 +109,7 @@ def _add_concepts(sub) -> None:
     def action(name: str, func, help: str, namespace: str | None = "default", scoped: bool = True):
         """scoped: the command takes --namespace (default ``namespace``; None = all namespaces)."""
         p = concepts.add_parser(name, help=help)
-        p.add_argument("--store", required=True, help="the store directory")
+        _store_options(p)
         if scoped:
             p.add_argument("--namespace", default=namespace, help=f"namespace (default: {namespace or 'all'})")
         p.set_defaults(func=func)
@@ -155,73 +163,48 @@ def _add_demo(sub) -> None:
 
 # ------------------------------------------------------------------ learn / generate
 
-# Defaults per base model: TinyWorld (the shipped toy model) and a diffusers SD / SDXL checkpoint.
-_DEFAULTS = {
-    "tinyworld": {"steps": 100, "lr": 5e-3, "batch": 4, "inference_steps": 20, "guidance_scale": 4.0},
-    "diffusers": {"steps": 400, "lr": 1e-3, "batch": 1, "inference_steps": 30, "guidance_scale": 7.5},
-}
-
 
 def _defaults(args: argparse.Namespace) -> dict:
-    return _DEFAULTS["tinyworld" if args.model == "tinyworld" else "diffusers"]
+    from lifelong_engine.workflows import model_defaults
+
+    return model_defaults(args.model)
 
 
 def _pipeline(args: argparse.Namespace):
     """The LifelongPipeline over --model (with --weights for TinyWorld) on --device; with --image (and --mask),
     over the model's img2img (inpaint) pipeline."""
-    import torch
+    from lifelong_engine.workflows import load_pipeline
 
-    from lifelong_engine import LifelongPipeline
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model == "tinyworld":
-        from lifelong_engine.tinyworld.model import load_tinyworld_pipeline
-
-        pipe = load_tinyworld_pipeline(device, args.weights)
-    else:
-        from diffusers import DiffusionPipeline
-
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-            raise ValueError(f"{args.model} holds a {type(pipe).__name__}; expected a Stable Diffusion (XL) pipeline")
+    lp = load_pipeline(args.model, args.weights, args.device, progress=not args.no_progress)
     if getattr(args, "image", None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-        pipe = (AutoPipelineForInpainting if args.mask else AutoPipelineForImage2Image).from_pipe(pipe)
+        from lifelong_engine import LifelongPipeline
+
+        lp.restore()  # the editing pipeline shares the UNet and installs its own processors
+        pipe = (AutoPipelineForInpainting if args.mask else AutoPipelineForImage2Image).from_pipe(lp.pipe)
+        pipe.set_progress_bar_config(disable=args.no_progress)
+        lp = LifelongPipeline.from_pipe(pipe)
     elif getattr(args, "mask", None):
         raise ValueError("--mask needs --image (the image to inpaint)")
-    pipe.set_progress_bar_config(disable=args.no_progress)
-    return LifelongPipeline.from_pipe(pipe)
-
-
-def _load_concepts(lp, store, namespace: str, names: list[str] | None) -> list[str]:
-    """Add the store's concepts of ``namespace`` learned on this base model (or only ``names``)."""
-    return lp.load_concepts(store, namespace, names)
+    return lp
 
 
 def _learn(args: argparse.Namespace) -> int:
-    from lifelong_engine.store import ConceptStore
-    from lifelong_engine.training import ContinualTrainer
+    from lifelong_engine.workflows import learn_concept
 
-    d = _defaults(args)
     lp = _pipeline(args)
-    with ConceptStore(args.store) as store:
-        past = [n for n in _load_concepts(lp, store, args.namespace, None) if n != args.name]
-        if args.name in lp.concepts:
-            lp.remove_concept(args.name)  # learning it again makes a new version
-        trainer = ContinualTrainer(
-            lp, method=args.method, rank=args.rank, max_steps=args.steps or d["steps"],
-            learning_rate=args.lr or d["lr"], batch_size=args.batch_size or d["batch"], store=store,
-            seed=args.seed, namespace=args.namespace, progress=not args.no_progress,
+    with _store(args) as store:
+        done = learn_concept(
+            lp, store, args.name, args.images, args.class_word, args.namespace, model=args.model,
+            method=args.method, rank=args.rank, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, resume=args.resume, progress=not args.no_progress,
         )  # fmt: skip
-        adapter = trainer.learn(args.name, args.images, args.class_word, resume=args.resume)
-        stats = trainer.stats[args.name]
-        version = store.record(args.name, args.namespace).version
+    stats = done.stats
     print(
-        f"learned {adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) with "
-        f"{len(past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "
-        f"{stats.eval_loss_after:.4f}; saved as {args.namespace}/{args.name} v{version} in {args.store}"
+        f"learned {done.adapter.token} ({args.method}, {stats.steps} steps, {stats.steps_per_second:.2f} steps/s) "
+        f"with {len(done.past)} earlier concepts frozen; denoising loss {stats.eval_loss_before:.4f} -> "
+        f"{stats.eval_loss_after:.4f}; saved as {args.namespace}/{args.name} v{done.version} in {args.store}"
     )
     return 0
 
@@ -243,15 +226,15 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lifelong_engine import AttentionGuidance
-    from lifelong_engine.store import ConceptStore
+    from lifelong_engine.workflows import load_concepts
 
     d = _defaults(args)
     lp = _pipeline(args)
     names: list[str] = []
     if args.store:
         wanted = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
-        with ConceptStore(args.store) as store:
-            names = _load_concepts(lp, store, args.namespace, wanted)
+        with _store(args) as store:
+            names = load_concepts(lp, store, args.namespace, wanted)
     elif args.concepts:
         raise ValueError("--concepts needs --store")
     guidance = None
@@ -303,7 +286,7 @@ def _add_learn_generate(sub) -> None:
     p.add_argument("name", help="the concept's name; prompts call it <name>")
     p.add_argument("images", help="a folder of images (or one image file)")
     p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
-    p.add_argument("--store", required=True, help="the concept store directory (created if missing)")
+    _store_options(p)
     p.add_argument("--method", default="cidm", help="cidm (default), c-lora, lora-m, custom-diffusion, ...")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: TinyWorld 100, else 400)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TinyWorld 5e-3, else 1e-3)")
@@ -316,7 +299,7 @@ def _add_learn_generate(sub) -> None:
 
     p = sub.add_parser("generate", help="render a prompt with concepts from a store")
     p.add_argument("prompt", help='e.g. "a <my-dog> dog on a beach"')
-    p.add_argument("--store", default=None, help="the concept store directory")
+    _store_options(p, required=False)
     p.add_argument("--concepts", default=None, help="comma list (default: every concept of the namespace)")
     p.add_argument("--region", action="append", type=_region, help="'PROMPT@x0,y0,x1,y1' (repeatable)")
     p.add_argument("--alpha", type=float, default=0.7, help="regional noise mixing (1: single pass)")
@@ -350,6 +333,125 @@ def _version() -> str:
         return "unknown"
 
 
+# ------------------------------------------------------------------ the cluster (Ray)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    with _store(args):  # a store that cannot be opened fails here, in one line, before Ray starts
+        pass
+    try:
+        from lifelong_engine import cluster
+    except ImportError as e:
+        raise ValueError(f"serve needs Ray Serve: pip install 'lifelong-engine[cluster]' ({e})") from e
+    if (args.min_replicas is None) != (args.max_replicas is None):
+        raise ValueError("--min-replicas and --max-replicas go together (autoscaling between them)")
+    autoscaling = None
+    if args.min_replicas is not None:
+        autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    config = cluster.ClusterConfig(
+        store=args.store, files=args.files, model=args.model, weights=args.weights, replicas=args.replicas,
+        autoscaling=autoscaling, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+        max_batch_rows=args.max_batch_rows, max_queue=args.max_queue, multiplex=not args.no_multiplex,
+    )  # fmt: skip
+    address = None if args.address == "local" else args.address
+    print(f"serving on http://{args.host}:{args.port}/ (Ray: {args.address}); Ctrl-C stops", flush=True)
+    cluster.run(config, address=address, host=args.host, port=args.port)
+    return 0
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _submit_learn(args: argparse.Namespace) -> int:
+    import base64
+    import contextlib
+    import json
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    source = Path(args.images)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not files:
+        raise ValueError(f"{source}: no image files ({', '.join(_IMAGE_SUFFIXES)})")
+    body = {
+        "name": args.name, "class_word": args.class_word, "namespace": args.namespace, "method": args.method,
+        "steps": args.steps, "rank": args.rank, "learning_rate": args.lr, "batch_size": args.batch_size,
+        "seed": args.seed, "images": [base64.b64encode(p.read_bytes()).decode() for p in files],
+    }  # fmt: skip
+    url = args.url.rstrip("/")
+
+    def call(path: str, data: dict | None = None) -> dict:
+        payload = None if data is None else json.dumps(data).encode()
+        request = urllib.request.Request(url + path, payload, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            message = e.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                message = json.loads(message)["error"]
+            raise ValueError(f"{url}{path}: HTTP {e.code}: {message}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"{url}: cannot reach the service ({e.reason})") from None
+
+    job = call("/v1/concepts/learn", body)
+    print(f"job {job['job']} {job['state']}: learn {args.namespace}/{args.name} from {len(files)} images", flush=True)
+    if not args.wait:
+        return 0
+    state = job["state"]
+    while state not in ("done", "failed"):
+        time.sleep(2)
+        job = call(f"/v1/jobs/{job['job']}")
+        if job["state"] != state:
+            state = job["state"]
+            print(f"job {job['job']} {state}", flush=True)
+    if state == "failed":
+        print(f"error: {job['error']}", file=sys.stderr)
+        return 1
+    print(f"learned {args.namespace}/{args.name} v{job['version']} ({job['steps']} steps, {len(job['past'])} earlier "
+          f"concepts frozen)")  # fmt: skip
+    return 0
+
+
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API on Ray Serve (a local Ray instance, or join a cluster)")
+    _store_options(p)
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1; one GPU each on GPUs)")
+    p.add_argument(
+        "--address", default="local",
+        help="'local' (default: start Ray on this machine), 'auto' (the cluster this machine belongs to) or "
+        "ray://HEAD:10001",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="tinyworld", help="'tinyworld' (default) or a diffusers SD / SDXL directory")
+    p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
+    p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min- and --max-replicas")
+    p.add_argument("--max-replicas", type=int, default=None)
+    p.add_argument("--max-batch-rows", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--no-multiplex", action="store_true", help="route requests to any replica (not by namespace)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("cluster-submit-learn", help="submit a learn job to a running `serve` (prints the job id)")
+    p.add_argument("name", help="the concept's name; prompts call it <name>")
+    p.add_argument("images", help="a folder of images (or one image file)")
+    p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--method", default="cidm")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (exit 1 when it failed)")
+    p.set_defaults(func=_submit_learn)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lifelong-engine", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"lifelong-engine {_version()}")
@@ -358,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_concepts(sub)
     _add_demo(sub)
     _add_learn_generate(sub)
+    _add_cluster(sub)
     args = parser.parse_args(argv)
     from lifelong_engine.errors import LifelongError
 

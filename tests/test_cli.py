@@ -167,3 +167,39 @@ def test_cli_conventions(capsys):
             elif not action.help:
                 missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, missing
+
+
+def test_serve_refuses_a_store_it_cannot_open_before_starting_ray(tmp_path, capsys):
+    assert cli.main(["serve", "--store", "ftp://host/concepts"]) == 2
+    assert "unsupported URL scheme 'ftp'" in capsys.readouterr().err
+    assert cli.main(["serve", "--store", str(tmp_path / "s"), "--files", str(tmp_path / "f")]) == 2
+    assert "files= goes with a postgresql://" in capsys.readouterr().err
+
+
+def test_concepts_on_a_postgres_store_take_files(tmp_path, capsys):
+    """--store postgresql://… --files DIR: the CLI opens the shared store (before --files it could not)."""
+    import uuid
+
+    from test_store import POSTGRES_URL, _postgres_reachable
+
+    why = _postgres_reachable()
+    if why is not None:
+        pytest.skip(why)
+    import psycopg
+
+    schema = f"cli_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    url = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
+    try:
+        with ConceptStore(url, files=tmp_path / "files") as s:
+            s.save(make_adapter("my-dog"), namespace="alice")
+        store = ["--store", url, "--files", str(tmp_path / "files")]
+        assert cli.main(["concepts", "list", *store]) == 0
+        assert "my-dog" in capsys.readouterr().out
+        assert cli.main(["concepts", "verify", *store]) == 0
+        assert cli.main(["concepts", "list", "--store", url]) == 2  # no files directory: one line, exit 2
+        assert "needs files=" in capsys.readouterr().err
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
