@@ -111,17 +111,19 @@ def unet_forward(
     hidden: Tensor,
     added: dict | None = None,
     timestep_cond: Tensor | None = None,
+    attention_kwargs: dict | None = None,
 ) -> Tensor:
     """One UNet forward with the engine's context: the one place the pipeline, the serving engine, attention
     guidance and the trainer call the UNet. ``hidden`` (rows, T, D) is what diffusers passes as
     encoder_hidden_states (no engine processor reads it: they read the context's K/V); ``added``: SDXL's
-    added conditioning; ``timestep_cond``: the guidance-scale embedding of LCM-style UNets."""
+    added conditioning; ``timestep_cond``: the guidance-scale embedding of LCM-style UNets;
+    ``attention_kwargs``: the user's ``cross_attention_kwargs``, passed on beside the context."""
     return unet(
         sample,
         timesteps,
         encoder_hidden_states=hidden,
         timestep_cond=timestep_cond,
-        cross_attention_kwargs={CONTEXT_KWARG: context},
+        cross_attention_kwargs={**(attention_kwargs or {}), CONTEXT_KWARG: context},
         added_cond_kwargs=added,
         return_dict=False,
     )[0]

@@ -7,6 +7,12 @@ import platform
 import sys
 import time
 
+DESCRIPTION = (
+    "Lifelong customization of text-to-image diffusion models: learn personal concepts one after another "
+    "into a concept store, and generate with them (several at once, each in its own region, or editing an "
+    "image). Runs on the shipped TinyWorld model or a diffusers Stable Diffusion (XL) checkpoint."
+)
+
 
 def _info(args: argparse.Namespace) -> int:
     import torch
@@ -116,21 +122,21 @@ def _add_concepts(sub) -> None:
         "--all-versions", action="store_true", help="every version, not only the newest"
     )
     p = action("import", _concepts_import, "import a LoRA / Custom Diffusion / textual-inversion file")
-    p.add_argument("file")
-    p.add_argument("--name", required=True)
+    p.add_argument("file", help="the .safetensors / .bin file to import")
+    p.add_argument("--name", required=True, help="the concept's name in the store")
     p.add_argument("--token", default=None, help="prompt token (default <name>)")
-    p.add_argument("--class-word", default=None)
+    p.add_argument("--class-word", default=None, help="what the concept is: dog, mug, ... (optional)")
     p = action("export", _concepts_export, "export a concept as a diffusers-loadable LoRA file")
-    p.add_argument("name")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("peft", "kohya"), default="peft")
-    p.add_argument("--version", type=int, default=None)
+    p.add_argument("name", help="the concept to export")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--format", choices=("peft", "kohya"), default="peft", help="key layout (default: peft)")
+    p.add_argument("--version", type=int, default=None, help="the concept version (default: the newest)")
     action("verify", _concepts_verify, "check every file against the index", scoped=False)
     p = action("delete", _concepts_delete, "delete a concept (all versions, or one)")
-    p.add_argument("name")
-    p.add_argument("--version", type=int, default=None)
+    p.add_argument("name", help="the concept to delete")
+    p.add_argument("--version", type=int, default=None, help="only this version (default: every version)")
     action("prune", _concepts_prune, "keep only the newest versions", scoped=False).add_argument(
-        "--keep", type=int, default=1
+        "--keep", type=int, default=1, help="versions to keep per concept (default: 1)"
     )
 
 
@@ -168,10 +174,23 @@ def _defaults(args: argparse.Namespace) -> dict:
 
 
 def _pipeline(args: argparse.Namespace):
-    """The LifelongPipeline over --model (with --weights for TinyWorld) on --device."""
+    """The LifelongPipeline over --model (with --weights for TinyWorld) on --device; with --image (and --mask),
+    over the model's img2img (inpaint) pipeline."""
     from lifelong_engine.workflows import load_pipeline
 
-    return load_pipeline(args.model, args.weights, args.device, progress=not args.no_progress)
+    lp = load_pipeline(args.model, args.weights, args.device, progress=not args.no_progress)
+    if getattr(args, "image", None):
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        from lifelong_engine import LifelongPipeline
+
+        lp.restore()  # the editing pipeline shares the UNet and installs its own processors
+        pipe = (AutoPipelineForInpainting if args.mask else AutoPipelineForImage2Image).from_pipe(lp.pipe)
+        pipe.set_progress_bar_config(disable=args.no_progress)
+        lp = LifelongPipeline.from_pipe(pipe)
+    elif getattr(args, "mask", None):
+        raise ValueError("--mask needs --image (the image to inpaint)")
+    return lp
 
 
 def _learn(args: argparse.Namespace) -> int:
@@ -225,11 +244,23 @@ def _generate(args: argparse.Namespace) -> int:
     if args.attention_guidance or args.orthogonal:
         guidance = AttentionGuidance(artist=1.0 if args.attention_guidance else 0.0, orthogonal=args.orthogonal)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    editing = {}
+    if args.image:
+        import PIL.Image
+
+        editing["image"] = PIL.Image.open(args.image).convert("RGB")
+        if args.mask:
+            editing["mask_image"] = PIL.Image.open(args.mask).convert("L")
+            editing["height"], editing["width"] = editing["image"].height, editing["image"].width
+        if args.strength is not None:
+            editing["strength"] = args.strength
+    elif args.strength is not None:
+        raise ValueError("--strength needs --image (the image to start from)")
     out = lp(
         args.prompt, negative_prompt=args.negative_prompt, regions=args.region or None, alpha=args.alpha,
         num_inference_steps=args.steps or d["inference_steps"], guidance_scale=args.guidance_scale or
         d["guidance_scale"], num_images_per_prompt=args.num_images, generator=generators,
-        attention_guidance=guidance,
+        attention_guidance=guidance, **editing,
     )  # fmt: skip
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -237,8 +268,8 @@ def _generate(args: argparse.Namespace) -> int:
         [target] if len(out.images) == 1 else [target.with_stem(f"{target.stem}-{i}") for i in range(len(out.images))]
     )
     for image, path in zip(out.images, paths):
-        if args.scale > 1:
-            image = image.resize((image.width * args.scale, image.height * args.scale), resample=0)
+        if args.upscale > 1:
+            image = image.resize((image.width * args.upscale, image.height * args.upscale), resample=0)
         image.save(path)
     used = ", ".join(names) if names else "none"
     print(f"wrote {', '.join(str(p) for p in paths)} (concepts: {used})")
@@ -263,8 +294,8 @@ def _add_learn_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: TinyWorld 100, else 400)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TinyWorld 5e-3, else 1e-3)")
     p.add_argument("--batch-size", type=int, default=None, help="(default: TinyWorld 4, else 1)")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of this concept")
     _model_options(p)
     p.set_defaults(func=_learn)
@@ -275,17 +306,34 @@ def _add_learn_generate(sub) -> None:
     p.add_argument("--concepts", default=None, help="comma list (default: every concept of the namespace)")
     p.add_argument("--region", action="append", type=_region, help="'PROMPT@x0,y0,x1,y1' (repeatable)")
     p.add_argument("--alpha", type=float, default=0.7, help="regional noise mixing (1: single pass)")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="what the images should not show")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: TinyWorld 20, else 30)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: TinyWorld 4, else 7.5)")
     p.add_argument("--attention-guidance", action="store_true", help="L2DM's concept attention artist")
     p.add_argument("--orthogonal", type=float, default=0.0, help="weight of L2DM's orthogonal attention guidance")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=1, help="upscale the saved images by this factor (nearest)")
+    p.add_argument("--num-images", type=int, default=1, help="images to render (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the first image (default: 0)")
+    p.add_argument("--image", default=None, help="start from this image (img2img / SDEdit; with --mask: inpaint)")
+    p.add_argument("--mask", default=None, help="with --image: repaint where this mask image is white")
+    p.add_argument(
+        "--strength", type=float, default=None,
+        help="with --image: how far the image is noised, 0..1 (default: the diffusers pipeline's own)",
+    )  # fmt: skip
+    p.add_argument(
+        "--upscale", type=int, default=1, help="enlarge the saved images by this factor, nearest pixel (default: 1)"
+    )
     p.add_argument("--out", default="image.png", help="PNG path (several images: name-0.png, name-1.png, ...)")
     _model_options(p)
     p.set_defaults(func=_generate)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lifelong-engine")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
 
 
 # ------------------------------------------------------------------ the cluster (Ray)
@@ -379,15 +427,15 @@ def _add_cluster(sub) -> None:
         "ray://HEAD:10001",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0: every one)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--model", default="tinyworld", help="'tinyworld' (default) or a diffusers SD / SDXL directory")
     p.add_argument("--weights", default=None, help="a TinyWorld model directory (default: the shipped model)")
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default: 1)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min- and --max-replicas")
-    p.add_argument("--max-replicas", type=int, default=None)
-    p.add_argument("--max-batch-rows", type=int, default=16)
-    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (with --min-replicas)")
+    p.add_argument("--max-batch-rows", type=int, default=16, help="UNet rows per batch of a replica (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="the queue limit of a replica (default: 64)")
     p.add_argument("--no-multiplex", action="store_true", help="route requests to any replica (not by namespace)")
     p.set_defaults(func=_serve)
 
@@ -396,19 +444,20 @@ def _add_cluster(sub) -> None:
     p.add_argument("images", help="a folder of images (or one image file)")
     p.add_argument("--class-word", required=True, help="what it is: dog, mug, ...")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--method", default="cidm")
+    p.add_argument("--namespace", default="default", help="the store namespace (default: default)")
+    p.add_argument("--method", default="cidm", help="cidm (default), c-lora, lora-m, custom-diffusion, ...")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: the model's)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end (exit 1 when it failed)")
     p.set_defaults(func=_submit_learn)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lifelong-engine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lifelong-engine", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"lifelong-engine {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and op backends of this installation").set_defaults(func=_info)
     _add_concepts(sub)

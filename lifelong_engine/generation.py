@@ -22,6 +22,7 @@ A generation goes through four stages:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
@@ -29,19 +30,24 @@ from collections.abc import Sequence
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from torch import Tensor
 
 from . import checks
 from .attention import GenerationContext, ImageLora, unet_forward
 from .guidance import AttentionGuidance, GuidanceState, guide_latents, prepare_guidance
 from .pool import Library
+from .prompts import EncodedPrompts
 from .regions import Box, RegionPlan, latent_masks
 
 __all__ = [
     "Batch",
     "Conditioning",
     "DenoisingState",
+    "ImageInput",
+    "Options",
     "Plan",
+    "Text",
     "aggregate_noise",
     "condition",
     "guide",
@@ -51,12 +57,75 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Text:
+    """A prompt slot given as more than one string: SDXL's ``prompt_2`` (what the second text encoder reads
+    while the first reads ``prompt``), or ready embeddings as diffusers takes them: ``embeds`` (T, D), one
+    row of ``prompt_embeds``, used for every layer, and SDXL's ``pooled`` (Dp,)."""
+
+    prompt: str | None = None
+    prompt_2: str | None = None
+    embeds: Tensor | None = None
+    pooled: Tensor | None = None
+
+
+@dataclasses.dataclass
+class Options:
+    """diffusers' call options the core honours besides the plan, with diffusers' defaults.
+
+    clip_skip: text-encoder layers skipped for the positive texts (diffusers encodes negative prompts without
+    it); attention_kwargs: diffusers' ``cross_attention_kwargs``, passed to every UNet call; its ``scale``
+    also scales the peft LoRA layers of the text encoders and of the text K/V projections while they run, as
+    diffusers does; original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning (None: the
+    image size); the negative forms condition the unconditional rows when both negative sizes are given
+    (else the positive ones do), as in diffusers' text-to-image pipeline; aesthetic_score and its negative:
+    SDXL img2img / inpaint conditioning (set for those pipelines: their time ids follow
+    ``requires_aesthetics_score``, and negative sizes default to the positive ones)."""
+
+    clip_skip: int | None = None
+    attention_kwargs: dict | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """The image a generation starts from (diffusers' img2img / inpaint pipelines; SDEdit): image (images, 3,
+    H, W) in [-1, 1] as ``VaeImageProcessor.preprocess`` gives it, noised to the timestep ``strength`` of the
+    way in (or, SDXL, from ``denoising_start``: a refiner continuing a base run); for inpainting, mask
+    (images, 1, H, W), 1 where the image is repainted."""
+
+    image: Tensor
+    strength: float
+    denoising_start: float | None = None
+    mask: Tensor | None = None
+
+
+@dataclasses.dataclass
+class Inpaint:
+    """Inpainting state of a generation: mask (images, 1, h, w) and masked-image latents (what a 9-channel
+    inpainting UNet reads beside the latents); for a 4-channel UNet, the image latents and the noise the
+    unmasked part is re-noised with after every step."""
+
+    mask: Tensor
+    masked_latents: Tensor | None
+    image_latents: Tensor | None
+    noise: Tensor
+
+
 @dataclasses.dataclass
 class Plan:
     """The UNet rows of one generation: ``composite`` × ``passes`` × ``images``, pass-major (uncond if cfg,
     global, regions); ``composite`` > 1 (LoRA Composite): one copy of those rows per concept, concept-major.
 
-    texts: every distinct text (negatives, prompts, region prompts; None: no text, a zero embedding);
+    texts: every text (negatives, prompts, region prompts: a string, a :class:`Text`, or None: no text, a zero
+    embedding), the first ``negatives`` of each copy the negative prompts;
     row_texts: (rows, P) the text of each prompt slot of each row (slot 0: the row's global text);
     owner: (rows,) the text whose EWA weights the row uses; boxes[row]: (prompt slot, box) painted in
     order; image_texts: (images,) each image's prompt; size: (height, width) in pixels. With composite K,
@@ -75,6 +144,7 @@ class Plan:
     alpha: float
     size: tuple[int, int]
     composite: int = 1
+    negatives: int = 0
 
     @property
     def rows(self) -> int:
@@ -87,8 +157,8 @@ class Plan:
 
 
 def make_plan(
-    prompts: Sequence[str],
-    negatives: Sequence[str | None],
+    prompts: Sequence[str | Text],
+    negatives: Sequence[str | Text | None],
     regions: list[tuple[str, Box]],
     per_prompt: int,
     cfg: bool,
@@ -139,6 +209,7 @@ def make_plan(
         alpha,
         tuple(size),
         composite,
+        B,
     )
 
 
@@ -164,6 +235,78 @@ class Conditioning:
     psi: Tensor | None
     positions: list[list[list[int]]]
     eos: Tensor
+    attention_kwargs: dict | None = None
+
+
+@contextlib.contextmanager
+def lora_scale(model, scale: float | None):
+    """While active, the peft LoRA layers of the text encoders and the UNet are scaled by ``scale`` (diffusers'
+    ``cross_attention_kwargs["scale"]``, which diffusers applies to the text encoders while encoding and to
+    the UNet while it runs; the engine computes the text K/V outside the UNet call, so it scales both here)."""
+    modules = [*model.text.text_encoders, model.unet] if scale is not None and USE_PEFT_BACKEND else []
+    for module in modules:
+        scale_lora_layers(module, scale)
+    try:
+        yield
+    finally:
+        for module in modules:
+            unscale_lora_layers(module, scale)
+
+
+def _encode_texts(model, plan: Plan, library: Library, options: Options) -> EncodedPrompts:
+    """The plan's texts encoded, one entry per text: strings and :class:`Text` prompts through the text
+    encoders (the positive ones with ``clip_skip``), given embeddings used for every layer, None as zeros
+    (no words, EOS at 0)."""
+    texts, n = plan.texts, len(plan.texts)
+    per_copy = n // plan.composite
+    given = [i for i, t in enumerate(texts) if isinstance(t, Text) and t.embeds is not None]
+    groups: dict[int | None, list[int]] = {}  # clip_skip → the texts encoded with it
+    for i, t in enumerate(texts):
+        if t is not None and i not in given:
+            negative = i % per_copy < plan.negatives
+            groups.setdefault(None if negative else options.clip_skip, []).append(i)
+    parts = []
+    for clip_skip, index in groups.items():
+        first = [t.prompt if isinstance(t, Text) else t for t in (texts[i] for i in index)]
+        second = [t.prompt_2 if isinstance(t, Text) and t.prompt_2 is not None else f
+                  for t, f in zip((texts[i] for i in index), first)]  # fmt: skip
+        second = second if second != first else None
+        parts.append((index, model.encode_prompt(first, library, prompts_2=second, clip_skip=clip_skip)))
+    if given:
+        embeds = torch.stack([texts[i].embeds for i in given]).to(model.device)
+        pools = [texts[i].pooled for i in given]
+        if model.is_sdxl and any(p is None for p in pools):
+            raise ValueError("SDXL needs pooled_prompt_embeds (and negative_pooled_prompt_embeds) with prompt embeds")
+        if parts and embeds.shape[1:] != parts[0][1].per_layer.shape[2:]:
+            raise ValueError(
+                f"prompt embeds of shape {tuple(embeds.shape[1:])}; the text encoders give "
+                f"{tuple(parts[0][1].per_layer.shape[2:])} per prompt"
+            )
+        T = embeds.shape[1]
+        none = torch.zeros(len(given), T, dtype=torch.bool, device=model.device)
+        parts.append((given, EncodedPrompts(
+            embeds[:, None].expand(-1, len(model.layers), -1, -1),
+            torch.stack(pools).to(model.device) if model.is_sdxl else None,
+            none, torch.zeros(len(given), dtype=torch.long, device=model.device), none, [[] for _ in given],
+        )))  # fmt: skip
+    if not parts:
+        raise ValueError("nothing to condition on: every text of the plan is empty")
+    ref = parts[0][1]
+    per_layer = ref.per_layer.new_zeros(n, *ref.per_layer.shape[1:])
+    pooled = ref.pooled.new_zeros(n, ref.pooled.shape[-1]) if ref.pooled is not None else None
+    T = per_layer.shape[2]
+    word_mask = torch.zeros(n, T, dtype=torch.bool, device=per_layer.device)
+    concept_mask = torch.zeros_like(word_mask)
+    eos = torch.zeros(n, dtype=torch.long, device=per_layer.device)
+    positions: list[list[list[int]]] = [[] for _ in range(n)]
+    for index, enc in parts:
+        per_layer[index] = enc.per_layer.to(per_layer.dtype)
+        if pooled is not None:
+            pooled[index] = enc.pooled.to(pooled.dtype)
+        word_mask[index], concept_mask[index], eos[index] = enc.word_mask, enc.concept_mask, enc.eos
+        for j, i in enumerate(index):
+            positions[i] = enc.positions[j]
+    return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions)
 
 
 def condition(
@@ -175,27 +318,29 @@ def condition(
     norm: str | None = None,
     top_k: int | None = None,
     ewa: bool | str | None = None,
+    options: Options | None = None,
 ) -> Conditioning:
     """Encode the plan's texts, weight the library's concepts by EWA and compute every layer's text K/V
     once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once
     (:func:`~lifelong_engine.checks.adapter_ids`); the text K/V op and the denoising loop reuse them
     unchecked. A composite plan (LoRA Composite) needs one copy per concept of the library: copy k's texts
-    get concept k alone, weight 1."""
+    get concept k alone, weight 1.
+    ``options``: the diffusers call options (:class:`Options`)."""
+    options = options or Options()
+    scale = (options.attention_kwargs or {}).get("scale")
+    with lora_scale(model, scale):
+        return _condition(model, plan, library, guidance_scale, power, norm, top_k, ewa, options)
+
+
+def _condition(model, plan, library, guidance_scale, power, norm, top_k, ewa, options) -> Conditioning:
     device, dtype = model.device, model.dtype
     real = [i for i, t in enumerate(plan.texts) if t is not None]
-    encoded = model.encode_prompt([plan.texts[i] for i in real], library)
-    n, (L, T, D) = len(plan.texts), encoded.per_layer.shape[1:]
-    per_layer = encoded.per_layer.new_zeros(n, L, T, D)
-    per_layer[real] = encoded.per_layer
-    pooled = None
-    if encoded.pooled is not None:
-        pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
-        pooled[real] = encoded.pooled
-    positions: list[list[list[int]]] = [[] for _ in range(n)]
-    eos = torch.zeros(n, dtype=torch.long)
-    for j, i in enumerate(real):
-        positions[i] = encoded.positions[j]
-        eos[i] = int(encoded.eos[j])
+    every = _encode_texts(model, plan, library, options)
+    per_layer, pooled, positions, eos = every.per_layer, every.pooled, every.positions, every.eos.cpu()
+    n, L = per_layer.shape[:2]
+    encoded = EncodedPrompts(
+        per_layer[real], None, every.word_mask[real], every.eos[real], every.concept_mask[real], []
+    )
     G = len(library.adapters)
     if plan.composite > 1 and plan.composite != G:
         raise ValueError(f"a composite plan of {plan.composite} copies needs as many concepts; the library has {G}")
@@ -205,7 +350,8 @@ def condition(
         ids = ids.gather(-1, copy_of[:, None, None].expand(-1, ids.shape[1], 1))
         psi = torch.ones(ids.shape, device=device)
     else:
-        ids, psi = _concept_weights(model, encoded, [plan.texts[i] for i in real], library, power, norm, top_k, ewa)
+        texts = [t.prompt or "" if isinstance(t, Text) else t for t in (plan.texts[i] for i in real)]
+        ids, psi = _concept_weights(model, encoded, texts, library, power, norm, top_k, ewa)
     full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=device)
     full_psi = torch.zeros(n, L, ids.shape[-1], device=device)
     full_ids[real] = ids
@@ -230,7 +376,7 @@ def condition(
             {layer: full_psi[plan.owner, l].to(dtype) for l, layer in enumerate(model.layers)},
         )
     hidden = per_layer[plan.row_texts[:, 0], 0].to(dtype)
-    added = _added_cond(model, plan, pooled)
+    added = _added_cond(model, plan, pooled, options)
     timestep_cond = None
     if model.unet.config.time_cond_proj_dim is not None:
         scale = torch.tensor(guidance_scale - 1).repeat(plan.rows)
@@ -246,6 +392,7 @@ def condition(
         full_psi if G else None,
         positions,
         eos,
+        options.attention_kwargs,
     )
 
 
@@ -286,18 +433,44 @@ def _names(text: str, token: str) -> bool:
     return re.search(r"(?<![\w<>-])" + re.escape(token) + r"(?![\w<>-])", text) is not None
 
 
-def _added_cond(model, plan: Plan, pooled: Tensor | None) -> dict | None:
-    """SDXL's added conditioning of every row: the pooled text of its global text and the time ids."""
+def _added_cond(model, plan: Plan, pooled: Tensor | None, options: Options) -> dict | None:
+    """SDXL's added conditioning of every row: the pooled text of its global text and the time ids (the
+    negative ones on unconditional rows)."""
     if not model.is_sdxl:
         return None
-    height, width = plan.size
+    size = tuple(plan.size)
     projection = model.pipe.text_encoder_2.config.projection_dim
-    time_ids = model.pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=model.dtype, text_encoder_projection_dim=projection
-    )
+
+    def time_ids(original, crops, target):
+        ids = model.pipe._get_add_time_ids(
+            tuple(original or size), tuple(crops), tuple(target or size), dtype=model.dtype,
+            text_encoder_projection_dim=projection,
+        )  # fmt: skip
+        return ids.to(model.device)
+
+    if options.aesthetic_score is not None:  # the img2img / inpaint pipelines' time ids
+        original, target = options.original_size or size, options.target_size or size
+        positive, negative = model.pipe._get_add_time_ids(
+            tuple(original), tuple(options.crops_coords_top_left), tuple(target), options.aesthetic_score,
+            options.negative_aesthetic_score, tuple(options.negative_original_size or original),
+            tuple(options.negative_crops_coords_top_left), tuple(options.negative_target_size or target),
+            dtype=model.dtype, text_encoder_projection_dim=projection,
+        )  # fmt: skip
+        positive, negative = positive.to(model.device), negative.to(model.device)
+    else:
+        positive = time_ids(options.original_size, options.crops_coords_top_left, options.target_size)
+        negative = positive
+    if options.aesthetic_score is None and (
+        options.negative_original_size is not None and options.negative_target_size is not None
+    ):
+        negative = time_ids(
+            options.negative_original_size, options.negative_crops_coords_top_left, options.negative_target_size
+        )
+    rows = torch.arange(plan.rows)
+    unconditional = (rows // plan.images % plan.passes == 0) & plan.cfg
     return {
         "text_embeds": pooled[plan.row_texts[:, 0]].to(model.device, model.dtype),
-        "time_ids": time_ids.to(model.device).repeat(plan.rows, 1),
+        "time_ids": torch.where(unconditional[:, None].to(model.device), negative, positive),
     }
 
 
@@ -322,6 +495,7 @@ class DenoisingState:
     guide_state: GuidanceState | None = None
     guided: int = 0
     step: int = 0
+    inpaint: Inpaint | None = None
 
     @property
     def rows(self) -> int:
@@ -345,25 +519,84 @@ def start(
     guidance_rescale: float = 0.0,
     scheduler=None,
     attention_guidance: AttentionGuidance | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    denoising_end: float | None = None,
+    image: ImageInput | None = None,
 ) -> DenoisingState:
     """The denoising state of a conditioned plan: ``scheduler`` (default: a copy of the pipeline's) set to
-    ``num_inference_steps``, the initial latents (drawn with ``generator`` unless given), and the
-    attention-guidance state when asked for."""
+    ``num_inference_steps`` (or to custom ``timesteps`` / ``sigmas``, as diffusers' ``retrieve_timesteps``),
+    stopped at ``denoising_end`` (a fraction in (0, 1): the steps whose timestep is at least
+    ``(1 - denoising_end)`` of the training steps, as diffusers' SDXL pipelines do), the initial latents
+    (drawn with ``generator`` unless given), and the attention-guidance state when asked for. With an
+    ``image`` (:class:`ImageInput`) the steps are those diffusers' img2img / inpaint pipeline runs for its
+    ``strength`` (its ``get_timesteps``) and the latents are the image's, noised (its ``prepare_latents``);
+    that needs the pipeline's own scheduler."""
     scheduler = scheduler if scheduler is not None else copy.deepcopy(model.pipe.scheduler)
-    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, model.device)
+    timesteps, steps = retrieve_timesteps(scheduler, num_inference_steps, model.device, timesteps, sigmas)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
-    height, width = plan.size
-    latents = model.pipe.prepare_latents(
-        plan.images, model.unet.config.in_channels, height, width, model.dtype, model.device, generator, latents
-    )
+    inpaint = None
+    if image is not None:
+        if scheduler is not model.pipe.scheduler:
+            raise ValueError("a generation from an image runs on the wrapped pipeline's own scheduler")
+        begin = {"denoising_start": image.denoising_start} if _fraction(image.denoising_start) else {}
+        timesteps, steps = model.pipe.get_timesteps(steps, image.strength, model.device, **begin)
+        if steps < 1:
+            raise ValueError(
+                f"strength={image.strength!r} leaves no denoising step of {num_inference_steps}; raise strength or "
+                "num_inference_steps"
+            )
+        latents, inpaint = _image_latents(model, plan, image, timesteps, generator, latents)
+    else:
+        height, width = plan.size
+        latents = model.pipe.prepare_latents(
+            plan.images, model.unet.config.in_channels, height, width, model.dtype, model.device, generator, latents
+        )
+    if _fraction(denoising_end):
+        train_steps = scheduler.config.num_train_timesteps
+        cutoff = int(round(train_steps - denoising_end * train_steps))
+        timesteps = timesteps[: int((timesteps >= cutoff).sum())]
     extra = model.pipe.prepare_extra_step_kwargs(generator, eta)
     state = DenoisingState(plan, cond, scheduler, timesteps, latents, extra, guidance_scale, guidance_rescale)
+    state.inpaint = inpaint
     if attention_guidance is not None:
         state.guidance = attention_guidance
         state.guide_state = prepare_guidance(model, attention_guidance, plan, cond)
         state.guided = attention_guidance.guided_steps(len(timesteps))
     return state
+
+
+def _fraction(x) -> bool:
+    """diffusers' test of a usable denoising_start / denoising_end: a float strictly between 0 and 1."""
+    return isinstance(x, float) and 0 < x < 1
+
+
+def _image_latents(model, plan: Plan, image: ImageInput, timesteps: Tensor, generator, latents):
+    """(latents, Inpaint or None) of a generation from an image, made by the wrapped pipeline's own
+    ``prepare_latents`` / ``prepare_mask_latents`` in diffusers' order (so the generator draws the same)."""
+    pipe = model.pipe
+    begin = {"add_noise": image.denoising_start is None} if model.is_sdxl else {}
+    latent_timestep = timesteps[:1].repeat(plan.images)
+    source = image.image.to(model.device)
+    if image.mask is None:
+        if latents is None:
+            latents = pipe.prepare_latents(
+                source, latent_timestep, plan.images, 1, model.dtype, model.device, generator, **begin
+            )
+        return latents, None
+    four = model.unet.config.in_channels == 4
+    out = pipe.prepare_latents(
+        plan.images, pipe.vae.config.latent_channels, *plan.size, model.dtype, model.device, generator, latents,
+        image=source, timestep=latent_timestep, is_strength_max=image.strength == 1.0, return_noise=True,
+        return_image_latents=four, **begin,
+    )  # fmt: skip
+    mask = image.mask.to(model.device)
+    masked = source * (mask < 0.5)
+    mask, masked_latents = pipe.prepare_mask_latents(
+        mask, masked, plan.images, *plan.size, model.dtype, model.device, generator, False
+    )
+    return out[0], Inpaint(mask, None if four else masked_latents, out[2] if four else None, out[1])
 
 
 def guide(model, state: DenoisingState) -> None:
@@ -384,13 +617,16 @@ class Batch:
     hidden: Tensor
     added: dict | None
     timestep_cond: Tensor | None
+    attention_kwargs: dict | None = None
 
     @classmethod
     def of(cls, model, states: Sequence[DenoisingState]) -> Batch:
         if len(states) == 1:
             c = states[0].cond
-            return cls(c.context, c.hidden, c.added, c.timestep_cond)
+            return cls(c.context, c.hidden, c.added, c.timestep_cond, c.attention_kwargs)
         conds = [s.cond for s in states]
+        if any(c.attention_kwargs for c in conds):
+            raise ValueError("states with cross_attention_kwargs are denoised alone, not batched with others")
         P = max(s.plan.slots for s in states)
         kv = {}
         for layer in model.layers:
@@ -449,12 +685,17 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
         batch = Batch.of(model, states)
     inputs, timesteps = [], []
     for s in states:
-        t = s.timesteps[s.step]
-        inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * (s.plan.composite * s.plan.passes)), t))
+        t, copies = s.timesteps[s.step], s.plan.composite * s.plan.passes
+        x = s.scheduler.scale_model_input(torch.cat([s.latents] * copies), t)
+        if s.inpaint is not None and s.inpaint.masked_latents is not None:  # a 9-channel inpainting UNet
+            x = torch.cat(
+                [x, s.inpaint.mask.repeat(copies, 1, 1, 1), s.inpaint.masked_latents.repeat(copies, 1, 1, 1)], 1
+            )
+        inputs.append(x)
         timesteps.append(t.reshape(1).expand(s.rows))
     eps = unet_forward(
         model.unet, torch.cat(inputs), torch.cat(timesteps), batch.context, batch.hidden, batch.added,
-        batch.timestep_cond,
+        batch.timestep_cond, batch.attention_kwargs,
     )  # fmt: skip
     first = 0
     for s in states:
@@ -468,6 +709,11 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
                 guided = rescale_noise_cfg(guided, part[1], s.guidance_rescale)
             noise = noise + guided / plan.composite
         s.latents = s.scheduler.step(noise, s.timesteps[s.step], s.latents, **s.extra, return_dict=False)[0]
+        if s.inpaint is not None and s.inpaint.image_latents is not None:  # a 4-channel UNet: keep the unmasked part
+            kept = s.inpaint.image_latents
+            if s.step < len(s.timesteps) - 1:
+                kept = s.scheduler.add_noise(kept, s.inpaint.noise, torch.tensor([s.timesteps[s.step + 1]]))
+            s.latents = (1 - s.inpaint.mask) * kept + s.inpaint.mask * s.latents
         s.step += 1
     return batch
 

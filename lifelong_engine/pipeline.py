@@ -1,7 +1,9 @@
 """LifelongPipeline: generation with a library of concepts, EWA and regional synthesis (DESIGN §5).
 
-Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``: its tokenizers, text
-encoders, UNet, scheduler and VAE are used as they are; the engine installs its attention
+Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, or their img2img and
+inpaint pipelines (:func:`supported_pipelines`; others are refused): its tokenizers, text encoders, UNet,
+scheduler and VAE are used as they are, and a call takes the wrapped pipeline's own arguments in its
+order with its defaults (image editing: ``image``, ``strength``, ``mask_image``); the engine installs its attention
 processors (:mod:`lifelong_engine.attention`) and denoises with the generation core
 (:mod:`lifelong_engine.generation`, which the serving Engine runs too), which differs from
 diffusers' loop in these ways:
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import numbers
@@ -30,11 +33,12 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from . import checks, generation, ops
-from .attention import BaseKV, CrossAttentionProcessor, PassThroughProcessor, text_kv
+from .attention import CONTEXT_KWARG, BaseKV, CrossAttentionProcessor, PassThroughProcessor, text_kv
 from .concepts import PROJECTIONS, ConceptAdapter
 from .errors import LifelongError
 from .formats import attn2_layers
@@ -75,8 +79,7 @@ class LifelongPipeline:
     """
 
     def __init__(self, pipe, *, max_regions: int = 8, fingerprint: str | None = None):
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-            raise TypeError(f"expected a diffusers StableDiffusion(XL)Pipeline, got {type(pipe).__name__}")
+        check_supported(pipe)
         self.pipe, self.unet, self.max_regions = pipe, pipe.unet, max_regions
         self.unet_model = unwrap_unet(pipe.unet)  # the UNet2DConditionModel, under torch.compile / peft wrappers
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -105,12 +108,86 @@ class LifelongPipeline:
         self._pool: AdapterPool | None = None
         self._previous: dict | None = None
         self._installed: dict = {}
+        own = inspect.signature(type(self).__call__).parameters.values()
+        keywords = [p for p in own if p.kind is p.KEYWORD_ONLY]
+        self.__signature__ = self.signature.replace(parameters=[*self.signature.parameters.values(), *keywords])
         self.install()
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs) -> LifelongPipeline:
-        """Wrap a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
+        """Wrap a diffusers SD / SDXL text-to-image, img2img or inpaint pipeline (TypeError, naming what is not
+        supported, for any other: ControlNet, T2I adapters, a loaded IP-Adapter, other pipeline classes)."""
         return cls(pipe, **kwargs)
+
+    # ------------------------------------------------- diffusers conventions
+
+    @classmethod
+    def from_pretrained(
+        cls, path, *, concepts=None, namespace: str = "default", max_regions: int = 8, **kwargs
+    ) -> LifelongPipeline:
+        """``DiffusionPipeline.from_pretrained(path, **kwargs)`` wrapped, with the concepts of ``concepts`` (a
+        :class:`~lifelong_engine.ConceptStore` or its directory; those of ``namespace`` learned on this base
+        model) added. A directory :meth:`save_pretrained` wrote brings its own library (its ``concepts/``
+        store), used when ``concepts`` is None."""
+        from pathlib import Path
+
+        from diffusers import DiffusionPipeline
+
+        lp = cls(DiffusionPipeline.from_pretrained(path, **kwargs), max_regions=max_regions)
+        own = Path(path) / "concepts"
+        if concepts is None and own.is_dir():
+            concepts = own
+        if concepts is not None:
+            lp.load_concepts(concepts, namespace)
+        return lp
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """The wrapped pipeline (``pipe.save_pretrained(directory, **kwargs)``) and its concept library (a
+        concept store in ``directory/concepts``, namespace "default"), for :meth:`from_pretrained`."""
+        from pathlib import Path
+
+        from .store import ConceptStore
+
+        self.pipe.save_pretrained(directory, **kwargs)
+        with ConceptStore(Path(directory) / "concepts") as store:
+            for adapter in self._concepts.values():
+                store.save(adapter.to("cpu"), namespace="default")
+
+    def load_concepts(self, store, namespace: str = "default", names: Sequence[str] | None = None) -> list[str]:
+        """Add the concepts of ``namespace`` in ``store`` (a ConceptStore or its directory) learned on this base
+        model (or exactly ``names``: ValueError naming those missing). Returns the names added."""
+        from .store import ConceptStore
+
+        if not isinstance(store, ConceptStore):
+            with ConceptStore(store) as opened:
+                return self.load_concepts(opened, namespace, names)
+        records = {r.name: r for r in store.list(namespace)}
+        if names is None:
+            names = [n for n, r in records.items() if r.base_fingerprint in ("", self.fingerprint)]
+        missing = [n for n in names if n not in records]
+        if missing:
+            raise ValueError(f"no concept {missing} in namespace {namespace!r} of the store (has {sorted(records)})")
+        for name in names:
+            self.add_concept(store.load(name, namespace))
+        return list(names)
+
+    def to(self, *args, **kwargs) -> LifelongPipeline:
+        """``pipe.to(...)`` (device and/or dtype, as diffusers takes them), the concept library moved along."""
+        self.pipe.to(*args, **kwargs)
+        for name, adapter in self._concepts.items():
+            self._concepts[name] = adapter.to(self.device, self.dtype)
+            self._embeddings[name] = self._embeddings[name].to(self.device)
+        self._pool = None
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """As diffusers' (the wrapped pipeline's progress bar is the one generation shows)."""
+        self.pipe.set_progress_bar_config(**kwargs)
+
+    @property
+    def components(self) -> dict:
+        """The wrapped pipeline's components (diffusers' ``pipe.components``)."""
+        return self.pipe.components
 
     # -------------------------------------------------------------- processors
 
@@ -265,11 +342,18 @@ class LifelongPipeline:
         ids = torch.arange(len(adapters), device=self.device)
         return Library(adapters, self.pool() if adapters else None, ids)
 
-    def encode_prompt(self, prompts: str | Sequence[str], library: Library | None = None) -> EncodedPrompts:
-        """Layer-wise text embeddings ĉ^l of prompts (concept tokens resolved against the library)."""
+    def encode_prompt(
+        self,
+        prompts: str | Sequence[str],
+        library: Library | None = None,
+        prompts_2: Sequence[str] | None = None,
+        clip_skip: int | None = None,
+    ) -> EncodedPrompts:
+        """Layer-wise text embeddings ĉ^l of prompts (concept tokens resolved against the library);
+        ``prompts_2``/``clip_skip``: see :meth:`PromptEncoder.encode`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = library.tokens if library is not None else {c.token: c for c in self._concepts.values()}
-        return self.text.encode(prompts, tokens)
+        return self.text.encode(prompts, tokens, prompts_2, clip_skip)
 
     def concept_weights(
         self,
@@ -325,30 +409,23 @@ class LifelongPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
+        *args,
         regions: Sequence[tuple[str, Box]] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
         alpha: float = 0.7,
+        ewa: bool | str | None = None,
         ewa_power: float | None = None,
         ewa_norm: str | None = None,
         ewa_top_k: int | None = None,
-        ewa: bool | str | None = None,
         composition: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,
-        eta: float = 0.0,
-        guidance_rescale: float = 0.0,
-        output_type: str = "pil",
-        return_dict: bool = True,
         capture_attention: Sequence[str] = (),
         attention_guidance: AttentionGuidance | None = None,
+        **kwargs,
     ) -> LifelongPipelineOutput | tuple:
-        """Generate images; arguments as in diffusers' pipelines, plus:
+        """Generate images. ``*args`` and ``**kwargs`` are the wrapped diffusers pipeline's own arguments, in
+        its order and with its defaults (``inspect.signature(type(lp.pipe).__call__)``; e.g. SDXL's
+        ``guidance_scale`` is 5.0, SD's 7.5); see :meth:`call_arguments` for the ones the engine refuses.
+        With concepts in the library, prompts must be text (``prompt_embeds`` cannot carry concept tokens, and
+        EWA weighs concepts by the prompt's words). The engine's own arguments are keyword-only:
 
         regions: ``[(region_prompt, (x0, y0, x1, y1)), ...]``, boxes normalised to [0, 1]: queries in box u
         attend to region prompt u in every layer (a later box wins where boxes overlap), and with
@@ -372,9 +449,10 @@ class LifelongPipeline:
         Attend-and-Excite does (:mod:`lifelong_engine.guidance`); prompts without regions only.
         """
         self.check_installed()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        call = self.call_arguments(*args, **kwargs)
+        num_inference_steps, guidance_scale = call["num_inference_steps"], call["guidance_scale"]
+        height, width, num_images_per_prompt = call.get("height"), call.get("width"), call["num_images_per_prompt"]
+        eta, guidance_rescale = call["eta"], call.get("guidance_rescale", 0.0)
         regions = check_regions(regions, self.max_regions)
         if attention_guidance is not None and regions:
             raise ValueError("attention_guidance works on prompts without regions (regions already place concepts)")
@@ -392,19 +470,37 @@ class LifelongPipeline:
                 f"capture_attention: {unknown} are not attn2 layer names of this UNet; expected a list of names "
                 f"such as {self.layers[0]!r}"
             )
-        negatives = self.negatives(negative_prompt, len(prompts))
         if composition not in (None, "lora-c"):
             raise ValueError(f"composition={composition!r}: expected None (mix per ewa) or 'lora-c' (LoRA Composite)")
         if composition == "lora-c" and attention_guidance is not None:
             raise ValueError("composition='lora-c' does not support attention_guidance")
         library = self.library()
+        prompts, negatives = self.texts(call, guidance_scale > 1.0)
+        if library.adapters and any(isinstance(t, generation.Text) and t.embeds is not None
+                                    for t in (*prompts, *negatives)):  # fmt: skip
+            raise ValueError(
+                "prompt_embeds / negative_prompt_embeds cannot be used while concepts are in the library: the "
+                "engine places concept tokens and weighs concepts (EWA) by the prompt's text; pass prompt= and "
+                "negative_prompt= strings, or remove the concepts"
+            )
+        if attention_guidance is not None and any(isinstance(t, generation.Text) for t in prompts):
+            raise ValueError("attention_guidance needs plain text prompts (no prompt_embeds or prompt_2)")
+        options = self.options(call)
+        callback, tensor_inputs = self.callback(call)
         composite = max(len(library.adapters), 1) if composition == "lora-c" else 1
         size = (height or self.default_size(), width or self.default_size())
+        image = self.image_input(call, size)
+        if image is not None:  # the image's size (latents given as the image: times the VAE's scale factor)
+            factor = 1 if image.image.shape[1] == 3 else self.pipe.vae_scale_factor
+            size = tuple(factor * x for x in image.image.shape[-2:])
         plan = self.plan(
             prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size, composite
         )
-        cond = generation.condition(self, plan, library, guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
+        cond = generation.condition(
+            self, plan, library, guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa, options=options
+        )
         cond.context.capture = frozenset(capture_attention)
+        generator = call["generator"]
         state = generation.start(
             self,
             plan,
@@ -412,23 +508,32 @@ class LifelongPipeline:
             num_inference_steps,
             guidance_scale,
             generator=generator,
-            latents=latents,
+            latents=call.get("latents"),
             eta=eta,
             guidance_rescale=guidance_rescale,
             scheduler=self.pipe.scheduler,
             attention_guidance=attention_guidance,
+            timesteps=call.get("timesteps"),
+            sigmas=call.get("sigmas"),
+            denoising_end=call.get("denoising_end"),
+            image=image,
         )
         batch = None
         with self.pipe.progress_bar(total=len(state.timesteps)) as progress:
             while not state.done:
                 generation.guide(self, state)
                 batch = generation.step(self, [state], batch)
+                if callback is not None:
+                    i = state.step - 1
+                    values = {"latents": state.latents}
+                    out = callback(self, i, state.timesteps[i], {k: values[k] for k in tensor_inputs})
+                    state.latents = (out or {}).pop("latents", state.latents)
                 progress.update()
 
-        image = self.decode(state.latents, output_type, generator)
+        image = self.decode(state.latents, call["output_type"], generator)
         self.pipe.maybe_free_model_hooks()
         image_psi = cond.psi[plan.image_texts] if cond.psi is not None and composition is None else None
-        if not return_dict:
+        if not call["return_dict"]:
             return (image,)
         out = LifelongPipelineOutput(image, image_psi, list(self._concepts))
         if cond.context.capture:
@@ -436,6 +541,137 @@ class LifelongPipeline:
         if state.guide_state is not None:
             out.guidance_losses = state.guide_state.losses
         return out
+
+    # ------------------------------------------------------------ call surface
+
+    # diffusers arguments the engine refuses when given (not at their default), and why.
+    UNSUPPORTED = {
+        "ip_adapter_image": "IP-Adapter is not supported by LifelongPipeline",
+        "ip_adapter_image_embeds": "IP-Adapter is not supported by LifelongPipeline",
+        "padding_mask_crop": "not supported by LifelongPipeline (inpaint the whole image)",
+        "masked_image_latents": "not supported by LifelongPipeline (pass image and mask_image)",
+    }
+    # callback_on_step_end_tensor_inputs the engine can hand to a callback (and take back).
+    CALLBACK_TENSORS = ("latents",)
+
+    def call_arguments(self, *args, **kwargs) -> dict:
+        """The wrapped pipeline's call arguments bound as diffusers binds them (its order, its defaults);
+        TypeError for a name it does not take, ValueError for one the engine does not support."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{e} (the arguments of {type(self.pipe).__name__}, then the engine's keywords)") from None
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        for name, why in self.UNSUPPORTED.items():
+            if call.get(name) is not None:
+                raise ValueError(f"{name}: {why}")
+        return call
+
+    @property
+    def signature(self) -> inspect.Signature:
+        """The wrapped pipeline's ``__call__`` signature without ``self`` and ``**kwargs``."""
+        params = inspect.signature(type(self.pipe).__call__).parameters.values()
+        return inspect.Signature([p for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD])
+
+    def texts(self, call: dict, cfg: bool) -> tuple[list, list]:
+        """The prompts and negative prompts of a call, one per prompt (str, :class:`generation.Text` for
+        ``prompt_2`` or given embeddings, None: none), as diffusers reads ``prompt``/``prompt_2``/
+        ``prompt_embeds``/``pooled_prompt_embeds`` and their negative forms."""
+        prompt, embeds = call.get("prompt"), call.get("prompt_embeds")
+        if (prompt is None) == (embeds is None):
+            raise ValueError("pass exactly one of prompt (a string or a list of strings) and prompt_embeds")
+        if embeds is not None:
+            pooled = call.get("pooled_prompt_embeds")
+            if self.is_sdxl and pooled is None:
+                raise ValueError("prompt_embeds on SDXL needs pooled_prompt_embeds too (as diffusers requires)")
+            if not isinstance(embeds, Tensor) or embeds.ndim != 3:
+                raise ValueError(f"prompt_embeds: expected a (batch, tokens, width) tensor, got {_shape(embeds)}")
+            prompts = [generation.Text(embeds=e, pooled=pooled[b] if pooled is not None else None)
+                       for b, e in enumerate(embeds)]  # fmt: skip
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt={prompt!r:.80}: expected a string or a non-empty list of strings")
+            prompts = self._second(list(prompts), call.get("prompt_2"), "prompt_2")
+        n = len(prompts)
+        negative_embeds = call.get("negative_prompt_embeds")
+        if negative_embeds is not None:
+            pooled = call.get("negative_pooled_prompt_embeds")
+            if self.is_sdxl and pooled is None:
+                raise ValueError("negative_prompt_embeds on SDXL needs negative_pooled_prompt_embeds too")
+            if not isinstance(negative_embeds, Tensor) or negative_embeds.ndim != 3 or len(negative_embeds) != n:
+                raise ValueError(
+                    f"negative_prompt_embeds: expected a ({n}, tokens, width) tensor, got {_shape(negative_embeds)}"
+                )
+            negatives = [generation.Text(embeds=e, pooled=pooled[b] if pooled is not None else None)
+                         for b, e in enumerate(negative_embeds)]  # fmt: skip
+            return prompts, negatives
+        negative = call.get("negative_prompt")
+        negatives = self.negatives(negative, n)
+        zero = self.is_sdxl and self.pipe.config.force_zeros_for_empty_prompt
+        if cfg and self.is_sdxl and not (negative is None and zero):
+            negatives = self._second([x or "" for x in negatives], call.get("negative_prompt_2"), "negative_prompt_2")
+        return prompts, negatives
+
+    def _second(self, first: list[str], second, name: str) -> list:
+        """SDXL: the texts of the two encoders (``prompt_2 or prompt``, as diffusers); Text where they differ."""
+        if second is None or not self.is_sdxl:
+            return first
+        seconds = [second] * len(first) if isinstance(second, str) else second
+        if not isinstance(seconds, list | tuple) or len(seconds) != len(first):
+            raise ValueError(f"{name}={second!r:.80}: expected a string or a list of {len(first)} strings")
+        return [p if p == q or not q else generation.Text(p, q) for p, q in zip(first, seconds)]
+
+    def image_input(self, call: dict, size: tuple[int, int]) -> generation.ImageInput | None:
+        """The call's ``image`` (and ``mask_image``) preprocessed as the wrapped img2img / inpaint pipeline does
+        (its ``VaeImageProcessor``s), or None for a text-to-image pipeline."""
+        if "image" not in call:
+            return None
+        image, strength = call["image"], call["strength"]
+        if image is None:
+            raise ValueError(f"{type(self.pipe).__name__} needs image= (a PIL image, an array or a tensor)")
+        if not _is_real(strength) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r}: expected a number in [0, 1]")
+        if "mask_image" not in call:
+            return generation.ImageInput(
+                self.pipe.image_processor.preprocess(image), strength, call.get("denoising_start")
+            )
+        if call["mask_image"] is None:
+            raise ValueError(f"{type(self.pipe).__name__} needs mask_image= (white where the image is repainted)")
+        height, width = size
+        pixels = self.pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="default")
+        mask = self.pipe.mask_processor.preprocess(
+            call["mask_image"], height=height, width=width, resize_mode="default"
+        )
+        return generation.ImageInput(pixels.to(torch.float32), strength, call.get("denoising_start"), mask)
+
+    def options(self, call: dict) -> generation.Options:
+        """The generation core's :class:`~lifelong_engine.generation.Options` of a call, checked."""
+        kwargs = call.get("cross_attention_kwargs")
+        if kwargs is not None and (not isinstance(kwargs, dict) or CONTEXT_KWARG in kwargs):
+            raise ValueError(f"cross_attention_kwargs={kwargs!r:.80}: expected a dict without {CONTEXT_KWARG!r}")
+        clip_skip = call.get("clip_skip")
+        if clip_skip is not None and (not _is_int(clip_skip) or clip_skip < 0):
+            raise ValueError(f"clip_skip={clip_skip!r}: expected None or an integer >= 0")
+        sizes = {k: call[k] for k in generation.Options.__dataclass_fields__ if k in call and k != "clip_skip"}
+        return generation.Options(clip_skip=clip_skip, attention_kwargs=kwargs or None, **sizes)
+
+    def callback(self, call: dict):
+        """(callback_on_step_end, the tensor names it asked for), checked against what the engine provides."""
+        callback, names = call.get("callback_on_step_end"), call.get("callback_on_step_end_tensor_inputs")
+        if callback is None:
+            return None, ()
+        if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
+            names = callback.tensor_inputs
+        names = list(names or ())
+        unknown = [n for n in names if n not in self.CALLBACK_TENSORS]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: {unknown} are not provided by LifelongPipeline; it provides "
+                f"{list(self.CALLBACK_TENSORS)}"
+            )
+        return callback, names
 
     # ----------------------------------------------------------------- pieces
 
@@ -556,8 +792,48 @@ def unwrap_unet(unet):
     return unet
 
 
+def supported_pipelines() -> tuple[type, ...]:
+    """The diffusers pipeline classes LifelongPipeline drives (and their subclasses)."""
+    import diffusers as d
+
+    return (
+        d.StableDiffusionPipeline,
+        d.StableDiffusionXLPipeline,
+        d.StableDiffusionImg2ImgPipeline,
+        d.StableDiffusionXLImg2ImgPipeline,
+        d.StableDiffusionInpaintPipeline,
+        d.StableDiffusionXLInpaintPipeline,
+    )
+
+
+def check_supported(pipe) -> None:
+    """Raise TypeError unless LifelongPipeline drives ``pipe`` fully: a supported pipeline class, no ControlNet
+    or T2I adapter, no IP-Adapter loaded (their inputs would be dropped or their processors replaced)."""
+    supported = supported_pipelines()
+    names = ", ".join(c.__name__ for c in supported)
+    if not isinstance(pipe, supported):
+        raise TypeError(f"LifelongPipeline drives {names}; got {type(pipe).__name__}, which it does not support")
+    for component in ("controlnet", "adapter"):
+        if getattr(pipe, component, None) is not None:
+            raise TypeError(
+                f"{type(pipe).__name__} has a {component} ({type(getattr(pipe, component)).__name__}); "
+                "LifelongPipeline does not drive it and would generate without it; wrap the pipeline without it"
+            )
+    unet = unwrap_unet(pipe.unet)
+    ip = [name for name, p in unet.attn_processors.items() if "IPAdapter" in type(p).__name__]
+    if ip or getattr(unet, "encoder_hid_proj", None) is not None:
+        raise TypeError(
+            "the UNet has an IP-Adapter loaded (load_ip_adapter); LifelongPipeline does not support IP-Adapter and "
+            "would replace its processors; call pipe.unload_ip_adapter() before wrapping"
+        )
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _shape(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 def _is_real(x) -> bool:

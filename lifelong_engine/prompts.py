@@ -19,14 +19,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import warnings
 
 import torch
+from diffusers.utils import logging
 from torch import Tensor
 
 from .concepts import ConceptAdapter
 
 __all__ = ["EncodedPrompts", "PromptEncoder", "TOKEN_PATTERN"]
+
+# Warnings go through diffusers' logger (``diffusers.utils.logging.set_verbosity_error()`` silences them).
+logger = logging.get_logger("diffusers.lifelong_engine")
 
 # What looks like a concept token in a prompt: <name>, no spaces (CLIP's own <|...|> excluded).
 TOKEN_PATTERN = re.compile(r"<[^<>|\s]+>")
@@ -59,6 +62,7 @@ class _Tokenized:
     ids: list[int]
     concept_rows: list[tuple[int, ConceptAdapter, int]]  # (position, concept, word index)
     eos: int
+    removed: str = ""  # the text truncation removed
 
 
 class PromptEncoder:
@@ -82,7 +86,7 @@ class PromptEncoder:
     # ------------------------------------------------------------ tokenization
 
     def tokenize(self, prompt: str, concepts: dict[str, ConceptAdapter], tokenizer) -> _Tokenized:
-        """Token ids padded to the model length, truncating (with a warning) as diffusers does.
+        """Token ids padded to the model length, truncating as diffusers does (``removed``: what was cut).
 
         Concept tokens with learned rows become one placeholder position per word; tokens of concepts
         without rows stay text. Raises ValueError for a ``<token>`` no concept owns.
@@ -109,28 +113,50 @@ class PromptEncoder:
                 rows += [(len(ids) + 1 + w, piece, w) for w in range(len(piece.words))]
                 ids += [placeholder] * len(piece.words)
         limit = tokenizer.model_max_length - 2
+        removed = ""
         if len(ids) > limit:
             removed = tokenizer.decode(ids[limit:])
-            warnings.warn(
-                f"prompt truncated to {tokenizer.model_max_length} tokens; removed: {removed!r}", stacklevel=4
-            )
             ids = ids[:limit]
             rows = [r for r in rows if r[0] <= limit]
         ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
         eos = len(ids) - 1
         ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
-        return _Tokenized(ids, rows, eos)
+        return _Tokenized(ids, rows, eos, removed)
 
     # ---------------------------------------------------------------- encoding
 
-    def encode(self, prompts: list[str], concepts: dict[str, ConceptAdapter]) -> EncodedPrompts:
-        """Encode ``prompts`` for every layer; ``concepts`` maps token → concept."""
+    def encode(
+        self,
+        prompts: list[str],
+        concepts: dict[str, ConceptAdapter],
+        prompts_2: list[str] | None = None,
+        clip_skip: int | None = None,
+    ) -> EncodedPrompts:
+        """Encode ``prompts`` for every layer; ``concepts`` maps token → concept. ``prompts_2``: what the
+        second and later encoders read (SDXL's ``prompt_2``; default ``prompts``); ``clip_skip``: layers of
+        the text encoder skipped as diffusers' ``clip_skip`` does (SD: the final layer norm applied to
+        ``hidden_states[-(clip_skip + 1)]``; SDXL: ``hidden_states[-(clip_skip + 2)]``)."""
         device = self.text_encoders[0].device
-        per_encoder = [[self.tokenize(p, concepts, tok) for p in prompts] for tok in self.tokenizers]
+        if prompts_2 is not None and len(prompts_2) != len(prompts):
+            raise ValueError(f"prompts_2 has {len(prompts_2)} entries, prompts {len(prompts)}")
+        per_encoder = [
+            [self.tokenize(p, concepts, tok) for p in (prompts if e == 0 or prompts_2 is None else prompts_2)]
+            for e, tok in enumerate(self.tokenizers)
+        ]
         first = per_encoder[0]
-        # Prompts with layer-wise rows get one encoder row per layer, the others one row in all.
+        for p, prompt in enumerate(prompts):  # one warning per over-long prompt, whatever the encoders
+            if any(tokens[p].removed for tokens in per_encoder):
+                removed = next(tokens[p].removed for tokens in per_encoder if tokens[p].removed)
+                logger.warning(
+                    f"prompt truncated to {self.tokenizers[0].model_max_length} tokens; removed: {removed!r} "
+                    f"(prompt {prompt[:40]!r}...)"
+                )
+        # Prompts with layer-wise rows (in any encoder's text) get one encoder row per layer, the others one row.
         variants = [
-            self.num_layers if any(c.token_embeddings.shape[0] > 1 for _, c, _ in t.concept_rows) else 1 for t in first
+            self.num_layers
+            if any(c.token_embeddings.shape[0] > 1 for tokens in per_encoder for _, c, _ in tokens[p].concept_rows)
+            else 1
+            for p in range(len(prompts))
         ]
         row_of = torch.tensor([0, *variants]).cumsum(0).tolist()  # first encoder row of each prompt
 
@@ -145,7 +171,9 @@ class PromptEncoder:
                         for pos, c, w in t.concept_rows
                     ]
                     ids.append(t.ids)
-            out_h, out_p = self._run_encoder(encoder, torch.tensor(ids, device=device), subs, offset, self.widths[e])
+            out_h, out_p = self._run_encoder(
+                encoder, torch.tensor(ids, device=device), subs, offset, self.widths[e], clip_skip
+            )
             hidden.append(out_h)
             if out_p is not None and pooled is None:
                 pooled = out_p[row_of[:-1]]  # the layer-0 variant of each prompt
@@ -171,14 +199,22 @@ class PromptEncoder:
             concept_mask[p, [position for position, _, _ in t.concept_rows]] = True
         return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions)
 
-    def _run_encoder(self, encoder, ids: Tensor, subs: list, offset: int, width: int) -> tuple[Tensor, Tensor | None]:
+    def _run_encoder(
+        self, encoder, ids: Tensor, subs: list, offset: int, width: int, clip_skip: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         hidden, pooled = [], []
         for start in range(0, ids.shape[0], _CHUNK_ROWS):
             end = start + _CHUNK_ROWS
             chunk = [(r - start, pos, row[offset : offset + width]) for r, pos, row in subs if start <= r < end]
             with _substituted(encoder.get_input_embeddings(), chunk):
                 out = encoder(ids[start:end], output_hidden_states=True)
-            hidden.append(out.hidden_states[-2] if self.hidden == "penultimate" else out[0])
+            if self.hidden == "penultimate":
+                hidden.append(out.hidden_states[-((clip_skip or 0) + 2)])
+            elif clip_skip:
+                norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers < 5 nests it
+                hidden.append(norm(out.hidden_states[-(clip_skip + 1)]))
+            else:
+                hidden.append(out[0])
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
                 pooled.append(out[0])
         return torch.cat(hidden), torch.cat(pooled) if pooled else None

@@ -69,7 +69,7 @@ def test_learn_then_generate(tinyworld, tmp_path, capsys):
 
     image = tmp_path / "img" / "a.png"
     args = ["generate", "a <badge> circle and a <flag> square", "--store", store, "--steps", "2", "--num-images", "2",
-            "--scale", "2", "--out", str(image), "--attention-guidance", "--orthogonal", "1", *common]  # fmt: skip
+            "--upscale", "2", "--out", str(image), "--attention-guidance", "--orthogonal", "1", *common]  # fmt: skip
     assert cli.main(args) == 0
     assert "concepts: badge, flag" in capsys.readouterr().out
     for i in range(2):
@@ -115,6 +115,58 @@ def test_errors_are_printed_on_one_line(tmp_path, capsys, monkeypatch, error):
     assert cli.main(["concepts", "list", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and err.strip() != "error:", err
+
+
+def test_generate_from_an_image_and_with_a_mask(tinyworld, tmp_path, capsys):
+    """``generate --image IN [--mask M] --strength S`` (before: no such options)."""
+    common = ["--weights", str(tinyworld / "weights"), "--device", "cpu", "--no-progress", "--steps", "4"]
+    source = tinyworld / "tw-badge" / "0.png"
+    mask = tmp_path / "mask.png"
+    box = Image.new("L", (32, 32))
+    box.paste(255, (8, 8, 24, 24))
+    box.save(mask)
+    out = tmp_path / "edit.png"
+    assert cli.main(["generate", "a blue square", "--image", str(source), "--strength", "0.5", "--out", str(out),
+                     *common]) == 0  # fmt: skip
+    assert Image.open(out).size == (32, 32)
+    inpainted = tmp_path / "inpaint.png"
+    assert cli.main(["generate", "a blue square", "--image", str(source), "--mask", str(mask), "--out",
+                     str(inpainted), *common]) == 0  # fmt: skip
+    assert Image.open(inpainted).size == (32, 32)  # (kept pixels: test_dropin_image; this VAE is untrained)
+    assert cli.main(["generate", "a", "--mask", str(mask), *common]) == 2
+    assert "--mask needs --image" in capsys.readouterr().err
+
+
+def test_cli_conventions(capsys):
+    """``--version``; help text on every argument; no docstring markup in the description (before: none of it)."""
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("lifelong-engine ")
+    import argparse
+
+    parsers, missing = [], []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["info"])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    stack = list(parsers)
+    while stack:
+        parser = stack.pop()
+        assert "``" not in (parser.description or "")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack += list(action.choices.values())
+            elif not action.help:
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
 
 
 def test_serve_refuses_a_store_it_cannot_open_before_starting_ray(tmp_path, capsys):

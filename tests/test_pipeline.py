@@ -315,12 +315,26 @@ def test_bad_concepts_are_refused(sd, sdxl):
         lp.remove_concept("a5")
 
 
-def test_over_long_prompts_truncate_with_a_warning(sd):
-    lp = LifelongPipeline.from_pipe(sd)
-    lp.add_concept(concept_for_unet(sd.unet, "dog1", text_width(lp)))
-    with pytest.warns(UserWarning, match="truncated"):
+def test_over_long_prompts_truncate_with_one_warning_through_diffusers_logger(sd, sdxl):
+    """Before: a Python UserWarning per text encoder (two for SDXL), outside diffusers' logging."""
+    import logging
+
+    from lifelong_engine.prompts import logger
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        lp = LifelongPipeline.from_pipe(sd)
+        lp.add_concept(concept_for_unet(sd.unet, "dog1", text_width(lp)))
         enc = lp.encode_prompt("abc " * 30 + "<dog1>")
-    assert enc.eos[0] == 76 and not enc.concept_mask.any()
+        assert enc.eos[0] == 76 and not enc.concept_mask.any()
+        assert len(seen) == 1 and "truncated" in seen[0]
+        LifelongPipeline.from_pipe(sdxl).encode_prompt("abc " * 30)
+        assert len(seen) == 2  # SDXL's two tokenizers: still one warning
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_attention_maps_of_chosen_layers(sd):
