@@ -616,6 +616,22 @@ def _sample_grid(pipe, evaluator, config: TrainConfig, device) -> dict:
     return {"prompts": len(scenes), "guidance_scale": 4.0, "steps": 30, "attribute_accuracy": accuracy}
 
 
+def _finished_evaluator(directory: Path, recorded: dict, device):
+    """The evaluator a previous call of this run already trained into ``directory`` (same steps,
+    batch and seed, this evaluator version), or None."""
+    from .evaluator import EVALUATOR_VERSION, Evaluator
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    training = config.get("training", {})
+    if config.get("version") != EVALUATOR_VERSION or any(training.get(k) != v for k, v in recorded.items()):
+        return None
+    print(f"[train_base] evaluator already trained in {directory}; reusing it")
+    return Evaluator.load(directory, device)
+
+
 def train(config: TrainConfig) -> dict:
     """Run (or resume) the whole training; returns the stats also written to ``training_stats.json``.
     Raises nothing on an early stop (``stop_after_*``): the stats then have ``"finished": False``."""
@@ -647,19 +663,24 @@ def train(config: TrainConfig) -> dict:
         return {"finished": False, "phase": run.state["phase"], "step": run.state["step"]}
 
     started = time.perf_counter()
-    evaluator = train_evaluator(
-        steps["evaluator"], config.evaluator_batch, config.seed, run.device, progress=config.progress
-    )
+    recorded = {"steps": steps["evaluator"], "batch": config.evaluator_batch, "seed": config.seed}
+    evaluator = _finished_evaluator(config.out / "evaluator", recorded, run.device)
+    if evaluator is None:
+        evaluator = train_evaluator(
+            steps["evaluator"], config.evaluator_batch, config.seed, run.device, progress=config.progress
+        )
+        evaluator.save(config.out / "evaluator", extra={"training": recorded})  # kept if a later step fails
     stats["evaluator"] = {
-        "steps": steps["evaluator"],
-        "batch": config.evaluator_batch,
+        **recorded,
         "seconds": round(time.perf_counter() - started, 1),
         "held_out_accuracy": held_out_accuracy(evaluator, n=200 if steps["evaluator"] < 50 else 1000),
         "identity_accuracy": identity_accuracy(evaluator, per_class=5 if steps["evaluator"] < 50 else 40),
         "identity_alignment": identity_separation(evaluator),
     }
 
-    run.components["unet"].set_default_attn_processor()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    run.components["unet"].set_attn_processor(AttnProcessor2_0())  # diffusers' own again, as loading gives
     pipe = build_pipeline(run.components)
     for phase in ("autoencoder", "diffusion"):
         if phase not in stats:  # started from other weights (init_from): no autoencoder phase
