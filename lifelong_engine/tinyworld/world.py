@@ -8,8 +8,9 @@ split and an emblem, so every scene has one caption::
     a large red square on the left and a small blue dotted star on the right on a white background
     a large teal and orange vertically split circle with a white cross at the top left on a gray background
 
-An object may stand up to 3 pixels (at 32×32) off its named position (``offset``), so that objects
-fill the image finely enough for any box a user draws.
+An object may stand up to 3 pixels (at 32×32) off its named position (``offset``; near the border
+it may then be cut by the image edge by up to 3 pixels), so that objects fill the image finely
+enough for any box a user draws.
 
 Images are 32×32 RGB by default (a tiny diffusion model is trained on them on a CPU). Rendering
 supersamples 4×4 per pixel and averages in integer arithmetic; geometry uses only + − × ÷ and
@@ -537,7 +538,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     background = _pick(rng, BACKGROUNDS)
     r = rng.random()
     if r < THREE_OBJECT_PROBABILITY:
-        positions = tuple(_pick(rng, _TRIPLES)[i] for i in rng.permutation(3))
+        triple = _pick(rng, _TRIPLES)
+        positions = tuple(triple[i] for i in rng.permutation(3))
     elif r < THREE_OBJECT_PROBABILITY + TWO_OBJECT_PROBABILITY:
         positions = _pick(rng, _PAIRS)
         if rng.random() < 0.5:
