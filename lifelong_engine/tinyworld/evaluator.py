@@ -29,8 +29,8 @@ Metrics (:class:`Evaluator`):
   both of the concept's colours cover at least :data:`MIN_COLOUR_PIXELS` pixels of the region
   (within RGB distance :data:`COLOUR_TOLERANCE`), a check independent of the network.
 - ``object_presence``: the same for a generic object (which object is in which box): the largest
-  P(object) · P(shape) · P(colour) (· P(accent) for a two-colour one) over the slots inside the box,
-  or over the whole image when no box is given.
+  P(object) over the slots inside the box (or the whole image when no box is given) whose most
+  likely shape and colour (and accent, for a two-colour one) are the object's.
 """
 
 from __future__ import annotations
@@ -447,9 +447,9 @@ class Evaluator:
         return float(scores.max())
 
     def object_scores(self, image, obj: ObjectSpec, box: Sequence[float] | None = None) -> Tensor:
-        """(9,) per slot: P(object) · P(shape) · P(colour) (· P(accent), two-colour; · P(identity),
-        a personal concept) for an object like ``obj`` (not its position) in one image; with a box,
-        read as :meth:`presence` does and 0 at slots outside it."""
+        """(9,) per slot: P(object) where the slot's most likely shape and colour (and accent, two-colour;
+        identity, a personal concept) are ``obj``'s, else 0 — for an object like ``obj`` (not its
+        position) in one image; with a box, read as :meth:`presence` does and 0 at slots outside it."""
         pred, inside = self._slot_scores(image, box)
         labels = _labels(obj)
         scores = pred.presence[0].clone()
@@ -457,7 +457,8 @@ class Evaluator:
         if concept_of(obj) is not None:
             names.append("identity")
         for name in names:
-            scores = scores * pred.attributes[name][0, :, ATTRIBUTE_CLASSES[name].index(labels[name])]
+            right = pred.attributes[name][0].argmax(-1) == ATTRIBUTE_CLASSES[name].index(labels[name])
+            scores = scores * right.to(scores.dtype)
         outside = [i for i in range(len(SLOTS)) if i not in inside]
         scores[outside] = 0.0
         return scores.cpu()
