@@ -205,6 +205,19 @@ def _ours(op: Callable, *args, ctx: Context) -> Prepared:
     return Prepared(call, interpreted=ctx.interpreted)
 
 
+def _cpu(op: Callable, *args, ctx: Context) -> Prepared:
+    """The public op under use_backend("torch"), the fast plain-PyTorch CPU backend (validation +
+    dispatch + implementation)."""
+    if ctx.device.type != "cpu":
+        raise Skip("the torch backend runs CPU tensors")
+
+    def call():
+        with ops.use_backend("torch"):
+            return op(*args)
+
+    return Prepared(call)
+
+
 def _launcher(module: str, name: str, ctx: Context) -> Callable:
     """lifelong_engine.kernels.<module>.<name>, or Skip when it cannot run here or does not exist."""
     ctx.require_triton()
@@ -269,6 +282,10 @@ def _regional_args(i: dict) -> tuple:
 
 def _p_ours(i, ctx):
     return _ours(ops.regional_cross_attention, *_regional_args(i), ctx=ctx)
+
+
+def _p_cpu(i, ctx):
+    return _cpu(ops.regional_cross_attention, *_regional_args(i), ctx=ctx)
 
 
 def _p_kernel(i, ctx):
@@ -384,6 +401,7 @@ def _p_xformers(i, ctx):
 
 REGIONAL_PROVIDERS = [
     Provider("ours", _p_ours),
+    Provider("ours_cpu", _p_cpu),
     Provider("ours_kernel", _p_kernel),
     Provider("reference", _p_reference),
     Provider("compile", _p_compile),
@@ -547,6 +565,10 @@ def _l_ours(i, ctx):
     return _ours(ops.lora_kv_projection, *_lora_args(i), ctx=ctx)
 
 
+def _l_cpu(i, ctx):
+    return _cpu(ops.lora_kv_projection, *_lora_args(i), ctx=ctx)
+
+
 def _l_kernel(i, ctx):
     return _kernel("lora_kv", "lora_kv_projection", *_lora_args(i), ctx=ctx)
 
@@ -566,6 +588,7 @@ def _l_peft(i, ctx):
 
 LORA_PROVIDERS = [
     Provider("ours", _l_ours),
+    Provider("ours_cpu", _l_cpu),
     Provider("ours_kernel", _l_kernel),
     Provider("reference", _l_reference),
     Provider("compile", _l_compile),
@@ -803,6 +826,10 @@ def _m_ours(i, ctx):
     return _ours(ops.ewa_merge, i["psi"], i["a"], i["b"], i["scale"], ctx=ctx)
 
 
+def _m_cpu(i, ctx):
+    return _cpu(ops.ewa_merge, i["psi"], i["a"], i["b"], i["scale"], ctx=ctx)
+
+
 def _m_kernel(i, ctx):
     return _kernel("ewa", "ewa_merge", i["psi"], i["a"], i["b"], i["scale"], ctx=ctx)
 
@@ -817,6 +844,7 @@ def _m_loop(i, ctx):
 
 EWA_MERGE_PROVIDERS = [
     Provider("ours", _m_ours),
+    Provider("ours_cpu", _m_cpu),
     Provider("ours_kernel", _m_kernel),
     Provider("reference", _m_reference),
     Provider("loop", _m_loop),

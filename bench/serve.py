@@ -113,7 +113,7 @@ def run_engine(lp, store, requests, max_batch_rows: int) -> dict:
         "latencies": [r.timings["total"] for r in results],
         "switch_ms": switch_resident,
         "switch_note": "acquire + release of a resident concept (store and host-cache loads happen at admission)",
-        "bytes_per_concept_device": cache.slot_bytes,
+        "bytes_per_concept_device": cache.entry_bytes,
         "bytes_per_concept_host": per_concept,
     }
 

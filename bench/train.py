@@ -1,11 +1,12 @@
 """Training benchmark: steps/s and peak memory of learning one concept, the engine's ContinualTrainer
 against a plain diffusers + peft LoRA training loop with the same settings, side by side in one run.
 
-    python bench/train.py [--quick] [--model sd15|tiny] [--batch 1,4] [--steps 20] [--device cuda] [--dtype bf16]
-                          [--autocast] [--providers peft,peft+ti,engine:cidm,...] [--out DIR]
+    python bench/train.py [--quick] [--model sd15|tiny|tinyworld] [--batch 1,4] [--steps 20] [--device cuda]
+                          [--dtype bf16] [--autocast] [--providers peft,peft+ti,engine:cidm,...] [--out DIR]
 
 The model is the SD-1.5 architecture (UNet, CLIP ViT-L/14 text encoder, VAE) built from its
-configs with random weights (no download); ``--quick`` and ``--model tiny`` use a tiny one.
+configs with random weights (no download); ``--quick`` and ``--model tiny`` use a tiny one,
+``--model tinyworld`` TinyWorld's architecture (random weights, 32 px).
 Every provider trains rank-r LoRA (--rank, 4) on to_k / to_v of every attn2 layer (16 in SD-1.5) on the same
 instance images (encoded once by the VAE before timing, a latent sampled per step), with AdamW,
 the same learning rate, batch and noise schedule, on a freshly built copy of the same weights.
@@ -69,6 +70,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from lifelong_engine import LifelongPipeline, ops  # noqa: E402
+from lifelong_engine.tinyworld import model as tinyworld_model  # noqa: E402
 from lifelong_engine.tinyworld.tokenizer import build_tokenizer  # noqa: E402
 from lifelong_engine.training.trainer import METHODS, ContinualTrainer  # noqa: E402
 
@@ -185,9 +187,21 @@ class ModelSpec:
         return self.vae_factor * 2 ** (len(self.unet["block_out_channels"]) - 1)
 
 
+def _without_sample_size(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "sample_size"}
+
+
 MODELS = {
     "sd15": ModelSpec("sd15", SD15_UNET, SD15_TEXT, SD15_VAE, 512),
     "tiny": ModelSpec("tiny", TINY_UNET, TINY_TEXT, TINY_VAE, 32),
+    # TinyWorld's architecture (lifelong_engine.tinyworld.model), random weights: 10 attn2 layers, 32 px.
+    "tinyworld": ModelSpec(
+        "tinyworld",
+        _without_sample_size(tinyworld_model.UNET_CONFIG),
+        tinyworld_model.TEXT_ENCODER_CONFIG,
+        _without_sample_size(tinyworld_model.VAE_CONFIG),
+        tinyworld_model.IMAGE_SIZE,
+    ),
 }
 
 
@@ -678,7 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of LoRA and token rows")
     parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help="comma list (see the docstring)")
-    parser.add_argument("--backend", default="auto", help="engine ops backend: auto|triton|cuda|reference")
+    parser.add_argument("--backend", default="auto", help="engine ops backend: auto|triton|cuda|torch|reference")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument(

@@ -5,7 +5,8 @@ ewa_weights, two launches for any B, L, G:
      tokens of one (sample, layer); the dot products, the token norms and the concept norms
      accumulate in the same pass over D, so every input byte is read once per tile.
        M[b,l,g] = max_{t: mask[b,t]} (x_t·e_g) / (max(‖x_t‖, ε)·max(‖e_g‖, ε))
-  2. ``_pow_normalize_kernel``, grid (B·L,): ψ[b,l,:] = M^p / max(‖M^p‖, ε), ‖·‖ L2 or L1.
+  2. ``_pow_normalize_kernel``, grid (B·L,): ψ[b,l,:] = M⁺^p / max(‖M⁺^p‖, ε), M⁺ = max(M, 0),
+     ‖·‖ L2 or L1.
 ewa_merge, one launch: for each sample a GEMM with K = G·r whose left operand is scaled on
 the fly, delta[b] = (B_cat·diag(ψ_b ⊗ 1_r)·scale)·A_cat, B_cat = [b_1 … b_G] (Dout × G·r),
 A_cat = [a_1; …; a_G] (G·r × Din). Bandwidth-bound: a and b are read once per output tile
@@ -27,8 +28,6 @@ __all__ = ["ewa_weights", "ewa_weights_backward", "ewa_merge", "ewa_merge_backwa
 
 _EPS = reference.NORM_EPS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Power modes of _pow_normalize_kernel: how the sign of a negative similarity enters M^p.
-_POW_EVEN, _POW_ODD, _POW_REAL = 0, 1, 2
 
 
 @triton.jit
@@ -98,24 +97,16 @@ def _cos_max_kernel(
 
 
 @triton.jit
-def _pow_normalize_kernel(
-    m_ptr, psi_ptr, G, power, eps, POW_MODE: tl.constexpr, L1: tl.constexpr, BLOCK_G: tl.constexpr
-):
-    """ψ[row, :] = M^p / max(‖M^p‖, eps) for one (sample, layer) row; M^p is staged in m_ptr.
-    M^p = |M|^p = 2^(p·log2|M|), times sign(M) for odd integer p, NaN for M < 0 and real p
-    (as torch.pow)."""
+def _pow_normalize_kernel(m_ptr, psi_ptr, G, power, eps, L1: tl.constexpr, BLOCK_G: tl.constexpr):
+    """ψ[row, :] = M⁺^p / max(‖M⁺^p‖, eps) for one (sample, layer) row; M⁺^p is staged in m_ptr.
+    M⁺^p = 2^(p·log2 M) for M ≥ 0 (0 at M = 0), 0 for M < 0, NaN for a NaN M."""
     row = tl.program_id(0).to(tl.int64)
     total = tl.zeros((BLOCK_G,), tl.float32)
     for g0 in range(0, G, BLOCK_G):
         offs = g0 + tl.arange(0, BLOCK_G)
         ok = offs < G
         m = tl.load(m_ptr + row * G + offs, mask=ok, other=0.0)
-        mp = tl.exp2(power * tl.log2(tl.abs(m)))
-        if POW_MODE == 1:
-            mp = tl.where(m < 0, -mp, mp)
-        if POW_MODE == 2:
-            mp = tl.where(m < 0, float("nan"), mp)
-        mp = tl.where(ok, mp, 0.0)
+        mp = tl.where(m < 0, 0.0, tl.where(ok, tl.exp2(power * tl.log2(tl.where(m < 0, 1.0, m))), 0.0))
         tl.store(m_ptr + row * G + offs, mp, mask=ok)
         if L1:
             total += tl.abs(mp)
@@ -185,12 +176,6 @@ def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     return min(p, hi) if hi else p
 
 
-def _pow_mode(power: float) -> int:
-    if float(power).is_integer():
-        return _POW_ODD if int(power) % 2 else _POW_EVEN
-    return _POW_REAL
-
-
 def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
     """psi (B, L, G) in prompt's dtype; same semantics as reference.ewa_weights."""
     bsz, layers, t_len, dim = prompt.shape
@@ -232,7 +217,6 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         n_concepts,
         float(power),
         _EPS,
-        POW_MODE=_pow_mode(power),
         L1=norm == "l1",
         BLOCK_G=_pow2(n_concepts, hi=1024),
     )

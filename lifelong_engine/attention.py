@@ -18,7 +18,6 @@ the cross-attention processor computes ordinary attention like diffusers' ``Attn
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,61 +25,36 @@ from torch import Tensor
 
 from . import ops, reference
 from .pool import AdapterPool
+from .regions import RegionPlan
 
-__all__ = ["CrossAttentionProcessor", "PassThroughProcessor", "GenerationContext", "RegionPlan", "box_mask"]
+__all__ = [
+    "CONTEXT_KWARG",
+    "CrossAttentionProcessor",
+    "GenerationContext",
+    "ImageLora",
+    "PassThroughProcessor",
+    "layer_kv",
+    "unet_forward",
+]
 
 CONTEXT_KWARG = "lifelong_context"
 
 
-def box_mask(box: tuple[float, float, float, float], height: int, width: int, device=None) -> Tensor:
-    """(height, width) bool: cells whose centre lies in the normalised box (x0, y0, x1, y1).
-    A box smaller than one cell still marks the cell holding its centre."""
-    x0, y0, x1, y1 = box
-    ys = (torch.arange(height, device=device) + 0.5) / height
-    xs = (torch.arange(width, device=device) + 0.5) / width
-    mask = ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
-    if not mask.any():
-        mask[min(int((y0 + y1) / 2 * height), height - 1), min(int((x0 + x1) / 2 * width), width - 1)] = True
-    return mask
-
-
-def layer_size(latent_size: tuple[int, int], n_queries: int) -> tuple[int, int]:
-    """(h, w) of a UNet layer with n_queries cells: the latent size divided by 2^k, rounded up."""
-    h, w = latent_size
-    for k in range(12):
-        hl, wl = math.ceil(h / 2**k), math.ceil(w / 2**k)
-        if hl * wl == n_queries:
-            return hl, wl
-    raise ValueError(f"no layer resolution of latents {h}x{w} has {n_queries} cells")
-
-
 @dataclasses.dataclass
-class RegionPlan:
-    """Which prompt slot each image query reads, per UNet row.
+class ImageLora:
+    """Concepts applied to the image side (to_q / to_out.0 LoRA) at every step: the pool they are in and,
+    per layer, each UNet row's pool ids and weights (layer → (rows, S)), checked when the plan was built."""
 
-    paint[row] lists (slot, box) in painting order: cells in box get that slot, later boxes win;
-    cells in no box read slot 0 (the row's global prompt). latent_size: (h, w) of the latents.
-    """
+    pool: AdapterPool
+    ids: dict[str, Tensor]
+    weights: dict[str, Tensor]
 
-    paint: list[list[tuple[int, tuple[float, float, float, float]]]]
-    latent_size: tuple[int, int]
-    device: torch.device | None = None
-    _cache: dict[int, Tensor] = dataclasses.field(default_factory=dict)
-
-    def layer_size(self, n_queries: int) -> tuple[int, int]:
-        return layer_size(self.latent_size, n_queries)
-
-    def region_ids(self, n_queries: int) -> Tensor:
-        """(rows, n_queries) int32 slot per query at the layer with n_queries cells (cached)."""
-        ids = self._cache.get(n_queries)
-        if ids is None:
-            h, w = self.layer_size(n_queries)
-            ids = torch.zeros(len(self.paint), h, w, dtype=torch.int32, device=self.device)
-            for row, ops_ in enumerate(self.paint):
-                for slot, box in ops_:
-                    ids[row][box_mask(box, h, w, self.device)] = slot
-            ids = self._cache[n_queries] = ids.flatten(1)
-        return ids
+    def term(self, layer: str, proj: str, x: Tensor) -> Tensor | None:
+        """The LoRA term of one projection for x (rows, N, Din), or None when the pool has none."""
+        ab = self.pool.get(layer, proj)
+        if ab is None:
+            return None
+        return ops.lora_term_trusted(x, *ab, self.ids[layer], self.weights[layer])
 
 
 @dataclasses.dataclass
@@ -88,17 +62,14 @@ class GenerationContext:
     """Per-generation state the cross-attention processors read.
 
     kv: layer → (k, v), each (rows, P, H, T, d): the text K/V of every prompt slot of every UNet row;
-    regions: the region plan (None: every query reads slot 0);
-    pool, row_ids, row_weights: concepts applied to the image side (to_q / to_out.0 LoRA), per layer
-    (row_ids/row_weights: layer → (rows, S)); capture: layers whose attention maps to keep in ``maps``
-    (layer → (rows, N, T) probabilities over the keys of each query's slot, averaged over heads).
+    regions: the region plan (None: every query reads slot 0); image_lora: concepts applied to the
+    image side, or None; capture: layers whose attention maps to keep in ``maps`` (layer → (rows, N, T)
+    probabilities over the keys of each query's slot, averaged over heads).
     """
 
     kv: dict[str, tuple[Tensor, Tensor]]
     regions: RegionPlan | None = None
-    pool: AdapterPool | None = None
-    row_ids: dict[str, Tensor] = dataclasses.field(default_factory=dict)
-    row_weights: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    image_lora: ImageLora | None = None
     capture: frozenset[str] = frozenset()
     maps: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     _zeros: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
@@ -118,10 +89,40 @@ class GenerationContext:
 
     def lora(self, layer: str, proj: str, x: Tensor) -> Tensor | None:
         """The image-side LoRA term of one projection for x (rows, N, Din), or None."""
-        ab = self.pool.get(layer, proj) if self.pool is not None else None
-        if ab is None or layer not in self.row_ids:
-            return None
-        return reference.lora_term(x, *ab, self.row_ids[layer], self.row_weights[layer])
+        return self.image_lora.term(layer, proj, x) if self.image_lora is not None else None
+
+    def rows_of(self, rows: Tensor) -> GenerationContext:
+        """The context of a subset of the UNet rows (no regions: the subset reads slot 0)."""
+        lora = self.image_lora
+        if lora is not None:
+            lora = ImageLora(
+                lora.pool, {k: v[rows] for k, v in lora.ids.items()}, {k: v[rows] for k, v in lora.weights.items()}
+            )
+        return GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}, None, lora)
+
+
+def unet_forward(
+    unet,
+    sample: Tensor,
+    timesteps: Tensor,
+    context: GenerationContext,
+    hidden: Tensor,
+    added: dict | None = None,
+    timestep_cond: Tensor | None = None,
+) -> Tensor:
+    """One UNet forward with the engine's context: the one place the pipeline, the serving engine, attention
+    guidance and the trainer call the UNet. ``hidden`` (rows, T, D) is what diffusers passes as
+    encoder_hidden_states (no engine processor reads it: they read the context's K/V); ``added``: SDXL's
+    added conditioning; ``timestep_cond``: the guidance-scale embedding of LCM-style UNets."""
+    return unet(
+        sample,
+        timesteps,
+        encoder_hidden_states=hidden,
+        timestep_cond=timestep_cond,
+        cross_attention_kwargs={CONTEXT_KWARG: context},
+        added_cond_kwargs=added,
+        return_dict=False,
+    )[0]
 
 
 class CrossAttentionProcessor:
@@ -168,7 +169,7 @@ class CrossAttentionProcessor:
                 query = attn.norm_q(query)
             region_ids = ctx.region_ids(n_queries, query.device)
             k, v = k.to(query.dtype), v.to(query.dtype)
-            out = ops.regional_cross_attention(query, k, v, region_ids, None, attn.scale)
+            out = ops.regional_cross_attention_trusted(query, k, v, region_ids, None, attn.scale)
             if self.layer in ctx.capture:
                 probs = reference._regional_scores(query, k, region_ids, None, attn.scale).softmax(-1)
                 ctx.maps[self.layer] = probs.mean(1)

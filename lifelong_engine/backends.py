@@ -5,12 +5,17 @@ signature (see :mod:`lifelong_engine.reference`), plus a ``why_not`` predicate t
 why it cannot run given inputs (wrong device, dtype it does not support, ...) or returns
 None when it can.
 
+A ``*_backward`` implementation whose function has the attribute ``takes_needs = True`` is
+also given ``needs=`` (one bool per gradient it returns) and skips the gradients not needed. A
+forward implementation with ``differentiable = True`` is built from differentiable PyTorch ops:
+the trusted hot-path entries of :mod:`lifelong_engine.ops` may run it under autograd directly.
+
 The requested backend is, in order: the innermost :func:`use_backend` context, else the
 ``LIFELONG_BACKEND`` environment variable, else ``auto``. ``auto`` takes the first backend
-of ``cuda → triton → reference`` that can run the inputs on their device (the reference
-always can, and is the only one ``auto`` uses for CPU tensors); an
-explicitly requested backend that cannot run them raises :class:`BackendUnavailableError`
-with the reason.
+of ``cuda → triton → torch → reference`` that can run the inputs on their device (the
+reference always can; for CPU tensors ``auto`` uses ``torch``, the fast plain-PyTorch one of
+:mod:`lifelong_engine.torch_backend`); an explicitly requested backend that cannot run them
+raises :class:`BackendUnavailableError` with the reason.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ __all__ = [
     "use_backend",
 ]
 
-BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
-_AUTO_ORDER = ("cuda", "triton", "reference")  # fastest first
+BACKEND_NAMES = ("auto", "triton", "cuda", "torch", "reference")
+_AUTO_ORDER = ("cuda", "triton", "torch", "reference")  # fastest first
 ENV_VAR = "LIFELONG_BACKEND"
 
 
@@ -92,7 +97,7 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the fused ops inside the block with backend ``name`` (auto|triton|cuda|reference).
+    """Run the fused ops inside the block with backend ``name`` (auto|triton|cuda|torch|reference).
 
     >>> with use_backend("reference"):
     ...     k, v = lora_kv_projection(...)
@@ -135,7 +140,7 @@ def select(op: str, args: tuple, requested: str | None = None) -> Callable:
 
 
 def _reference_backend() -> Backend:
-    ops = ("lora_kv_projection", "regional_cross_attention", "ewa_weights", "ewa_merge")
+    ops = ("lora_kv_projection", "lora_term", "regional_cross_attention", "ewa_weights", "ewa_merge")
     impls = {}
     for op in ops:
         impls[op] = getattr(reference, op)

@@ -1,19 +1,43 @@
 """Validation of the fused ops' inputs at the public boundary.
 
-Shape, dtype and device checks run everywhere, including on fake tensors under
-``torch.compile``; value checks (ids in range, finite psi, ...) read the data and run only
-in the real implementation. Errors name the argument and say what was expected:
-``TypeError`` for a wrong dtype, ``ValueError`` for everything else.
+Argument types are checked first, by the public functions, against each op's schema
+(:func:`argument_types`). Shape, dtype and device checks run everywhere, including on fake
+tensors under ``torch.compile``; value checks (ids in range, finite psi, ...) read the data and
+run only in the real implementation. Errors name the argument and say what was expected:
+``TypeError`` for an argument of the wrong type or dtype, ``ValueError`` for everything else.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 NORMS = ("fro", "l1")
+
+
+_SCHEMA_TYPES = {  # schema type → (accepted Python types, what the error says)
+    "Tensor": ((Tensor,), "a torch.Tensor"),
+    "float": ((numbers.Real, torch.SymFloat, torch.SymInt), "a real number"),
+    "str": ((str,), "a string"),
+}
+
+
+def argument_types(op: str, schema, arguments: dict) -> None:
+    """Raise TypeError naming the argument unless every given value has its schema type (Tensor, float:
+    a real number but not a bool, str; an Optional one also takes None)."""
+    for arg in schema.arguments:
+        if arg.name not in arguments:
+            continue
+        value, kind = arguments[arg.name], str(arg.type)
+        optional = kind.startswith("Optional[")
+        types, what = _SCHEMA_TYPES[kind.removeprefix("Optional[").removesuffix("]")]
+        if (value is None and optional) or (isinstance(value, types) and not isinstance(value, bool)):
+            continue
+        got = type(value).__name__ if isinstance(value, Tensor) else f"{type(value).__name__} {value!r:.80}"
+        raise TypeError(f"{op}: {arg.name} must be {what}{' or None' if optional else ''}, got {got}")
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -55,9 +79,15 @@ def _dim(op: str, name: str, t: Tensor, axis: int, expected: int, what: str) -> 
         raise ValueError(f"{op}: {name} has shape {_shape(t)}; dim {axis} must be {expected} ({what})")
 
 
-def _finite_scalar(op: str, name: str, x: float | None) -> None:
-    if x is not None and not math.isfinite(x):
+def _finite_scalar(op: str, name: str, x: float | None, dtype: torch.dtype, of: str) -> None:
+    """x finite, and representable in ``dtype`` (the dtype the op computes with it in: ``of``'s)."""
+    if x is None:
+        return
+    if not math.isfinite(x):
         raise ValueError(f"{op}: {name} must be a finite number, got {x}")
+    if abs(x) > torch.finfo(dtype).max:
+        top = torch.finfo(dtype).max
+        raise ValueError(f"{op}: {name}={x} does not fit in {dtype}, the dtype of {of}; expected |{name}| <= {top}")
 
 
 def _any(*conditions: Tensor) -> list[bool]:
@@ -101,13 +131,41 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, val
     if weights.shape != ids.shape:
         raise ValueError(f"{op}: weights has shape {_shape(weights)}; expected {_shape(ids)}, one weight per ids slot")
     _same_device(op, "c", c, w_k=w_k, w_v=w_v, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v, ids=ids, weights=weights)
-    _finite_scalar(op, "scale", scale)
+    _finite_scalar(op, "scale", scale, c.dtype, "c")
     if values and ids.numel():
         below, above = _any(ids < -1, ids >= n)
         if below:
             raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
         if above:
             raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
+
+
+def lora_term(x, a, b, ids, weights, scale, values: bool) -> None:
+    op = "lora_term"
+    _tensor(op, "x", x, 3, "[B, T, Din]")
+    _floating(op, "x", x)
+    bsz, _, din = x.shape
+    _tensor(op, "a", a, 3, "[N, r, Din]")
+    _dim(op, "a", a, 2, din, "Din, the last dim of x")
+    n, rank = a.shape[0], a.shape[1]
+    _tensor(op, "b", b, 3, "[N, Dout, r]")
+    _dim(op, "b", b, 0, n, "N, the adapter count of a")
+    _dim(op, "b", b, 2, rank, "r, the rank of a")
+    _same_dtype(op, "x", x, a=a, b=b)
+    _tensor(op, "ids", ids, 2, "[B, S]")
+    _integer(op, "ids", ids)
+    _dim(op, "ids", ids, 0, bsz, "B, the batch of x")
+    _tensor(op, "weights", weights, 2, "[B, S]")
+    _floating(op, "weights", weights)
+    if weights.shape != ids.shape:
+        raise ValueError(f"{op}: weights has shape {_shape(weights)}; expected {_shape(ids)}, one weight per ids slot")
+    _same_device(op, "x", x, a=a, b=b, ids=ids, weights=weights)
+    _finite_scalar(op, "scale", scale, x.dtype, "x")
+    if values and ids.numel():
+        below, above = _any(ids < -1, ids >= n)
+        if below or above:
+            lo, hi = int(ids.min()), int(ids.max())
+            raise ValueError(f"{op}: ids has values in [{lo}, {hi}]; expected -1 (empty) or adapters in [0, {n - 1}]")
 
 
 # ------------------------------------------------------------------ regional attention
@@ -118,6 +176,8 @@ def regional_cross_attention(q, k, v, region_ids, kv_len, scale, values: bool) -
     _tensor(op, "q", q, 4, "[B, H, N, d]")
     _floating(op, "q", q)
     bsz, heads, n_q, d = q.shape
+    if d < 1:
+        raise ValueError(f"{op}: q has shape {_shape(q)}; need a head dim d >= 1")
     _tensor(op, "k", k, 5, "[B, P, H, T, d]")
     _dim(op, "k", k, 0, bsz, "B, the batch of q")
     _dim(op, "k", k, 2, heads, "H, the heads of q")
@@ -139,7 +199,7 @@ def regional_cross_attention(q, k, v, region_ids, kv_len, scale, values: bool) -
         if kv_len.shape != (bsz, n_slots):
             raise ValueError(f"{op}: kv_len has shape {_shape(kv_len)}; expected {(bsz, n_slots)}, [B, P] of k")
     _same_device(op, "q", q, k=k, v=v, region_ids=region_ids, kv_len=kv_len)
-    _finite_scalar(op, "scale", scale)
+    _finite_scalar(op, "scale", scale, q.dtype, "q")
     if values:
         conds = [region_ids < 0, region_ids >= n_slots]
         if kv_len is not None:
@@ -186,8 +246,9 @@ def ewa_weights(prompt, concepts, prompt_mask, power, norm, values: bool) -> Non
     _same_device(op, "prompt", prompt, concepts=concepts, prompt_mask=prompt_mask)
     if norm not in NORMS:
         raise ValueError(f"{op}: norm={norm!r}; expected one of {NORMS}")
-    if not (math.isfinite(power) and power > 0):
+    if not power > 0:
         raise ValueError(f"{op}: power must be a finite number > 0, got {power}")
+    _finite_scalar(op, "power", power, prompt.dtype, "prompt")
     if values and prompt_mask is not None and bsz and _any(~prompt_mask.any(dim=1))[0]:
         empty = (~prompt_mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"{op}: prompt_mask rows {empty} select no token; every sample needs at least one")
@@ -206,6 +267,6 @@ def ewa_merge(psi, a, b, scale, values: bool) -> None:
     _dim(op, "b", b, 2, a.shape[1], "r, the rank of a")
     _same_dtype(op, "a", a, b=b)
     _same_device(op, "psi", psi, a=a, b=b)
-    _finite_scalar(op, "scale", scale)
+    _finite_scalar(op, "scale", scale, a.dtype, "a")
     if values and psi.numel() and _any(~torch.isfinite(psi))[0]:
         raise ValueError(f"{op}: psi contains non-finite values (NaN or inf); EWA weights must be finite")

@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, LifelongError, OSError) as e:  # bad input or a damaged store: say so, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message or type(e).__name__}", file=sys.stderr)  # always one line
         return 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator
 
@@ -24,7 +25,7 @@ from torch import Tensor
 __all__ = ["ConceptAdapter", "validate_name", "factors_from_delta", "PROJECTIONS"]
 
 PROJECTIONS = ("to_k", "to_v", "to_q", "to_out.0")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]*")  # fullmatch: "$" would allow a trailing newline
 MAX_NAME = 128
 # Reserved keys of the safetensors layout (see ConceptAdapter.to_safetensors).
 _TOKEN_KEY, _CONCEPT_KEY = "token_embeddings", "concept_embeddings"
@@ -37,7 +38,7 @@ def validate_name(name: str, what: str = "concept name") -> str:
         raise TypeError(f"{what} must be a string, got {type(name).__name__}")
     if not 0 < len(name) <= MAX_NAME:
         raise ValueError(f"{what} {name!r}: must have 1 to {MAX_NAME} characters, got {len(name)}")
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"{what} {name!r}: use letters, digits and _ . + @ - only, starting with a letter or digit (no paths)"
         )
@@ -83,6 +84,16 @@ class ConceptAdapter:
             raise ValueError(f"concept {self.name!r}: token and words must be non-empty")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"concept {self.name!r}: rank must be a positive int, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"concept {self.name!r}: alpha must be a finite number > 0, got {self.alpha!r}")
+        for what, t in [
+            *self.lora.items(),
+            (_TOKEN_KEY, self.token_embeddings),
+            (_CONCEPT_KEY, self.concept_embeddings),
+        ]:
+            if t is not None and (not isinstance(t, Tensor) or not t.is_floating_point()):
+                kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"concept {self.name!r}: {what} must be a real floating-point tensor, got {kind}")
         for key, value in self.metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"concept {self.name!r}: metadata must map str to str, got {key!r}: {value!r}")

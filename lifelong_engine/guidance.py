@@ -16,8 +16,8 @@ is ``z ← z − step_size · sqrt(1 − 0.5·i/(n−1)) · ∇_z (artist·L_art
 guidance forward runs the UNet on the conditional rows only.
 
 :class:`AttentionGuidance` holds the options, :func:`guidance_loss` the loss; :func:`prepare_guidance`
-and :func:`guide_latents` are the denoising-loop part that ``LifelongPipeline`` and the serving
-``Engine`` call.
+and :func:`guide_latents` are the denoising-loop part that the generation core
+(:func:`lifelong_engine.generation.guide`) calls for the pipeline and the serving ``Engine``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import CONTEXT_KWARG, GenerationContext, layer_size
+from .attention import GenerationContext, unet_forward
+from .regions import layer_size
 
 __all__ = ["AttentionGuidance", "GuidanceState", "guidance_loss", "guide_latents", "prepare_guidance", "select_layers"]
 
@@ -170,41 +171,31 @@ class GuidanceState:
     updates: int = 0
 
 
-def prepare_guidance(lp, options, plan, prepared, cfg: bool, added, timestep_cond, library=None) -> GuidanceState:
-    """The guidance state of a LifelongPipeline generation: the plan's conditional (global prompt) rows,
-    and each image's concept token positions (tokens resolved against ``library``, default the
-    pipeline's own). Raises ValueError when no prompt names a concept, or for unknown layers."""
+def prepare_guidance(model, options: AttentionGuidance, plan, cond) -> GuidanceState:
+    """The guidance state of a generation (``model``: a LifelongPipeline; ``plan``/``cond``: its
+    :class:`~lifelong_engine.generation.Plan` and ``Conditioning``): the plan's conditional (global
+    prompt) rows and each image's concept token positions, as the prompt encoder found them. Raises
+    ValueError when no prompt names a concept, or for unknown layers."""
     images = plan.images
-    rows = torch.arange(images) + (images if cfg else 0)
-    ctx = prepared.context
-    sub = GenerationContext({layer: (k[rows], v[rows]) for layer, (k, v) in ctx.kv.items()}, pool=ctx.pool)
-    sub.row_ids = {layer: ids[rows] for layer, ids in ctx.row_ids.items()}
-    sub.row_weights = {layer: w[rows] for layer, w in ctx.row_weights.items()}
-    tokens = library.tokens if library is not None else {c.token: c for c in lp.concepts.values()}
-    positions, eos = [], []
-    for text in plan.image_texts.tolist():
-        tokenized = lp.text.tokenize(plan.texts[text], tokens, lp.text.tokenizers[0])
-        by_concept: dict[str, list[int]] = {}
-        for position, concept, _ in tokenized.concept_rows:
-            by_concept.setdefault(concept.name, []).append(position)
-        positions.append(list(by_concept.values()))
-        eos.append(tokenized.eos)
+    rows = torch.arange(images) + (images if plan.cfg else 0)
+    image_texts = plan.image_texts.tolist()
+    positions = [cond.positions[t] for t in image_texts]
     if not any(positions):
         raise ValueError(
             "attention_guidance: no prompt names a concept with learned token rows; there is nothing to guide"
         )
     layers = list(options.layers) if options.layers is not None else None
-    unknown = [layer for layer in layers or [] if layer not in lp.layers]
+    unknown = [layer for layer in layers or [] if layer not in model.layers]
     if unknown or layers == []:
         raise ValueError(f"attention_guidance: layers must be attn2 layers of this UNet, got {unknown or layers}")
     return GuidanceState(
         options,
-        sub,
-        prepared.hidden[rows],
-        {k: v[rows] for k, v in added.items()} if added is not None else None,
-        timestep_cond[rows] if timestep_cond is not None else None,
+        cond.context.rows_of(rows),
+        cond.hidden[rows],
+        {k: v[rows] for k, v in cond.added.items()} if cond.added is not None else None,
+        cond.timestep_cond[rows] if cond.timestep_cond is not None else None,
         positions,
-        torch.tensor(eos),
+        cond.eos[plan.image_texts],
         layers,
     )
 
@@ -233,15 +224,8 @@ def _loss_and_grad(lp, state: GuidanceState, latents: Tensor, t, scheduler) -> t
     ctx.maps.clear()
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
-        lp.unet(
-            (scheduler or lp.pipe.scheduler).scale_model_input(z, t),
-            t,
-            encoder_hidden_states=state.hidden,
-            timestep_cond=state.timestep_cond,
-            cross_attention_kwargs={CONTEXT_KWARG: ctx},
-            added_cond_kwargs=state.added,
-            return_dict=False,
-        )
+        sample = (scheduler or lp.pipe.scheduler).scale_model_input(z, t)
+        unet_forward(lp.unet, sample, t, ctx, state.hidden, state.added, state.timestep_cond)
         latent_size = tuple(latents.shape[-2:])
         if state.layers is None:
             cells = {layer: m.shape[1] for layer, m in ctx.maps.items()}

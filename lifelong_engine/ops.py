@@ -1,5 +1,8 @@
 """The fused ops, registered with ``torch.library`` as ``torch.ops.lifelong.<name>``.
 
+The public functions here check their arguments' types against the op's schema (a
+``TypeError`` naming the argument, before torch's schema parser), then call the op
+(``torch.ops.lifelong.<name>``, the registered op, is what ``torch.library.opcheck`` takes).
 Each op validates its inputs (:mod:`lifelong_engine.checks`), then runs the
 implementation of the selected backend (:mod:`lifelong_engine.backends`): the
 ``reference`` backend is :mod:`lifelong_engine.reference`; faster ones plug in there
@@ -7,7 +10,7 @@ without changing callers. Every op has a fake (meta) implementation for
 ``torch.compile`` and an autograd formula whose backward is itself a registered op,
 dispatched to the backend chosen when the forward ran.
 
-Backends: ``LIFELONG_BACKEND=auto|triton|cuda|reference`` or ``with use_backend(name):``.
+Backends: ``LIFELONG_BACKEND=auto|triton|cuda|torch|reference`` or ``with use_backend(name):``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import inspect
 import torch
 from torch import Tensor
 
-from . import backends, checks, triton_backend  # noqa: F401  (registers the triton backend)
+from . import backends, checks, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
     "lora_kv_projection",
+    "lora_term",
     "regional_cross_attention",
     "ewa_weights",
     "ewa_merge",
@@ -42,8 +46,31 @@ def _custom_op(name: str):
     return register
 
 
+def _public(name: str):
+    """The public function of custom op ``name``: argument types checked first, against the op's schema
+    (torch's schema parser would refuse ``scale='2'`` with a RuntimeError that names no argument),
+    then the op. ``torch.ops.lifelong.<name>`` is the op itself."""
+    op = globals()["_" + name]
+    schema = getattr(torch.ops.lifelong, name).default._schema
+
+    def call(*args, **kwargs):
+        bound = op.__signature__.bind(*args, **kwargs)
+        checks.argument_types(name, schema, bound.arguments)
+        return op(*bound.args, **bound.kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__, call.__signature__ = op.__doc__, op.__signature__
+    return call
+
+
 def _run(op: str, *args, backend: str | None = None):
     return backends.select(op, args, backend)(*args)
+
+
+def _run_backward(op: str, *args, needs: list[bool], backend: str):
+    """A backward op's implementation; one that takes ``needs`` skips the gradients not needed."""
+    impl = backends.select(op, args, backend)
+    return impl(*args, needs=needs) if getattr(impl, "takes_needs", False) else impl(*args)
 
 
 def _keep_needed(ctx, grads: tuple) -> tuple:
@@ -55,7 +82,7 @@ def _keep_needed(ctx, grads: tuple) -> tuple:
 
 
 @_custom_op("lifelong::lora_kv_projection")
-def lora_kv_projection(
+def _lora_kv_projection(
     c: Tensor,
     w_k: Tensor,
     w_v: Tensor,
@@ -80,7 +107,7 @@ def lora_kv_projection(
     return _run("lora_kv_projection", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
 
 
-@lora_kv_projection.register_fake
+@_lora_kv_projection.register_fake
 def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     checks.lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
     shape = (c.shape[0], c.shape[1], w_k.shape[0])
@@ -101,15 +128,17 @@ def _lora_kv_projection_backward(
     ids: Tensor,
     weights: Tensor,
     scale: float,
+    needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dc, da_k, db_k, da_v, db_v, dweights); see reference.lora_kv_projection_backward."""
+    """(dc, da_k, db_k, da_v, db_v, dweights); see reference.lora_kv_projection_backward.
+    needs: which of the six are wanted (the others may be returned as zeros without being computed)."""
     args = (grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
-    return _run("lora_kv_projection_backward", *args, backend=backend)
+    return _run_backward("lora_kv_projection_backward", *args, needs=needs, backend=backend)
 
 
 @_lora_kv_projection_backward.register_fake
-def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, backend):
+def _(grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, needs, backend):
     return (
         torch.empty_like(c),
         torch.empty_like(a_k),
@@ -131,8 +160,9 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
     c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights = ctx.saved_tensors
     grad_k = c.new_zeros(c.shape[:2] + w_k.shape[:1]) if grad_k is None else grad_k
     grad_v = torch.zeros_like(grad_k) if grad_v is None else grad_v
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 6, 8)]  # c, a_k, b_k, a_v, b_v, weights
     dc, da_k, db_k, da_v, db_v, dweights = torch.ops.lifelong._lora_kv_projection_backward(
-        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, ctx.backend
+        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, needs, ctx.backend
     )
     # Base weights are usually frozen; their gradient is a plain GEMM, computed only when asked.
     dw_k = torch.einsum("bto,btd->od", grad_k, c) if ctx.needs_input_grad[1] else None
@@ -140,14 +170,65 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
     return _keep_needed(ctx, (dc, dw_k, dw_v, da_k, db_k, da_v, db_v, None, dweights, None))
 
 
-lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+_lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
+
+
+# ------------------------------------------------------------------------------ lora_term
+
+
+@_custom_op("lifelong::lora_term")
+def _lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """The adapters' part of one projection, picked per sample (image-side LoRA: to_q, to_out.0).
+
+    x: (B, T, Din) the projection's input; a: (N, r, Din) lora_A pool; b: (N, Dout, r) lora_B pool;
+    ids: (B, S) int adapters of each sample, -1 = empty slot; weights: (B, S) float, in x's dtype.
+    Semantics: y[b] = Σ_s weights[b,s]·scale·(x[b]·a[ids[b,s]]ᵀ)·b[ids[b,s]]ᵀ.
+    Returns y (B, T, Dout). Differentiable in x, a, b and weights.
+    """
+    checks.lora_term(x, a, b, ids, weights, scale, values=True)
+    return _run("lora_term", x, a, b, ids, weights, scale)
+
+
+@_lora_term.register_fake
+def _(x, a, b, ids, weights, scale=1.0):
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return x.new_empty((x.shape[0], x.shape[1], b.shape[1]))
+
+
+@_custom_op("lifelong::_lora_term_backward")
+def _lora_term_backward(
+    grad: Tensor, x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dweights); see reference.lora_term_backward."""
+    return _run("lora_term_backward", grad, x, a, b, ids, weights, scale, backend=backend)
+
+
+@_lora_term_backward.register_fake
+def _(grad, x, a, b, ids, weights, scale, backend):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(weights)
+
+
+def _lora_term_setup(ctx, inputs, output):
+    x, a, b, ids, weights, scale = inputs
+    ctx.save_for_backward(x, a, b, ids, weights)
+    ctx.scale = scale
+    ctx.backend = requested_backend()
+
+
+def _lora_term_bwd(ctx, grad):
+    x, a, b, ids, weights = ctx.saved_tensors
+    dx, da, db, dweights = torch.ops.lifelong._lora_term_backward(grad, x, a, b, ids, weights, ctx.scale, ctx.backend)
+    return _keep_needed(ctx, (dx, da, db, None, dweights, None))
+
+
+_lora_term.register_autograd(_lora_term_bwd, setup_context=_lora_term_setup)
 
 
 # ------------------------------------------------------------------ regional attention
 
 
 @_custom_op("lifelong::regional_cross_attention")
-def regional_cross_attention(
+def _regional_cross_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -161,14 +242,15 @@ def regional_cross_attention(
     region_ids: (B, N) int, slot of each query (0 outside every box); kv_len: (B, P) int valid
     keys per slot (None = all T); scale: softmax scale, d**-0.5 when None.
     Semantics: out[b,h,n] = softmax(q[b,h,n]·k[b,p,h,:kv_len]ᵀ·scale)·v[b,p,h,:kv_len],
-               p = region_ids[b,n]. With P = 1 it is plain cross-attention.
+               p = region_ids[b,n]. With P = 1 it is plain cross-attention. Keys and values
+               ≥ kv_len never reach the output, not even a NaN or inf stored there.
     Returns (B, H, N, d). Differentiable in q, k, v.
     """
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=True)
     return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
 
 
-@regional_cross_attention.register_fake
+@_regional_cross_attention.register_fake
 def _(q, k, v, region_ids, kv_len=None, scale=None):
     checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
     return torch.empty_like(q)
@@ -210,14 +292,14 @@ def _regional_backward(ctx, grad_out):
     return _keep_needed(ctx, (dq, dk, dv, None, None, None))
 
 
-regional_cross_attention.register_autograd(_regional_backward, setup_context=_regional_setup)
+_regional_cross_attention.register_autograd(_regional_backward, setup_context=_regional_setup)
 
 
 # ------------------------------------------------------------------------------- EWA
 
 
 @_custom_op("lifelong::ewa_weights")
-def ewa_weights(
+def _ewa_weights(
     prompt: Tensor,
     concepts: Tensor,
     prompt_mask: Tensor | None = None,
@@ -229,16 +311,20 @@ def ewa_weights(
     prompt: (B, L, T, D) the prompt's text embedding for each layer (ĉ^l);
     concepts: (L, G, D) per layer, each concept's embedding ê^l_g;
     prompt_mask: (B, T) bool, tokens that count (exclude padding); None = all.
-    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
-               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖ with norm "fro" (L2, the paper's)
+    power: finite, > 0 and representable in prompt's dtype.
+    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);  M⁺ = max(M, 0);
+               psi[b,l,g] = M⁺^power / ‖M⁺[b,l,:]^power‖ with norm "fro" (L2, the paper's)
                or "l1" (the official code's, used with power 4).
+    Negative similarities: a concept no prompt token points towards (M ≤ 0) weighs 0, so ψ is a
+    finite, non-negative weighting for every power (a row whose M are all ≤ 0 is all zeros: no
+    concept applies). The paper's ψ(M) = M²/‖M²‖ is this wherever M ≥ 0.
     Returns psi (B, L, G). Differentiable in prompt and concepts.
     """
     checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=True)
     return _run("ewa_weights", prompt, concepts, prompt_mask, power, norm)
 
 
-@ewa_weights.register_fake
+@_ewa_weights.register_fake
 def _(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
     checks.ewa_weights(prompt, concepts, prompt_mask, power, norm, values=False)
     return prompt.new_empty((prompt.shape[0], prompt.shape[1], concepts.shape[1]))
@@ -279,11 +365,11 @@ def _ewa_weights_bwd(ctx, grad_psi):
     return _keep_needed(ctx, (dprompt, dconcepts, None, None, None))
 
 
-ewa_weights.register_autograd(_ewa_weights_bwd, setup_context=_ewa_weights_setup)
+_ewa_weights.register_autograd(_ewa_weights_bwd, setup_context=_ewa_weights_setup)
 
 
 @_custom_op("lifelong::ewa_merge")
-def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+def _ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     """Merge G LoRA adapters into one dense weight delta per sample (LoRA-M, merged export).
 
     psi: (B, G) float mixing weights (finite); a: (G, r, Din) lora_A; b: (G, Dout, r) lora_B.
@@ -294,7 +380,7 @@ def ewa_merge(psi: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
     return _run("ewa_merge", psi, a, b, scale)
 
 
-@ewa_merge.register_fake
+@_ewa_merge.register_fake
 def _(psi, a, b, scale=1.0):
     checks.ewa_merge(psi, a, b, scale, values=False)
     return a.new_empty((psi.shape[0], b.shape[1], a.shape[2]))
@@ -326,4 +412,95 @@ def _ewa_merge_bwd(ctx, grad_delta):
     return _keep_needed(ctx, (dpsi, da, db, None))
 
 
-ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+_ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
+
+
+# ---------------------------------------------------------------- trusted entries (generation hot path)
+#
+# The processors call these during denoising. Their index inputs (region ids, pool ids) were made and
+# checked once when the generation's plan was built, so the value checks of the public ops, which read
+# the data and so make the host wait for the device at every layer of every step, are skipped; the
+# shape/dtype/device checks (no device reads) stay. Without autograd and outside torch.compile the
+# backend runs directly, skipping the torch.library dispatch too.
+
+
+@_custom_op("lifelong::_regional_cross_attention_trusted")
+def _regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """regional_cross_attention without its value checks (region ids / kv_len checked by the caller)."""
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@_regional_cross_attention_trusted.register_fake
+def _(q, k, v, region_ids, kv_len=None, scale=None):
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return torch.empty_like(q)
+
+
+_regional_cross_attention_trusted.register_autograd(_regional_backward, setup_context=_regional_setup)
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _differentiable_impl(op: str, args: tuple):
+    """The selected backend's forward of ``op`` when autograd can run through its parts (the function
+    has ``differentiable = True``, e.g. the torch backend's SDPA calls, whose own backward then runs),
+    outside torch.compile; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    impl = backends.select(op, args)
+    return impl if getattr(impl, "differentiable", False) else None
+
+
+def regional_cross_attention_trusted(
+    q: Tensor, k: Tensor, v: Tensor, region_ids: Tensor, kv_len: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """:func:`regional_cross_attention` for callers that checked region_ids and kv_len when they made them.
+    With autograd on a backend whose forward is differentiable PyTorch (CPU: the torch backend), autograd
+    runs through it (SDPA's own backward, no re-run of the forward) instead of the op's backward."""
+    if _needs_graph(q, k, v):
+        impl = _differentiable_impl("regional_cross_attention", (q, k, v, region_ids, kv_len, scale))
+        if impl is None:
+            return _regional_cross_attention_trusted(q, k, v, region_ids, kv_len, scale)
+        checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+        return impl(q, k, v, region_ids, kv_len, scale)
+    checks.regional_cross_attention(q, k, v, region_ids, kv_len, scale, values=False)
+    return _run("regional_cross_attention", q, k, v, region_ids, kv_len, scale)
+
+
+@_custom_op("lifelong::_lora_term_trusted")
+def _lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """lora_term without its value checks (ids checked by the caller)."""
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return _run("lora_term", x, a, b, ids, weights, scale)
+
+
+@_lora_term_trusted.register_fake
+def _(x, a, b, ids, weights, scale=1.0):
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return x.new_empty((x.shape[0], x.shape[1], b.shape[1]))
+
+
+_lora_term_trusted.register_autograd(_lora_term_bwd, setup_context=_lora_term_setup)
+
+
+def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
+    """:func:`lora_term` for callers that checked ids when they made them (the plan's pool ids)."""
+    weights = weights.to(x.dtype)
+    if _needs_graph(x, a, b, weights):
+        return _lora_term_trusted(x, a, b, ids, weights, scale)
+    checks.lora_term(x, a, b, ids, weights, scale, values=False)
+    return _run("lora_term", x, a, b, ids, weights, scale)
+
+
+# ------------------------------------------------------------------ public functions
+
+lora_kv_projection = _public("lora_kv_projection")
+lora_term = _public("lora_term")
+regional_cross_attention = _public("regional_cross_attention")
+ewa_weights = _public("ewa_weights")
+ewa_merge = _public("ewa_merge")

@@ -2,8 +2,9 @@
 
 Wraps a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``: its tokenizers, text
 encoders, UNet, scheduler and VAE are used as they are; the engine installs its attention
-processors (:mod:`lifelong_engine.attention`) and runs its own denoising loop, which differs from
-diffusers' in three ways:
+processors (:mod:`lifelong_engine.attention`) and denoises with the generation core
+(:mod:`lifelong_engine.generation`, which the serving Engine runs too), which differs from
+diffusers' loop in these ways:
 
 - prompts are encoded layer-wise (:mod:`lifelong_engine.prompts`) and every concept of the
   library is mixed into every ``attn2`` layer's K/V with its EWA weight ψ^l (DESIGN §3.3);
@@ -22,35 +23,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from . import ops
-from .attention import (  # noqa: I001
-    CONTEXT_KWARG,
-    CrossAttentionProcessor,
-    GenerationContext,
-    PassThroughProcessor,
-    RegionPlan,
-    box_mask,
-    layer_kv,
-)
+from . import checks, generation, ops
+from .attention import CrossAttentionProcessor, PassThroughProcessor, layer_kv
 from .concepts import PROJECTIONS, ConceptAdapter
 from .errors import LifelongError
 from .formats import attn2_layers
-from .guidance import AttentionGuidance, guide_latents, prepare_guidance
-from .pool import AdapterPool
+from .guidance import AttentionGuidance
+from .pool import AdapterPool, Library
 from .prompts import EncodedPrompts, PromptEncoder
+from .regions import Box, check_regions
 
-__all__ = ["LifelongPipeline", "LifelongPipelineOutput", "Library", "unet_fingerprint", "aggregate_noise"]
-
-Box = tuple[float, float, float, float]
+__all__ = ["LifelongPipeline", "LifelongPipelineOutput", "unet_fingerprint"]
 _REPLACERS = "enable_xformers_memory_efficient_attention, fuse_qkv_projections, set_attention_slice, load_ip_adapter"
 
 
@@ -72,53 +65,6 @@ def unet_fingerprint(unet) -> str:
     """Identity of a base model's architecture: a hash of the UNet config (public keys)."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     return "unet:" + hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclasses.dataclass
-class _Plan:
-    """The UNet rows of one generation: kinds × images, kind-major (uncond?, global, regions...)."""
-
-    texts: list[str]  # every distinct text prompt slot: negatives, globals, regions
-    slots: Tensor  # (rows, P) text index per prompt slot
-    owner: Tensor  # (rows,) text whose EWA weights the row's image side uses
-    paint: list[list[tuple[int, Box]]]
-    kinds: int
-    images: int
-    image_texts: Tensor  # (images,) the prompt of each image
-
-
-@dataclasses.dataclass
-class Library:
-    """The concepts one generation uses: adapters (in order), their ê stacked (L, G, D) float32, the
-    pool holding their factors and each one's id in it (G,). LifelongPipeline's own library is
-    :meth:`LifelongPipeline.library`; the serving engine builds one per request from its pool."""
-
-    adapters: list[ConceptAdapter]
-    embeddings: Tensor | None
-    pool: object | None  # AdapterPool or anything with .get(layer, proj) -> (a, b) | None
-    ids: Tensor
-
-    @property
-    def tokens(self) -> dict[str, ConceptAdapter]:
-        return {c.token: c for c in self.adapters}
-
-    @property
-    def default_ewa(self) -> bool:
-        """EWA when every concept was learned with CIDM; otherwise the plain sum."""
-        return bool(self.adapters) and all(c.method == "cidm" for c in self.adapters)
-
-    @property
-    def image_side(self) -> bool:
-        """True when some concept adapts to_q or to_out (applied to image tokens at every step)."""
-        return any(p in c.projections for c in self.adapters for p in ("to_q", "to_out.0"))
-
-
-@dataclasses.dataclass
-class _Prepared:
-    context: GenerationContext
-    psi: Tensor | None  # (texts, L, S) EWA weights, None without concepts
-    pooled: Tensor | None  # (texts, Dp) SDXL text_embeds
-    hidden: Tensor  # (rows, T, D) encoder_hidden_states: each row's global text at layer 0
 
 
 class LifelongPipeline:
@@ -147,12 +93,13 @@ class LifelongPipeline:
             [t for t, _ in pairs], [e for _, e in pairs], len(self.layers), "penultimate" if self.is_sdxl else "last"
         )
         modules = dict(self.unet.named_modules())
-        self._attn = {name: modules[name] for name in self.layers}
-        self._widths = {  # (layer, projection) → (Din, Dout)
+        self.attention = {name: modules[name] for name in self.layers}  # layer → its attn2 module
+        self.widths = {  # (layer, projection) → (Din, Dout)
             (layer, proj): (lin.in_features, lin.out_features)
-            for layer, attn in self._attn.items()
+            for layer, attn in self.attention.items()
             for proj, lin in zip(PROJECTIONS, (attn.to_k, attn.to_v, attn.to_q, attn.to_out[0]))
         }
+        self._attn, self._widths = self.attention, self.widths  # old names, still read by training/
         self._concepts: dict[str, ConceptAdapter] = {}
         self._embeddings: dict[str, Tensor] = {}  # ê (L, D) per concept
         self._pool: AdapterPool | None = None
@@ -174,7 +121,7 @@ class LifelongPipeline:
             self._previous = dict(current)
         self._installed = {
             name: CrossAttentionProcessor(name.removesuffix(".processor"))
-            if name.removesuffix(".processor") in self._attn
+            if name.removesuffix(".processor") in self.attention
             else PassThroughProcessor(self._previous[name])
             for name in current
         }
@@ -196,7 +143,7 @@ class LifelongPipeline:
             and all(current[k] is p for k, p in self._installed.items())
         )
 
-    def _check_installed(self) -> None:
+    def check_installed(self) -> None:
         if self.installed:
             return
         if not self._installed:
@@ -216,11 +163,11 @@ class LifelongPipeline:
     @property
     def device(self) -> torch.device:
         """The UNet's device (read off one weight: diffusers' ``unet.device`` walks every module)."""
-        return self._attn[self.layers[0]].to_k.weight.device
+        return self.attention[self.layers[0]].to_k.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._attn[self.layers[0]].to_k.weight.dtype
+        return self.attention[self.layers[0]].to_k.weight.dtype
 
     def add_concept(self, adapter: ConceptAdapter, *, replace: bool = False) -> None:
         """Add a concept to the library (moved to the UNet's device and dtype)."""
@@ -228,11 +175,7 @@ class LifelongPipeline:
         adapter = adapter.to(self.device, self.dtype)
         self._concepts.pop(adapter.name, None)
         self._concepts[adapter.name] = adapter
-        if adapter.concept_embeddings is not None:
-            self._embeddings[adapter.name] = adapter.concept_embeddings.float()
-        else:
-            with torch.no_grad():
-                self._embeddings[adapter.name] = self.text.concept_embedding(adapter).float()
+        self._embeddings[adapter.name] = self.concept_embedding(adapter)
         self._pool = None
 
     def remove_concept(self, name: str) -> ConceptAdapter:
@@ -242,6 +185,14 @@ class LifelongPipeline:
         self._embeddings.pop(name)
         self._pool = None
         return self._concepts.pop(name)
+
+    def concept_embedding(self, adapter: ConceptAdapter) -> Tensor:
+        """ê (L, D) float32 on the UNet's device: the adapter's stored one, else its token encoded alone
+        per layer (:meth:`PromptEncoder.concept_embedding`). The one place a missing ê is made."""
+        if adapter.concept_embeddings is not None:
+            return adapter.concept_embeddings.to(self.device, torch.float32)
+        with torch.no_grad():
+            return self.text.concept_embedding(adapter.to(self.device, self.dtype)).float()
 
     def _validate_adapter(self, adapter: ConceptAdapter, replace: bool) -> None:
         who = f"concept {adapter.name!r}"
@@ -260,12 +211,12 @@ class LifelongPipeline:
             raise ValueError(
                 f"{who} was learned on base model {adapter.base_fingerprint!r}, this pipeline is {self.fingerprint!r}"
             )
-        unknown = [layer for layer in adapter.layers if layer not in self._attn]
+        unknown = [layer for layer in adapter.layers if layer not in self.attention]
         if unknown:
             raise ValueError(f"{who} adapts layers this UNet does not have: {unknown[:3]}")
         for layer in adapter.layers:
             for proj in adapter.projections:
-                din, dout = self._widths[layer, proj]
+                din, dout = self.widths[layer, proj]
                 a, b = adapter.factors(layer, proj)
                 if a.shape[1] != din or b.shape[0] != dout:
                     raise ValueError(
@@ -280,7 +231,7 @@ class LifelongPipeline:
                 raise ValueError(
                     f"{who}: token rows of width {tokens.shape[-1]}, the text encoders take {self.text.token_width}"
                 )
-        width = self._attn[self.layers[0]].to_k.in_features
+        width = self.attention[self.layers[0]].to_k.in_features
         if adapter.concept_embeddings is not None and (
             adapter.concept_embeddings.shape != (len(self.layers), width) or len(adapter.layers) != len(self.layers)
         ):
@@ -294,7 +245,9 @@ class LifelongPipeline:
     def pool(self) -> AdapterPool:
         """The library stacked for the fused ops (rebuilt when concepts change)."""
         if self._pool is None:
-            self._pool = AdapterPool.build(list(self._concepts.values()), self._widths, self.device, self.dtype)
+            adapters = list(self._concepts.values())
+            embeddings = [self._embeddings[a.name] for a in adapters]
+            self._pool = AdapterPool.build(adapters, self.widths, self.device, self.dtype, embeddings)
         return self._pool
 
     # ------------------------------------------------------------------- text
@@ -302,9 +255,8 @@ class LifelongPipeline:
     def library(self) -> Library:
         """The pipeline's own concepts as a :class:`Library` (pool ids 0..G-1)."""
         adapters = list(self._concepts.values())
-        embeddings = torch.stack(list(self._embeddings.values()), 1).to(self.device) if adapters else None
         ids = torch.arange(len(adapters), device=self.device)
-        return Library(adapters, embeddings, self.pool() if adapters else None, ids)
+        return Library(adapters, self.pool() if adapters else None, ids)
 
     def encode_prompt(self, prompts: str | Sequence[str], library: Library | None = None) -> EncodedPrompts:
         """Layer-wise text embeddings ĉ^l of prompts (concept tokens resolved against the library)."""
@@ -342,7 +294,7 @@ class LifelongPipeline:
         kv = {}
         for l, layer in enumerate(self.layers):
             c = per_layer[:, l].to(self.dtype)
-            k, v = layer_kv(self._attn[layer], c, pool, layer, ids[:, l], weights[:, l].to(self.dtype))
+            k, v = layer_kv(self.attention[layer], c, pool, layer, ids[:, l], weights[:, l].to(self.dtype))
             kv[layer] = (k[slots], v[slots]) if slots is not None else (k[:, None], v[:, None])
         return kv
 
@@ -389,213 +341,128 @@ class LifelongPipeline:
         artist) and different concepts attend to different places (its orthogonal attention), as
         Attend-and-Excite does (:mod:`lifelong_engine.guidance`); prompts without regions only.
         """
-        self._check_installed()
+        self.check_installed()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
-        regions = self._check_regions(regions)
+        regions = check_regions(regions, self.max_regions)
         if attention_guidance is not None and regions:
             raise ValueError("attention_guidance works on prompts without regions (regions already place concepts)")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if num_images_per_prompt < 1 or num_inference_steps < 1:
-            raise ValueError("num_images_per_prompt and num_inference_steps must be at least 1")
-        negatives = self._negatives(negative_prompt, len(prompts))
-        pipe, device = self.pipe, self.device
-        cfg = guidance_scale > 1.0
-        height = height or self._default_size()
-        width = width or self._default_size()
-        plan = self._plan(prompts, negatives, regions, num_images_per_prompt, cfg, alpha)
-
-        prepared = self.prepare(plan, ewa_power, ewa_norm, ewa_top_k, ewa, (height, width))
-        ctx = prepared.context
-        ctx.capture = frozenset(capture_attention)
-
-        timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
-        images = plan.images
-        latents = pipe.prepare_latents(
-            images, self.unet.config.in_channels, height, width, self.dtype, device, generator, latents
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r}: expected an integer >= 1")
+        self.check_options(
+            num_inference_steps, guidance_scale, alpha, height, width, ewa_power, ewa_norm, ewa_top_k, ewa,
+            eta, guidance_rescale,
+        )  # fmt: skip
+        if isinstance(capture_attention, str) or not set(capture_attention) <= set(self.layers):
+            unknown = [capture_attention] if isinstance(capture_attention, str) else sorted(
+                set(capture_attention) - set(self.layers)
+            )  # fmt: skip
+            raise ValueError(
+                f"capture_attention: {unknown} are not attn2 layer names of this UNet; expected a list of names "
+                f"such as {self.layers[0]!r}"
+            )
+        negatives = self.negatives(negative_prompt, len(prompts))
+        size = (height or self.default_size(), width or self.default_size())
+        plan = self.plan(prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size)
+        cond = generation.condition(self, plan, self.library(), guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
+        cond.context.capture = frozenset(capture_attention)
+        state = generation.start(
+            self,
+            plan,
+            cond,
+            num_inference_steps,
+            guidance_scale,
+            generator=generator,
+            latents=latents,
+            eta=eta,
+            guidance_rescale=guidance_rescale,
+            scheduler=self.pipe.scheduler,
+            attention_guidance=attention_guidance,
         )
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
-        added = self._added_cond(plan, prepared.pooled, height, width)
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(guidance_scale - 1).repeat(plan.kinds * images)
-            timestep_cond = pipe.get_guidance_scale_embedding(scale, self.unet.config.time_cond_proj_dim)
-            timestep_cond = timestep_cond.to(device=device, dtype=latents.dtype)
-        masks = self._latent_masks(regions, latents) if regions and alpha < 1 else None
-        if hasattr(pipe.scheduler, "set_begin_index"):
-            pipe.scheduler.set_begin_index(0)
-        guide = None
-        if attention_guidance is not None:
-            guide = prepare_guidance(self, attention_guidance, plan, prepared, cfg, added, timestep_cond)
-            guided = attention_guidance.guided_steps(len(timesteps))
-
-        with pipe.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                if guide is not None and i < guided:
-                    step_size = attention_guidance.scale(i, len(timesteps))
-                    latents = guide_latents(self, guide, latents, t, step_size, step=i)
-                model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * plan.kinds), t)
-                eps = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=prepared.hidden,
-                    timestep_cond=timestep_cond,
-                    cross_attention_kwargs={CONTEXT_KWARG: ctx},
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )[0]
-                eps = eps.view(plan.kinds, images, *eps.shape[1:])
-                noise = aggregate_noise(eps, cfg, guidance_scale, alpha, masks)
-                if cfg and guidance_rescale > 0:
-                    noise = rescale_noise_cfg(noise, eps[1], guidance_rescale)
-                latents = pipe.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        batch = None
+        with self.pipe.progress_bar(total=len(state.timesteps)) as progress:
+            while not state.done:
+                generation.guide(self, state)
+                batch = generation.step(self, [state], batch)
                 progress.update()
 
-        image = self._decode(latents, output_type, generator)
-        pipe.maybe_free_model_hooks()
-        image_psi = prepared.psi[plan.image_texts] if prepared.psi is not None else None
+        image = self.decode(state.latents, output_type, generator)
+        self.pipe.maybe_free_model_hooks()
+        image_psi = cond.psi[plan.image_texts] if cond.psi is not None else None
         if not return_dict:
             return (image,)
         out = LifelongPipelineOutput(image, image_psi, list(self._concepts))
-        if ctx.capture:
-            out.attention_maps = dict(ctx.maps)
-        if guide is not None:
-            out.guidance_losses = guide.losses
+        if cond.context.capture:
+            out.attention_maps = dict(cond.context.maps)
+        if state.guide_state is not None:
+            out.guidance_losses = state.guide_state.losses
         return out
 
     # ----------------------------------------------------------------- pieces
 
-    def _check_regions(self, regions) -> list[tuple[str, Box]]:
-        regions = list(regions or [])
-        if len(regions) > self.max_regions:
-            raise ValueError(f"{len(regions)} regions given, the limit is {self.max_regions} (max_regions)")
-        checked = []
-        for i, region in enumerate(regions):
-            try:
-                text, box = region
-                x0, y0, x1, y1 = (float(v) for v in box)
-            except (TypeError, ValueError):
-                raise ValueError(f"region {i}: expected (prompt, (x0, y0, x1, y1)), got {region!r}") from None
-            if not isinstance(text, str):
-                raise ValueError(f"region {i}: the prompt must be a string, got {type(text).__name__}")
-            if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-                raise ValueError(f"region {i}: box {box} lies outside [0, 1] (boxes are normalised x0, y0, x1, y1)")
-            if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"region {i}: box {box} is empty (need x0 < x1 and y0 < y1)")
-            checked.append((text, (x0, y0, x1, y1)))
-        return checked
+    def check_options(
+        self,
+        num_inference_steps,
+        guidance_scale,
+        alpha,
+        height,
+        width,
+        ewa_power,
+        ewa_norm,
+        ewa_top_k,
+        ewa,
+        eta=0.0,
+        guidance_rescale=0.0,
+    ) -> None:
+        """Raise ValueError naming the option and what is expected unless the generation options are usable
+        (the checks of :meth:`__call__` and of the serving Engine's ``submit``, in one place)."""
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected an integer >= 1")
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number (CFG when > 1)")
+        if not _is_real(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha={alpha!r}: expected a number in [0, 1]")
+        factor = self.pipe.vae_scale_factor
+        for name, size in (("height", height), ("width", width)):
+            if size is not None and (not _is_int(size) or size < factor or size % factor):
+                raise ValueError(
+                    f"{name}={size!r}: expected None or a positive multiple of {factor} (the VAE's scale factor)"
+                )
+        if not _is_real(ewa_power) or not (math.isfinite(ewa_power) and ewa_power > 0):
+            raise ValueError(f"ewa_power={ewa_power!r}: expected a finite number > 0")
+        if ewa_norm not in checks.NORMS:
+            raise ValueError(f"ewa_norm={ewa_norm!r}: expected one of {checks.NORMS}")
+        if ewa_top_k is not None and (not _is_int(ewa_top_k) or ewa_top_k < 1):
+            raise ValueError(f"ewa_top_k={ewa_top_k!r}: expected None (every concept) or an integer >= 1")
+        if ewa is not None and not isinstance(ewa, bool):
+            raise ValueError(f"ewa={ewa!r}: expected None (by the concepts' method), True or False")
+        for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r}: expected a number in [0, 1]")
 
-    def _negatives(self, negative_prompt, n: int) -> list[str | None]:
+    def negatives(self, negative_prompt, n: int) -> list[str | None]:
+        """The negative prompt of each of n prompts (None: none), checked against n."""
         if negative_prompt is None:
             return [None] * n
-        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, Sequence) or not all(x is None or isinstance(x, str) for x in negatives):
+            raise ValueError(f"negative_prompt={negative_prompt!r:.80}: expected None, a string or a list of strings")
         if len(negatives) != n:
             raise ValueError(f"negative_prompt has {len(negatives)} entries, prompt has {n}")
-        return negatives
+        return list(negatives)
 
-    def _default_size(self) -> int:
+    def default_size(self) -> int:
+        """The image side the UNet was trained at, in pixels."""
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
 
-    def _plan(self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float) -> _Plan:
-        B, U = len(prompts), len(regions)
+    def plan(self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float, size) -> generation.Plan:
+        """The generation plan of checked inputs (:func:`lifelong_engine.generation.make_plan`)."""
         zero_negative = self.is_sdxl and self.pipe.config.force_zeros_for_empty_prompt
-        # None: no text (SDXL's zero embedding for an absent negative prompt, or no CFG at all)
-        neg_texts = [n if n is not None else (None if zero_negative else "") for n in negatives] if cfg else [None] * B
-        texts = [*neg_texts, *prompts, *(r[0] for r in regions)]
-        P = U + 1
-        image_prompt = [i // per_prompt for i in range(B * per_prompt)]
-        region_rows = U if (U and alpha < 1) else 0
-        slots, owner, paint = [], [], []
-        if cfg:
-            for b in image_prompt:
-                slots.append([b] * P)
-                owner.append(B + b)
-                paint.append([])
-        for b in image_prompt:
-            slots.append([B + b, *(2 * B + u for u in range(U))])
-            owner.append(B + b)
-            paint.append([(u + 1, box) for u, (_, box) in enumerate(regions)])
-        for u in range(region_rows):
-            for b in image_prompt:
-                slots.append([B + b] + [2 * B + u] * U)
-                owner.append(B + b)
-                paint.append([(1, regions[u][1])])
-        kinds = int(cfg) + 1 + region_rows
-        image_texts = torch.tensor([B + b for b in image_prompt])
-        return _Plan(texts, torch.tensor(slots), torch.tensor(owner), paint, kinds, B * per_prompt, image_texts)
+        return generation.make_plan(prompts, negatives, regions, per_prompt, cfg, alpha, size, zero_negative)
 
-    def prepare(
-        self,
-        plan: _Plan,
-        power: float,
-        norm: str,
-        top_k: int | None,
-        ewa: bool | None,
-        size: tuple[int, int],
-        library: Library | None = None,
-    ) -> _Prepared:
-        """Encode the plan's texts, weight the library and compute every layer's text K/V once."""
-        library = library or self.library()
-        real = [i for i, t in enumerate(plan.texts) if t is not None]
-        encoded = self.encode_prompt([plan.texts[i] for i in real], library)
-        n, (L, T, D) = len(plan.texts), encoded.per_layer.shape[1:]
-        per_layer = encoded.per_layer.new_zeros(n, L, T, D)
-        per_layer[real] = encoded.per_layer
-        pooled = None
-        if encoded.pooled is not None:
-            pooled = encoded.pooled.new_zeros(n, encoded.pooled.shape[-1])
-            pooled[real] = encoded.pooled
-        if ewa is None:
-            ewa = library.default_ewa
-        ids, psi = self.concept_weights(encoded, power, norm, top_k if ewa else None, library)
-        G = len(library.adapters)
-        full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=self.device)
-        full_psi = torch.zeros(n, L, ids.shape[-1], device=self.device)
-        full_ids[real] = ids
-        full_psi[real] = psi if ewa else torch.ones_like(psi)
-        # Every row uses its owner's weights: a negative prompt is weighted like its image's prompt.
-        text_owner = torch.arange(n)
-        text_owner[plan.slots[:, 0]] = plan.owner
-        full_ids, full_psi = full_ids[text_owner], full_psi[text_owner]
-
-        pool = library.pool if G else None
-        kv = self.text_kv(per_layer, pool, full_ids, full_psi, plan.slots)
-        latent = tuple(s // self.pipe.vae_scale_factor for s in size)
-        regions = RegionPlan(plan.paint, latent, self.device) if any(plan.paint) else None
-        ctx = GenerationContext(kv, regions)
-        if pool is not None and library.image_side:
-            ctx.pool = pool
-            for l, layer in enumerate(self.layers):
-                ctx.row_ids[layer] = full_ids[plan.owner, l]
-                ctx.row_weights[layer] = full_psi[plan.owner, l].to(self.dtype)
-        hidden = per_layer[plan.slots[:, 0], 0].to(self.dtype)  # read by no engine processor
-        return _Prepared(ctx, full_psi if G else None, pooled, hidden)
-
-    def _added_cond(self, plan: _Plan, pooled: Tensor | None, height: int, width: int) -> dict | None:
-        if not self.is_sdxl:
-            return None
-        projection = self.pipe.text_encoder_2.config.projection_dim
-        time_ids = self.pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=self.dtype, text_encoder_projection_dim=projection
-        )
-        rows = plan.slots.shape[0]
-        return {
-            "text_embeds": pooled[plan.slots[:, 0]].to(self.device, self.dtype),
-            "time_ids": time_ids.to(self.device).repeat(rows, 1),
-        }
-
-    def _latent_masks(self, regions, latents: Tensor) -> Tensor:
-        """(U, 1, 1, h, w) m_u at latent resolution, disjoint (a later box wins, as in attention)."""
-        h, w = latents.shape[-2:]
-        owner = torch.zeros(h, w, dtype=torch.long, device=latents.device)
-        for u, (_, box) in enumerate(regions):
-            owner[box_mask(box, h, w, latents.device)] = u + 1
-        masks = torch.stack([owner == u + 1 for u in range(len(regions))])
-        return masks[:, None, None].to(latents.dtype)
-
-    def _decode(self, latents: Tensor, output_type: str, generator):
+    def decode(self, latents: Tensor, output_type: str = "pil", generator=None):
+        """Latents → images as diffusers' pipelines return them (VAE, safety checker, watermark)."""
         pipe, vae = self.pipe, self.pipe.vae
         if output_type == "latent":
             return latents
@@ -622,22 +489,9 @@ class LifelongPipeline:
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
 
-def aggregate_noise(eps: Tensor, cfg: bool, guidance_scale: float, alpha: float, masks: Tensor | None) -> Tensor:
-    """Combine one step's UNet outputs, eps (kinds, images, C, h, w) = [uncond if cfg, global, region 1..U].
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
-    E = ε(∅) + s(ε(ĉ) − ε(∅)); E_u = ε(∅) + s(ε(ĉ_u, box_u) − ε(∅));
-    E* = α·E + Σ_u (1−α)·E_u ⊙ m_u, masks (U, 1, 1, h, w) m_u (DESIGN §5). Without regions, E.
-    """
-    uncond = eps[0] if cfg else None
 
-    def guided(e: Tensor) -> Tensor:
-        return uncond + guidance_scale * (e - uncond) if cfg else e
-
-    first = int(cfg)
-    E = guided(eps[first])
-    if masks is None:
-        return E
-    out = alpha * E
-    for u in range(masks.shape[0]):
-        out = out + (1 - alpha) * guided(eps[first + 1 + u]) * masks[u]
-    return out
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -1,10 +1,16 @@
-"""AdapterPool: concepts stacked into the tensors the fused ops gather from.
+"""AdapterPool: concepts stacked into the tensors the fused ops gather from, and the concepts of one generation.
 
-For every ``attn2`` layer and projection, the LoRA factors of G concepts become one
-``a`` (G, r, Din) and one ``b`` (G, Dout, r) tensor, ranks zero-padded to the largest
-rank r and each concept's scale alpha/rank folded into its ``b``, so
-``ops.lora_kv_projection(..., ids, weights, scale=1.0)`` mixes any subset of concepts per
-sample by id. A concept that does not adapt a layer or projection has zeros there.
+For every ``attn2`` layer and projection the pool holds one ``a`` (capacity, r, Din) and one ``b``
+(capacity, Dout, r) tensor: entry i is one concept's LoRA factors, zero-padded to the pool's rank r,
+with its scale alpha/rank folded into ``b``, so ``ops.lora_kv_projection(..., ids, weights, scale=1.0)``
+mixes any subset of entries per sample by id. A concept that does not adapt a layer or projection has
+zeros there; an empty entry is all zeros. Next to the factors the pool keeps each entry's concept
+embedding ê (L, D), computed once when the concept is placed, which EWA reads.
+
+The pool has a fixed capacity and is written with :meth:`AdapterPool.place`; the pipeline builds one
+sized to its library, the serving engine's :class:`~lifelong_engine.serving.ConceptCache` adds LRU,
+pinning and a byte budget on top of one, and the trainer stacks the frozen concepts of a task in one.
+:class:`Library` is what one generation reads: the concepts, the pool and each concept's entry in it.
 """
 
 from __future__ import annotations
@@ -16,15 +22,50 @@ from torch import Tensor
 
 from .concepts import ConceptAdapter
 
-__all__ = ["AdapterPool"]
+__all__ = ["AdapterPool", "Library"]
+
+KV = ("to_k", "to_v")
 
 
-@dataclasses.dataclass
 class AdapterPool:
-    """names: the G concepts, in pool order (their ids); factors: (layer, proj) → (a, b)."""
+    """names: the concept in each entry (None: empty), their index is the id the ops gather by;
+    factors: (layer, proj) → (a, b); embeddings: (L, capacity, D) float32 ê of each entry, or None."""
 
-    names: list[str]
-    factors: dict[tuple[str, str], tuple[Tensor, Tensor]]
+    def __init__(
+        self,
+        names: list[str | None],
+        factors: dict[tuple[str, str], tuple[Tensor, Tensor]],
+        embeddings: Tensor | None = None,
+    ):
+        self.names, self.factors, self.embeddings = list(names), dict(factors), embeddings
+
+    @classmethod
+    def empty(
+        cls,
+        widths: dict[tuple[str, str], tuple[int, int]],
+        capacity: int,
+        rank: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        projections: tuple[str, ...] = KV,
+        embedding_shape: tuple[int, int] | None = None,
+    ) -> AdapterPool:
+        """A pool of ``capacity`` empty entries of rank ``rank``; ``widths`` maps (layer, proj) → (Din, Dout)
+        of the UNet's projections, of which those in ``projections`` get factors; ``embedding_shape``:
+        (L, D) of the concept embeddings ê, None for a pool without them."""
+        factors = {
+            (layer, proj): (
+                torch.zeros(capacity, rank, din, device=device, dtype=dtype),
+                torch.zeros(capacity, dout, rank, device=device, dtype=dtype),
+            )
+            for (layer, proj), (din, dout) in widths.items()
+            if proj in projections
+        }
+        embeddings = None
+        if embedding_shape is not None:
+            L, D = embedding_shape
+            embeddings = torch.zeros(L, capacity, D, device=device, dtype=torch.float32)
+        return cls([None] * capacity, factors, embeddings)
 
     @classmethod
     def build(
@@ -33,31 +74,120 @@ class AdapterPool:
         widths: dict[tuple[str, str], tuple[int, int]],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        embeddings: list[Tensor] | None = None,
     ) -> AdapterPool:
-        """Stack ``adapters``; ``widths`` maps (layer, proj) → (Din, Dout) of every projection the pool
-        serves (K and V of every layer at least). Projections no adapter uses are left out."""
+        """A pool holding exactly ``adapters`` (ids 0..G-1) at their largest rank, with K and V and every
+        other projection of ``widths`` some adapter adapts; ``embeddings``: each adapter's ê (L, D)."""
+        used = {p for a in adapters for p in a.projections}
+        projections = tuple(p for p in dict.fromkeys(proj for _, proj in widths) if p in KV or p in used)
+        shape = tuple(embeddings[0].shape) if embeddings else None
         rank = max((a.rank for a in adapters), default=1)
-        factors = {}
-        for (layer, proj), (din, dout) in widths.items():
-            users = [(g, ad) for g, ad in enumerate(adapters) if proj in ad.projections and layer in ad.layers]
-            if not users and proj not in ("to_k", "to_v"):
-                continue
-            a = torch.zeros(len(adapters), rank, din, device=device, dtype=dtype)
-            b = torch.zeros(len(adapters), dout, rank, device=device, dtype=dtype)
-            for g, ad in users:
-                a_g, b_g = ad.factors(layer, proj)
-                a[g, : ad.rank] = a_g.to(device=device, dtype=dtype)
-                b[g, :, : ad.rank] = (b_g.to(device=device, dtype=torch.float32) * ad.scale).to(dtype)
-            factors[layer, proj] = (a, b)
-        return cls([a.name for a in adapters], factors)
+        pool = cls.empty(widths, len(adapters), rank, device, dtype, projections, shape)
+        for i, adapter in enumerate(adapters):
+            pool.place(i, adapter, embeddings[i] if embeddings else None)
+        return pool
+
+    # ------------------------------------------------------------------ layout
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def capacity(self) -> int:
+        return len(self.names)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[1] if self.factors else 0
+
+    @property
+    def projections(self) -> set[str]:
+        return {proj for _, proj in self.factors}
+
+    def fits(self, adapter: ConceptAdapter) -> bool:
+        """True when ``adapter`` can be placed: its rank and projections are within the pool's."""
+        return adapter.rank <= self.rank and set(adapter.projections) <= self.projections
+
     def get(self, layer: str, proj: str) -> tuple[Tensor, Tensor] | None:
-        """(a, b) of one projection, or None when no concept adapts it."""
+        """(a, b) of one projection, or None when the pool holds none for it."""
         return self.factors.get((layer, proj))
 
     @property
+    def image_side(self) -> bool:
+        """True when the pool holds factors of to_q or to_out.0 (applied to image tokens every step)."""
+        return bool(self.projections - set(KV))
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one entry: its factors of every layer and projection, and its ê."""
+        factors = sum(t[0].numel() * t.element_size() for ab in self.factors.values() for t in ab)
+        emb = self.embeddings[:, 0].numel() * 4 if self.embeddings is not None else 0
+        return factors + emb
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ab in self.factors.values() for t in ab)
+        return self.entry_bytes * self.capacity
+
+    # ----------------------------------------------------------------- writing
+
+    def place(self, index: int, adapter: ConceptAdapter, embedding: Tensor | None = None) -> None:
+        """Write ``adapter`` (and its ê (L, D)) into entry ``index``, replacing what was there."""
+        if not 0 <= index < self.capacity:
+            raise IndexError(f"pool entry {index} outside [0, {self.capacity - 1}]")
+        if not self.fits(adapter):
+            raise ValueError(
+                f"concept {adapter.name!r} (rank {adapter.rank}, {adapter.projections}) does not fit this pool "
+                f"(rank {self.rank}, {sorted(self.projections)})"
+            )
+        layers = set(adapter.layers)
+        for (layer, proj), (a, b) in self.factors.items():
+            a[index].zero_()
+            b[index].zero_()
+            if layer in layers and proj in adapter.projections:
+                fa, fb = adapter.factors(layer, proj)
+                a[index, : adapter.rank] = fa.to(a.device, a.dtype)
+                b[index, :, : adapter.rank] = (fb.to(b.device, torch.float32) * adapter.scale).to(b.dtype)
+        if self.embeddings is not None:
+            if embedding is None:
+                raise ValueError(f"concept {adapter.name!r}: this pool keeps concept embeddings; none given")
+            self.embeddings[:, index] = embedding.to(self.embeddings.device, torch.float32)
+        self.names[index] = adapter.name
+
+    def clear(self, index: int) -> None:
+        """Empty entry ``index`` (zeros; ids that point at it add nothing)."""
+        for a, b in self.factors.values():
+            a[index].zero_()
+            b[index].zero_()
+        self.names[index] = None
+
+
+@dataclasses.dataclass
+class Library:
+    """The concepts one generation uses: adapters (in order), the pool holding them and each one's
+    entry in it (G,). LifelongPipeline's own library is :meth:`LifelongPipeline.library`; the serving
+    engine's cache builds one per request."""
+
+    adapters: list[ConceptAdapter]
+    pool: AdapterPool | None
+    ids: Tensor
+
+    @property
+    def embeddings(self) -> Tensor | None:
+        """(L, G, D) float32: each concept's ê, in library order."""
+        if not self.adapters or self.pool is None or self.pool.embeddings is None:
+            return None
+        return self.pool.embeddings[:, self.ids]
+
+    @property
+    def tokens(self) -> dict[str, ConceptAdapter]:
+        return {c.token: c for c in self.adapters}
+
+    @property
+    def default_ewa(self) -> bool:
+        """EWA when every concept was learned with CIDM; otherwise the plain sum."""
+        return bool(self.adapters) and all(c.method == "cidm" for c in self.adapters)
+
+    @property
+    def image_side(self) -> bool:
+        """True when some concept adapts to_q or to_out (applied to image tokens at every step)."""
+        return any(p not in KV for c in self.adapters for p in c.projections)

@@ -37,13 +37,15 @@ _CHUNK_ROWS = 64  # text-encoder rows per forward pass
 class EncodedPrompts:
     """per_layer: (n, L, T, D) ĉ^l of each prompt; pooled: (n, Dp) or None (SDXL's text_embeds);
     word_mask: (n, T) the prompt's own tokens (no BOS, EOS or padding); eos: (n,) EOS positions;
-    concept_mask: (n, T) positions holding concept token rows."""
+    concept_mask: (n, T) positions holding concept token rows; positions[i]: the token positions of each
+    concept named in prompt i (one list per concept, in order of first appearance; first tokenizer)."""
 
     per_layer: Tensor
     pooled: Tensor | None
     word_mask: Tensor
     eos: Tensor
     concept_mask: Tensor
+    positions: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
     @property
     def ewa_mask(self) -> Tensor:
@@ -160,10 +162,14 @@ class PromptEncoder:
         pos = torch.arange(T, device=device)
         word_mask = (pos[None] > 0) & (pos[None] < eos[:, None])
         concept_mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+        positions = []
         for p, t in enumerate(first):
-            for position, _, _ in t.concept_rows:
-                concept_mask[p, position] = True
-        return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask)
+            by_concept: dict[str, list[int]] = {}
+            for position, concept, _ in t.concept_rows:
+                by_concept.setdefault(concept.token, []).append(position)
+            positions.append(list(by_concept.values()))
+            concept_mask[p, [position for position, _, _ in t.concept_rows]] = True
+        return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions)
 
     def _run_encoder(self, encoder, ids: Tensor, subs: list, offset: int, width: int) -> tuple[Tensor, Tensor | None]:
         hidden, pooled = [], []

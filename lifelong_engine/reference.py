@@ -105,23 +105,31 @@ def lora_kv_projection_backward(
     Returns (dc, da_k, db_k, da_v, db_v, dweights).
     """
     dc = grad_k @ w_k + grad_v @ w_v
-    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
-    dweights = torch.zeros(weights.shape, dtype=c.dtype, device=c.device)
-    if ids.numel() and a_k.shape[0]:
-        valid = ids >= 0
+    dc_k, da_k, db_k, dw_k = lora_term_backward(grad_k, c, a_k, b_k, ids, weights, scale)
+    dc_v, da_v, db_v, dw_v = lora_term_backward(grad_v, c, a_v, b_v, ids, weights, scale)
+    return dc + dc_k + dc_v, da_k, db_k, da_v, db_v, dw_k + dw_v
+
+
+def lora_term_backward(
+    grad: Tensor, x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lora_term`: (dx, da, db, dweights), with u_s = x·A_sᵀ, ω = weights·scale
+    (0 on empty slots): dx = Σ_s ω_s·(dY·B_s)·A_s; dA[n] = Σ_{(b,s): ids=n} ω_bs·(dY[b]·B_n)ᵀ·x[b];
+    dB[n] = Σ_{(b,s): ids=n} ω_bs·dY[b]ᵀ·u_bs; dweights[b,s] = scale·Σ dY[b]·(u_bs·B_sᵀ), 0 on empty slots."""
+    dx = torch.zeros_like(x)
+    da, db = torch.zeros_like(a), torch.zeros_like(b)
+    dweights = torch.zeros(weights.shape, dtype=x.dtype, device=x.device)
+    if ids.numel() and a.shape[0]:
         idx = ids.clamp(min=0).long().reshape(-1)
-        wts = _slot_weights(ids, weights, scale, c.dtype)
-        for j, (a, b, g) in enumerate(((a_k, b_k, grad_k), (a_v, b_v, grad_v))):
-            a_s, b_s = _gather_adapters(a, b, ids)
-            u = torch.einsum("btd,bsrd->bstr", c, a_s)  # (B, S, T, r)
-            gb = torch.einsum("bto,bsor->bstr", g, b_s)  # dK·B_s
-            dc += torch.einsum("bstr,bs,bsrd->btd", gb, wts, a_s)
-            da_s = torch.einsum("bstr,bs,btd->bsrd", gb, wts, c)
-            db_s = torch.einsum("bto,bs,bstr->bsor", g, wts, u)
-            grads[2 * j].index_add_(0, idx, da_s.reshape(-1, *a.shape[1:]))
-            grads[2 * j + 1].index_add_(0, idx, db_s.reshape(-1, *b.shape[1:]))
-            dweights += torch.where(valid, torch.einsum("bstr,bstr->bs", gb, u) * scale, 0)
-    return (dc, *grads, dweights.to(weights.dtype))
+        wts = _slot_weights(ids, weights, scale, x.dtype)
+        a_s, b_s = _gather_adapters(a, b, ids)
+        u = torch.einsum("btd,bsrd->bstr", x, a_s)  # (B, S, T, r)
+        gb = torch.einsum("bto,bsor->bstr", grad, b_s)  # dY·B_s
+        dx = torch.einsum("bstr,bs,bsrd->btd", gb, wts, a_s)
+        da.index_add_(0, idx, torch.einsum("bstr,bs,btd->bsrd", gb, wts, x).reshape(-1, *a.shape[1:]))
+        db.index_add_(0, idx, torch.einsum("bto,bs,bstr->bsor", grad, wts, u).reshape(-1, *b.shape[1:]))
+        dweights = torch.where(ids >= 0, torch.einsum("bstr,bstr->bs", gb, u) * scale, 0)
+    return dx, da, db, dweights.to(weights.dtype)
 
 
 # ------------------------------------------------------------------ regional attention
@@ -137,6 +145,15 @@ def _regional_scores(q: Tensor, k: Tensor, region_ids: Tensor, kv_len: Tensor | 
     if kv_len is not None:
         allowed = allowed & (torch.arange(t_len, device=q.device) < kv_len[:, None, None, :, None])
     return s.masked_fill(~allowed, float("-inf")).flatten(-2)
+
+
+def _valid_kv(k: Tensor, v: Tensor, kv_len: Tensor | None) -> tuple[Tensor, Tensor]:
+    """k, v with the keys and values ≥ kv_len zeroed: they are masked out of the softmax, and
+    where() keeps a NaN or inf stored there from reaching the output as 0·NaN."""
+    if kv_len is None:
+        return k, v
+    keep = (torch.arange(k.shape[3], device=k.device) < kv_len[:, :, None])[:, :, None, :, None]
+    return torch.where(keep, k, 0), torch.where(keep, v, 0)
 
 
 def _flat_kv(x: Tensor) -> Tensor:
@@ -157,9 +174,11 @@ def regional_cross_attention(
     q: (B, H, N, d); k, v: (B, P, H, T, d), slot 0 = global prompt; region_ids: (B, N) int in
     [0, P); kv_len: (B, P) int in [1, T] or None (all T keys valid); scale: d**-0.5 if None.
     Semantics: out[b,h,n] = softmax(q[b,h,n]·k[b,p,h,:L]ᵀ·scale)·v[b,p,h,:L],
-               p = region_ids[b,n], L = kv_len[b,p]. Returns (B, H, N, d).
+               p = region_ids[b,n], L = kv_len[b,p]. Keys and values ≥ L never reach the output
+               (not even a NaN stored there). Returns (B, H, N, d).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = _valid_kv(k, v, kv_len)
     probs = torch.softmax(_regional_scores(q, k, region_ids, kv_len, scale), dim=-1)
     return probs @ _flat_kv(v)
 
@@ -179,6 +198,7 @@ def regional_cross_attention_backward(
     Returns (dq, dk, dv) shaped like q, k, v.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = _valid_kv(k, v, kv_len)
     probs = torch.softmax(_regional_scores(q, k, region_ids, kv_len, scale), dim=-1)
     kf, vf = _flat_kv(k), _flat_kv(v)
     out = probs @ vf
@@ -198,6 +218,11 @@ def regional_cross_attention_backward(
 
 def _normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _unmasked(prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
+    """prompt with the tokens outside prompt_mask zeroed (where(): a NaN in padding reaches nothing)."""
+    return prompt if prompt_mask is None else torch.where(prompt_mask[:, None, :, None], prompt, 0)
 
 
 def _ewa_similarity(prompt: Tensor, concepts: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -224,13 +249,15 @@ def ewa_weights(
 
     prompt: (B, L, T, D) per-layer prompt embeddings ĉ^l; concepts: (L, G, D) per-layer concept
     embeddings ê^l_g; prompt_mask: (B, T) bool, tokens that count (None = all).
-    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);
-               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖, the norm L2 ("fro") or L1 ("l1").
-    Cosines use max(‖x‖, NORM_EPS) as each norm, and the normaliser is floored at NORM_EPS,
-    so zero vectors give ψ = 0. Returns psi (B, L, G).
+    Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);  M⁺ = max(M, 0);
+               psi[b,l,g] = M⁺^power / ‖M⁺[b,l,:]^power‖, the norm L2 ("fro") or L1 ("l1").
+    A concept no prompt token points towards (M ≤ 0) gets ψ = 0, so ψ is a finite, non-negative
+    weighting for every power > 0 (M^1.5 of a negative M would be NaN, M^1 negative); a row
+    whose M are all ≤ 0 is all zeros (no concept applies). Cosines use max(‖x‖, NORM_EPS) as each
+    norm, and the normaliser is floored at NORM_EPS, so zero vectors give ψ = 0. Returns psi (B, L, G).
     """
-    m, _ = _ewa_similarity(prompt, concepts, prompt_mask)
-    m_pow = m.pow(power)
+    m, _ = _ewa_similarity(_unmasked(prompt, prompt_mask), concepts, prompt_mask)
+    m_pow = m.clamp_min(0).pow(power)
     return m_pow / _ewa_normaliser(m_pow, norm)
 
 
@@ -243,20 +270,21 @@ def ewa_weights_backward(
     norm: str = "fro",
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`ewa_weights` (the max routes the gradient to its argmax token t*):
-      P = M^power, n = ‖P‖:  dP = (dψ − s·Σ_g dψ·ψ) / n,  s = ψ ("fro") or sign(P) ("l1")
-      dM = dP·power·M^(power−1);  dcos[b,l,t*,g] = dM
+      P = M⁺^power, n = ‖P‖:  dP = (dψ − s·Σ_g dψ·ψ) / n,  s = ψ ("fro") or sign(P) ("l1")
+      dM = dP·power·M^(power−1) where M > 0, else 0;  dcos[b,l,t*,g] = dM
       dx̂ = Σ_g dcos·ê,  dê = Σ_{b,t} dcos·x̂;  through x̂ = x / ‖x‖:  dx = (dx̂ − x̂·(x̂·dx̂)) / ‖x‖
     Returns (dprompt, dconcepts).
     """
+    prompt = _unmasked(prompt, prompt_mask)
     xh, eh = _normalize(prompt), _normalize(concepts)
     m, t_star = _ewa_similarity(prompt, concepts, prompt_mask)
-    m_pow = m.pow(power)
+    m_pow = m.clamp_min(0).pow(power)
     n = _ewa_normaliser(m_pow, norm)
     psi = m_pow / n
     s = psi if norm == "fro" else m_pow.sign()
     s = torch.where(n > NORM_EPS, s, 0)  # a floored normaliser is a constant
     d_pow = (grad_psi - s * (grad_psi * psi).sum(-1, keepdim=True)) / n
-    d_m = d_pow * power * m.pow(power - 1)
+    d_m = torch.where(m > 0, d_pow * power * torch.where(m > 0, m, 1).pow(power - 1), 0)
     d_cos = torch.zeros(*prompt.shape[:3], concepts.shape[1], dtype=prompt.dtype, device=prompt.device)
     d_cos.scatter_(2, t_star.unsqueeze(2), d_m.unsqueeze(2))  # (B, L, T, G)
     d_xh = torch.einsum("bltg,lgd->bltd", d_cos, eh)

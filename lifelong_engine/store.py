@@ -3,26 +3,38 @@
 Layout of a store directory::
 
     index.sqlite                                   SQLite index (WAL), one row per concept version
-    concepts/<namespace>/<name>/v<version>.safetensors
-    staging/                                       files being written; training checkpoints
+    concepts/<namespace>/<name>/v<version>-<id>.safetensors   (<id>: random, unique per save)
+    staging/                                       files being written (<stem>.<pid>.tmp); training checkpoints
 
 Durability: a save writes the safetensors bytes to ``staging/`` and fsyncs them, then, holding
 the index's write lock (``BEGIN IMMEDIATE``), allocates the version, renames the file into
 place, fsyncs the directory and commits the index row. A process killed at any moment leaves
 the index naming only complete, verified files: before the commit the new version does not
-exist (a file renamed into place without its row is overwritten by the next save of that
-version, and is never listed); after it, it is whole. Concurrent writers serialise on the
-index lock. Loading checks each file's sha256 against the index and never unpickles.
+exist (a file renamed into place without its row is an orphan, never listed, and ``prune``
+collects it); after it, it is whole. Concurrent writers serialise on the index lock.
+
+Safety against races and hostile files: file names are never reused (a delete racing a save of
+the same name cannot unlink the new version's file); every path the store touches is proven to be
+the concept's own place under the root (a tampered index cannot make it read or delete anything
+else); a file is opened without following links and checked to be a regular file of the recorded
+size before a byte is read; a concurrent delete/prune between the index read and the file read makes
+``load`` look again instead of failing; ``prune`` removes only the temp files of writers that are no
+longer running and the orphans it sees while holding the write lock. Index (SQLite) failures, a
+corrupt index or a full disk included, are ConceptStoreErrors naming the index. Loading checks each
+file's sha256 against the index and never unpickles.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -56,6 +68,12 @@ CREATE TABLE IF NOT EXISTS concepts (
     PRIMARY KEY (namespace, name, version)
 );
 """
+# Where a version's file may be: its own folder, v<version>[-<id>].safetensors (no id: stores written before ids).
+_FILE = re.compile(
+    r"concepts/(?P<namespace>[^/]+)/(?P<name>[^/]+)/v(?P<version>[0-9]+)(?:-[0-9a-f]{8,64})?\.safetensors"
+)
+# Temp files of writers: <stem>.<pid>.tmp (saves, atomic_torch_save) or <pid>-<hex>.tmp (older saves).
+_TEMP = re.compile(r"(?:.+\.(?P<pid>[0-9]+)|(?P<old_pid>[0-9]+)-[0-9a-f]+)\.tmp")
 _COLUMNS = (
     "namespace, name, version, token, words, class_word, base_fingerprint, rank, method, file, sha256, size, created"
 )
@@ -82,7 +100,14 @@ class ConceptRecord:
     @classmethod
     def _from_row(cls, row: tuple) -> ConceptRecord:
         values = list(row)
-        values[4] = json.loads(values[4])
+        types = (str, str, int, str, str, (str, type(None)), str, int, str, str, str, int, (float, int))
+        try:
+            values[4] = json.loads(values[4]) if isinstance(values[4], str) else None
+            ok = all(isinstance(v, t) for v, t in zip(row, types)) and isinstance(values[4], list)
+        except ValueError:
+            ok = False
+        if not ok:  # a tampered or damaged index
+            raise ConceptStoreError(f"index.sqlite: a malformed row for concept {row[0]!r}/{row[1]!r}: {row!r}"[:300])
         return cls(*values)
 
 
@@ -99,12 +124,19 @@ class ConceptStore:
         (self.root / "concepts").mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.root / "index.sqlite", timeout=timeout, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        index = self.root / "index.sqlite"
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(index).st_mode):
+                raise ConceptStoreError(f"{index}: the index is not a regular file")
+        with self._index_errors():
+            self._db = sqlite3.connect(index, timeout=timeout, isolation_level=None, check_same_thread=False)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            except BaseException:
+                self._db.close()
+                raise
 
     @property
     def staging(self) -> Path:
@@ -128,26 +160,37 @@ class ConceptStore:
     def save(self, adapter: ConceptAdapter, namespace: str = "default") -> int:
         """Store ``adapter`` as the next version of its name in ``namespace``; returns the version."""
         validate_name(namespace, "namespace")
+        validate_name(adapter.name)  # the adapter may have been renamed since it was built
         if not adapter.is_finite():
             raise ValueError(f"concept {adapter.name!r}: refusing to save non-finite (NaN/inf) tensors")
         tensors, header = adapter.to_safetensors()
         data = safetensors.torch.save(tensors, metadata=header)
         digest = hashlib.sha256(data).hexdigest()
-        tmp = self.staging / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        unique = uuid.uuid4().hex[:16]
+        tmp = self.staging / f"save-{unique}.{os.getpid()}.tmp"
         try:
-            _write_durably(tmp, data)
+            try:
+                _write_durably(tmp, data)
+            except OSError as e:  # e.g. a full disk
+                raise ConceptStoreError(f"concept {namespace}/{adapter.name}: cannot write {tmp}: {e}") from e
             with self._transaction() as db:
                 (latest,) = db.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM concepts WHERE namespace=? AND name=?",
                     (namespace, adapter.name),
                 ).fetchone()
                 version = latest + 1
-                rel = f"concepts/{namespace}/{adapter.name}/v{version}.safetensors"
+                rel = f"concepts/{namespace}/{adapter.name}/v{version}-{unique}.safetensors"  # never reused
                 final = self.root / rel
                 try:
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp, final)
-                    _fsync_dir(final.parent)
+                    try:
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        self._check_inside(final, f"concept {namespace}/{adapter.name} v{version}")
+                        os.replace(tmp, final)
+                        _fsync_dir(final.parent)
+                    except OSError as e:
+                        raise ConceptStoreError(
+                            f"concept {namespace}/{adapter.name} v{version}: cannot write {rel}: {e}"
+                        ) from e
                     db.execute(
                         f"INSERT INTO concepts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
@@ -183,15 +226,22 @@ class ConceptStore:
                 "DELETE FROM concepts WHERE namespace=? AND name=? AND version=?",
                 [(r.namespace, r.name, r.version) for r in rows],
             )
-        self._unlink([r.file for r in rows])
+        # after the commit (a kill before it must leave every listed file in place); safe outside the
+        # lock because file names are never reused: a save racing this delete writes another file
+        self._unlink(rows)
         return len(rows)
 
     def prune(self, keep: int = 1) -> int:
         """Keep only the newest ``keep`` versions of every concept and remove leftovers of
-        interrupted saves; returns how many versions were removed."""
+        interrupted saves (orphan version files, temp files of writers no longer running);
+        returns how many versions were removed."""
         if keep < 1:
             raise ValueError(f"prune(keep={keep}): keep must be >= 1")
         with self._transaction() as db:
+            # Orphans (version files renamed into place by a save killed before its commit): a save
+            # renames and commits under this write lock, so no file seen now without a row is a live one.
+            # (Files of the rows deleted below go only after the commit: a kill before it keeps them.)
+            self._collect_orphans({r[0] for r in db.execute("SELECT file FROM concepts")})
             rows = [
                 ConceptRecord._from_row(r)
                 for r in db.execute(
@@ -205,9 +255,10 @@ class ConceptStore:
                 "DELETE FROM concepts WHERE namespace=? AND name=? AND version=?",
                 [(r.namespace, r.name, r.version) for r in rows],
             )
-        self._unlink([r.file for r in rows])
-        for leftover in self.staging.glob("*.tmp"):
-            if not _pid_alive(leftover.name.split("-", 1)[0]):
+        self._unlink(rows)
+        for leftover in self.staging.iterdir():
+            m = _TEMP.fullmatch(leftover.name)
+            if m and not _pid_alive(int(m["pid"] or m["old_pid"])):  # only dead writers' temp files
                 leftover.unlink(missing_ok=True)
         return len(rows)
 
@@ -227,12 +278,12 @@ class ConceptStore:
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY namespace, name, version"
-        with self._lock:
+        with self._lock, self._index_errors():
             return [ConceptRecord._from_row(r) for r in self._db.execute(query, args)]
 
     def record(self, name: str, namespace: str = "default", version: int | None = None) -> ConceptRecord:
         """The index record of a concept version (the newest when version is None)."""
-        with self._lock:
+        with self._lock, self._index_errors():
             rows = self._select(self._db, name, namespace, version, newest_only=True)
         if not rows:
             raise ConceptNotFoundError(self._describe_missing(name, namespace, version))
@@ -240,14 +291,24 @@ class ConceptStore:
 
     def load(self, name: str, namespace: str = "default", version: int | None = None) -> ConceptAdapter:
         """The concept (newest version unless given), verified against the index."""
-        rec = self.record(name, namespace, version)
-        return self._read(rec)
+        for _ in range(100):
+            rec = self.record(name, namespace, version)
+            try:
+                return self._read(rec)
+            except ConceptStoreError:
+                # A delete or prune may have removed this version between the index read and the file
+                # read: then look again (a newer version, or ConceptNotFoundError), else it is damage.
+                with self._lock, self._index_errors():
+                    now = self._select(self._db, name, namespace, rec.version, newest_only=True)
+                if now == [rec]:
+                    raise
+        raise ConceptStoreError(f"concept {namespace}/{name}: its versions kept changing while being read")
 
     def verify(self) -> list[str]:
         """Every problem found (index integrity, missing, truncated, altered or mismatched
         files); an empty list when the store is healthy."""
         problems = []
-        with self._lock:
+        with self._lock, self._index_errors():
             (integrity,) = self._db.execute("PRAGMA integrity_check").fetchone()
         if integrity != "ok":
             problems.append(f"index.sqlite: integrity check failed: {integrity}")
@@ -266,7 +327,7 @@ class ConceptStore:
         return True
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._index_errors():
             (n,) = self._db.execute("SELECT COUNT(DISTINCT namespace || '/' || name) FROM concepts").fetchone()
         return n
 
@@ -274,14 +335,23 @@ class ConceptStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._index_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _index_errors(self) -> Iterator[None]:
+        """SQLite's errors (corrupt index, disk full, locked for too long) as ConceptStoreErrors."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise ConceptStoreError(f"{self.root / 'index.sqlite'}: {e}") from e
 
     @staticmethod
     def _select(db, name: str, namespace: str, version: int | None, newest_only: bool) -> list[ConceptRecord]:
@@ -297,14 +367,49 @@ class ConceptStore:
         what = f"concept {namespace}/{name}" + (f" v{version}" if version is not None else "")
         return f"{what} is not in the store at {self.root}"
 
+    def _path(self, rec: ConceptRecord) -> Path:
+        """The file of ``rec``, proven to be that version's own place under the root."""
+        what = f"concept {rec.namespace}/{rec.name} v{rec.version}"
+        m = _FILE.fullmatch(rec.file)
+        try:
+            valid = m is not None and validate_name(m["namespace"]) and validate_name(m["name"])
+        except (TypeError, ValueError):
+            valid = False
+        if not valid or (m["namespace"], m["name"], int(m["version"])) != (rec.namespace, rec.name, rec.version):
+            raise ConceptStoreError(f"{what}: the index names {rec.file!r}, which is not this concept's file")
+        path = self.root / rec.file
+        self._check_inside(path, what)
+        return path
+
+    def _check_inside(self, path: Path, what: str) -> None:
+        """``path``'s folder, links resolved, must be under the root's concepts/ (no symlinked folders)."""
+        folder, concepts = os.path.realpath(path.parent), os.path.realpath(self.root / "concepts")
+        if os.path.commonpath([folder, concepts]) != concepts:
+            raise ConceptStoreError(f"{what}: {path.parent} leads outside the store (to {folder})")
+
     def _read(self, rec: ConceptRecord) -> ConceptAdapter:
         what = f"concept {rec.namespace}/{rec.name} v{rec.version} ({rec.file})"
-        try:
-            data = (self.root / rec.file).read_bytes()
+        path = self._path(rec)
+        try:  # no links, and no blocking on a FIFO; then type and size before a byte is read
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ConceptStoreError(f"{what}: the file is missing") from None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConceptStoreError(f"{what}: the file is a symbolic link; store files never are") from None
             raise ConceptStoreError(f"{what}: cannot read the file: {e}") from e
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ConceptStoreError(f"{what}: not a regular file (a FIFO, device or directory)")
+            if info.st_size != rec.size:
+                raise ConceptStoreError(
+                    f"{what}: the file has {info.st_size} bytes, the index says {rec.size} (truncated?)"
+                )
+            try:
+                data = f.read(rec.size + 1)
+            except OSError as e:
+                raise ConceptStoreError(f"{what}: cannot read the file: {e}") from e
         if len(data) != rec.size:
             raise ConceptStoreError(f"{what}: the file has {len(data)} bytes, the index says {rec.size} (truncated?)")
         digest = hashlib.sha256(data).hexdigest()
@@ -318,9 +423,27 @@ class ConceptStore:
             raise ConceptStoreError(f"{what}: the file holds concept {adapter.name!r}")
         return adapter
 
-    def _unlink(self, files: list[str]) -> None:
-        for rel in files:
-            (self.root / rel).unlink(missing_ok=True)
+    def _unlink(self, rows: list[ConceptRecord]) -> None:
+        """Remove the files of index rows already deleted; a row naming any other file touches nothing."""
+        for rec in rows:
+            with contextlib.suppress(ConceptStoreError):
+                self._path(rec).unlink(missing_ok=True)
+
+    def _collect_orphans(self, listed: set[str]) -> None:
+        """Remove version files no index row names, and emptied concept folders (under the write lock)."""
+        concepts = self.root / "concepts"
+        for folder in concepts.glob("*/*"):
+            if folder.is_symlink() or folder.parent.is_symlink() or not folder.is_dir():
+                continue  # never follow a link out of the store
+            for file in folder.iterdir():
+                rel = file.relative_to(self.root).as_posix()
+                if _FILE.fullmatch(rel) and rel not in listed and not file.is_dir():
+                    file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        for namespace in concepts.iterdir():
+            with contextlib.suppress(OSError):
+                namespace.rmdir()
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -345,10 +468,12 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def _pid_alive(pid: str) -> bool:
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -356,11 +481,17 @@ def _pid_alive(pid: str) -> bool:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save that never leaves a torn file: temp file, fsync, rename (checkpoints, training state)."""
+    """torch.save that never leaves a torn file: temp file, fsync, rename (checkpoints, training state).
+    The temp file is ``<name>.<pid>.tmp``, which ConceptStore.prune leaves alone while the pid runs."""
     path = Path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"cannot write {path} (disk full?): {' '.join(str(e).split())}") from e
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         tokens = [t for t in range(t_len) if prompt_mask is None or bool(prompt_mask[b, t])]
         for layer in range(layers):
             m = [max(_cos(prompt[b, layer, t], concepts[layer, g]) for t in tokens) for g in range(n_concepts)]
-            m_pow = [x**power for x in m]
+            m_pow = [max(x, 0.0) ** power for x in m]  # a concept no token points towards weighs 0
             total = sum(x * x for x in m_pow) ** 0.5 if norm == "fro" else sum(abs(x) for x in m_pow)
             for g in range(n_concepts):
                 psi[b, layer, g] = m_pow[g] / max(total, EPS)

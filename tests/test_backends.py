@@ -6,7 +6,7 @@ import inputs
 import pytest
 import torch
 
-from lifelong_engine import BackendUnavailableError, ops, reference
+from lifelong_engine import BackendUnavailableError, ops, reference, torch_backend
 from lifelong_engine.backends import Backend, register_backend, requested_backend, use_backend
 
 OPS = ("lora_kv_projection", "regional_cross_attention", "ewa_weights", "ewa_merge")
@@ -117,11 +117,12 @@ def test_register_rejects_unknown_names():
         register_backend(Backend("auto", {}, lambda op, args: None))
 
 
-def test_auto_keeps_cpu_tensors_on_the_reference(monkeypatch, backend_registry):
-    """Triton's CPU interpreter is for tests: auto never picks it, even when it is on."""
+def test_auto_keeps_cpu_tensors_off_triton(monkeypatch, backend_registry):
+    """Triton's CPU interpreter is for tests: auto never picks it, even when it is on (CPU tensors
+    go to the fast plain-PyTorch backend)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    picked = backend_registry.select("ewa_merge", inputs.merge(dtype=torch.float32), "auto")
-    assert picked is reference.ewa_merge
+    picked = backend_registry.select("regional_cross_attention", inputs.regional(dtype=torch.float32), "auto")
+    assert picked is torch_backend.regional_cross_attention
 
 
 def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):

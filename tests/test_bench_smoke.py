@@ -76,6 +76,8 @@ def test_quick_run_checks_and_records_every_provider(tmp_path):
             by_provider.setdefault(rec["provider"], []).append(rec)
         assert all(r["status"] == "ok" for r in by_provider["reference"])
         ours = by_provider["ours_grouped" if subject == "lora_kv_projection_unet" else "ours"]
+        if subject in ("regional_cross_attention", "lora_kv_projection", "ewa_merge"):  # the torch backend
+            assert by_provider["ours_cpu"] and all(r["status"] == "ok" for r in by_provider["ours_cpu"])
         if INTERPRET:  # the Triton kernels themselves, in the interpreter
             assert all(r["status"] == "ok" and r["interpreted"] for r in ours)
         else:

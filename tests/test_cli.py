@@ -104,3 +104,14 @@ def test_generate_on_a_diffusers_directory(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["generate", "a dog", "--model", str(tmp_path / "missing"), *common]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("error", [ValueError("first line\n  second line\n"), OSError()])
+def test_errors_are_printed_on_one_line(tmp_path, capsys, monkeypatch, error):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_concepts_list", fail)
+    assert cli.main(["concepts", "list", "--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and err.strip() != "error:", err

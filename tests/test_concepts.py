@@ -40,7 +40,9 @@ def test_is_finite():
     assert not adapter.is_finite()
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "", ".hidden", "x" * 129, "a..b", "-flag"])
+@pytest.mark.parametrize(
+    "name", ["../evil", "a/b", "a\\b", "", ".hidden", "x" * 129, "a..b", "-flag", "dog\n", "dog\n../x"]
+)
 def test_bad_names_rejected(name):
     with pytest.raises(ValueError, match="concept name"):
         validate_name(name)
@@ -54,6 +56,12 @@ def test_bad_names_rejected(name):
         (dict(concept_embeddings=torch.zeros(3, 2, 8)), "concept_embeddings has shape"),
         (dict(words=[]), "token and words must be non-empty"),
         (dict(metadata={"steps": 100}), "metadata must map str to str"),
+        (dict(alpha=float("nan")), "alpha must be a finite number > 0"),
+        (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
+        (dict(alpha=-2.0), "alpha must be a finite number > 0"),
+        (dict(lora={k: v.to(torch.complex64) for k, v in make_adapter().lora.items()}), "complex64"),
+        (dict(lora={k: v.bool() for k, v in make_adapter().lora.items()}), "torch.bool"),
+        (dict(token_embeddings=torch.zeros(1, 2, 8, dtype=torch.int64)), "token_embeddings must be a real floating"),
     ],
 )
 def test_inconsistent_adapters_rejected(change, message):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from concept_factory import concept_for_unet
 from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from lifelong_engine import LifelongPipeline
+from lifelong_engine import LifelongPipeline, generation
 from lifelong_engine.guidance import (
     AttentionGuidance,
     guidance_loss,
@@ -99,9 +99,9 @@ def test_guidance_moves_the_latents_and_lowers_its_loss(lp):
     assert plain.guidance_losses is None
 
     # one update at a fixed step lowers the loss (a small step along the negative gradient)
-    plan = lp._plan([PROMPT], [None], [], 1, True, 1.0)
-    prepared = lp.prepare(plan, 2.0, "fro", None, None, (16, 16))
-    guide = prepare_guidance(lp, options, plan, prepared, True, None, None)
+    plan = lp.plan([PROMPT], [None], [], 1, True, 1.0, (16, 16))
+    prepared = generation.condition(lp, plan, lp.library(), 7.5)
+    guide = prepare_guidance(lp, options, plan, prepared)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = lp.pipe.scheduler.timesteps[0]
     moved = guide_latents(lp, guide, latents, t, 0.5)
@@ -111,18 +111,18 @@ def test_guidance_moves_the_latents_and_lowers_its_loss(lp):
 
 
 def test_refinement_repeats_the_update_until_its_target(lp):
-    plan = lp._plan([PROMPT], [None], [], 1, True, 1.0)
-    prepared = lp.prepare(plan, 2.0, "fro", None, None, (16, 16))
+    plan = lp.plan([PROMPT], [None], [], 1, True, 1.0, (16, 16))
+    prepared = generation.condition(lp, plan, lp.library(), 7.5)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = lp.pipe.scheduler.timesteps[0]
     unreachable = AttentionGuidance(refine={0: 1.0}, max_refine=3, step_size=0.5)
-    state = prepare_guidance(lp, unreachable, plan, prepared, True, None, None)
+    state = prepare_guidance(lp, unreachable, plan, prepared)
     guide_latents(lp, state, latents, t, 0.5, step=0)
     assert state.updates == 4 and len(state.losses) == 1  # one update, then three more
     guide_latents(lp, state, latents, t, 0.5, step=1)  # no target at step 1
     assert state.updates == 5
     met = AttentionGuidance(refine={0: 1e-6}, max_refine=3)  # every peak is above 1e-6 at once
-    state = prepare_guidance(lp, met, plan, prepared, True, None, None)
+    state = prepare_guidance(lp, met, plan, prepared)
     guide_latents(lp, state, latents, t, 0.5, step=0)
     assert state.updates == 1
 

@@ -9,7 +9,7 @@ from lifelong_engine import cli
 
 
 def test_ops_registered_under_torch_ops_lifelong():
-    for name in ("lora_kv_projection", "regional_cross_attention", "ewa_weights", "ewa_merge"):
+    for name in ("lora_kv_projection", "lora_term", "regional_cross_attention", "ewa_weights", "ewa_merge"):
         assert getattr(torch.ops.lifelong, name) is not None
         assert getattr(lifelong_engine.ops, name).__doc__.strip()
 

@@ -12,10 +12,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from lifelong_engine import attention
-from lifelong_engine.attention import CONTEXT_KWARG, box_mask
+from lifelong_engine import generation
+from lifelong_engine.attention import CONTEXT_KWARG
 from lifelong_engine.errors import LifelongError
 from lifelong_engine.formats import export_lora
-from lifelong_engine.pipeline import LifelongPipeline, aggregate_noise
+from lifelong_engine.generation import aggregate_noise
+from lifelong_engine.pipeline import LifelongPipeline
+from lifelong_engine.regions import box_mask, check_regions
 
 STEPS = 3
 
@@ -155,7 +158,7 @@ def test_text_side_work_does_not_grow_with_steps(sd, monkeypatch):
 
     monkeypatch.setattr(attention.ops, "lora_kv_projection", counting)
     for layer in lp.layers:
-        lp._attn[layer].to_k.register_forward_hook(lambda *_: calls.__setitem__("to_k", calls["to_k"] + 1))
+        lp.attention[layer].to_k.register_forward_hook(lambda *_: calls.__setitem__("to_k", calls["to_k"] + 1))
     sd.text_encoder.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
     counts = []
     for steps in (3, 6):
@@ -172,15 +175,15 @@ def test_text_side_work_does_not_grow_with_steps(sd, monkeypatch):
 def test_a_query_in_box_u_attends_only_to_prompt_u(sd):
     lp = LifelongPipeline.from_pipe(sd)
     regions = [("a green cat", (0.0, 0.0, 0.5, 1.0)), ("a small dog", (0.25, 0.5, 1.0, 1.0))]
-    plan = lp._plan(["a red ball"], [None], lp._check_regions(regions), 1, True, 1.0)
-    prepared = lp.prepare(plan, 2.0, "fro", None, True, (16, 16))
+    plan = lp.plan(["a red ball"], [None], check_regions(regions, 8), 1, True, 1.0, (16, 16))
+    prepared = generation.condition(lp, plan, lp.library(), 7.5, ewa=True)
     texts = {"global": "a red ball", "r1": regions[0][0], "r2": regions[1][0]}
     enc = {k: lp.encode_prompt(v).per_layer for k, v in texts.items()}
     layer = lp.layers[0]
     l = 0
-    attn = lp._attn[layer]
+    attn = lp.attention[layer]
     h = w = 8  # first down block: latent resolution
-    hidden = torch.randn(plan.slots.shape[0], h * w, attn.to_q.in_features)
+    hidden = torch.randn(plan.rows, h * w, attn.to_q.in_features)
     with torch.no_grad():
         got = attn(hidden, encoder_hidden_states=prepared.hidden, **{CONTEXT_KWARG: prepared.context})
         plain = AttnProcessor2_0()

@@ -132,7 +132,7 @@ def test_eviction_under_a_tiny_budget_still_answers_correctly(lp, store):
     with Engine(lp, store) as roomy:
         expected = [pixels(r) for r in roomy.generate(reqs)]
     with Engine(lp, store, device_bytes=1, max_batch_rows=2) as tight:
-        assert tight.cache.slots == 1
+        assert tight.cache.capacity == 1
         got = [pixels(r) for r in tight.generate(reqs)]
         assert tight.cache.stats["evictions"] >= 4
     for g, e in zip(got, expected):
@@ -141,24 +141,21 @@ def test_eviction_under_a_tiny_budget_still_answers_correctly(lp, store):
 
 def test_a_higher_rank_concept_regrows_the_pool_within_its_budget(lp, store):
     """A Custom Diffusion concept (full-rank factors) among rank-2 LoRAs: the pool's rank grows and its
-    slot count shrinks so the pool stays inside device_bytes; a request may name the wide one last."""
+    capacity shrinks so the pool stays inside device_bytes; a request may name the wide one last."""
     width = lp.text.token_width
     store.save(concept_for_unet(lp.unet, "wide4", width, rank=24, seed=7, method="custom-diffusion"))
     mixed = request("a <dog1> and a <wide4>", ("dog1", "wide4"), seed=1)
     with Engine(lp, store) as roomy:
-        budget = 12 * roomy.cache.slot_bytes  # twelve slots at rank 4
+        budget = 12 * roomy.cache.entry_bytes  # twelve entries at rank 4
         expected = pixels(roomy.generate([mixed])[0])
     with Engine(lp, store, device_bytes=budget) as engine:
         cache = engine.cache
-        assert cache.slots == 12 and cache.rank == 4
+        assert cache.capacity == 12 and cache.rank == 4
         engine.generate([request()])
         got = pixels(engine.generate([mixed])[0])
         assert cache.rank == 24 and cache.stats["rank_growths"] == 1
-        assert cache.slots == budget // cache.slot_bytes == 2
-        pool_bytes = sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in cache.factors.values()
-        )
-        assert pool_bytes <= budget
+        assert cache.capacity == budget // cache.entry_bytes == 2
+        assert cache.pool.nbytes <= budget
     np.testing.assert_allclose(got, expected, atol=2)
 
 

@@ -5,7 +5,6 @@ Skipped only when the weights are missing from the package (they ship with it; s
 """
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -56,12 +55,9 @@ def test_shipped_model_follows_prompts(shipped):
 
 def test_quick_demo_learns_concepts(tmp_path):
     """``lifelong-engine demo --quick`` on the shipped model, as the README runs it."""
-    started = time.perf_counter()
     assert cli_main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    seconds = time.perf_counter() - started
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "finished" and report["environment"]["quick"]
     s = report["summary"]
     assert s["ia_after_learning"] > s["base_ia"]  # learning a concept makes its images look like it
     assert (tmp_path / "grid.png").stat().st_size > 0
-    assert seconds < 300, f"demo --quick took {seconds:.0f} s"

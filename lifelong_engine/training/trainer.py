@@ -43,6 +43,7 @@ import dataclasses
 import math
 import os
 import resource
+import stat
 import tempfile
 import time
 import warnings
@@ -57,7 +58,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..attention import CONTEXT_KWARG, GenerationContext
+from ..attention import GenerationContext, unet_forward
 from ..concepts import ConceptAdapter, factors_from_delta, validate_name
 from ..errors import LifelongError
 from ..pool import AdapterPool
@@ -158,6 +159,9 @@ class ContinualTrainer:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if rank < 1 or max_steps < 1 or batch_size < 1 or words < 1 or checkpoint_every < 1:
             raise ValueError("rank, max_steps, batch_size, words and checkpoint_every must be at least 1")
+        for option, lr in (("learning_rate", learning_rate), ("token_learning_rate", token_learning_rate)):
+            if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"{option} must be a finite number > 0, got {lr!r}")
         self.pipeline, self.method, self.rank = pipeline, method, rank
         self.max_steps, self.learning_rate, self.batch_size = max_steps, learning_rate, batch_size
         self.token_learning_rate = token_learning_rate or learning_rate
@@ -309,12 +313,12 @@ class ContinualTrainer:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
             if not files:
                 raise ValueError(f"images: no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
-            images = [PIL.Image.open(p) for p in files]
+            images = [_open_image(p) for p in files]
         elif isinstance(images, Tensor):
             if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
                 raise ValueError(f"images: a tensor must be (N, 3, H, W) float in [0, 1], got {tuple(images.shape)}")
-            if images.min() < 0 or images.max() > 1:
-                raise ValueError("images: tensor values must lie in [0, 1]")
+            if not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
+                raise ValueError("images: tensor values must be finite and lie in [0, 1]")
             images = [PIL.Image.fromarray((x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
                       for x in images]  # fmt: skip
         images = list(images)
@@ -470,14 +474,8 @@ class ContinualTrainer:
         if lp.is_sdxl:
             time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
             added = {"text_embeds": enc.pooled.to(lp.dtype), "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1)}
-        return lp.unet(
-            noisy.to(lp.dtype),
-            t,
-            encoder_hidden_states=enc.per_layer[:, 0].to(lp.dtype),
-            cross_attention_kwargs={CONTEXT_KWARG: GenerationContext(kv)},
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        hidden = enc.per_layer[:, 0].to(lp.dtype)
+        return unet_forward(lp.unet, noisy.to(lp.dtype), t, GenerationContext(kv), hidden, added)
 
     def _noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
@@ -737,10 +735,16 @@ class ContinualTrainer:
         path = self._state_path()
         if not path.exists():
             return
-        state = torch.load(path, map_location=self.pipeline.device, weights_only=True)
-        self._r2 = {tuple(k.split("|")): v for k, v in state["r2"].items()}
-        self._fisher, self._anchors = state["fisher"], state["anchors"]
-        self.memory.load_state_dict(*state["memory"])
+        try:
+            state = torch.load(path, map_location=self.pipeline.device, weights_only=True)
+            self._r2 = {tuple(k.split("|")): v for k, v in state["r2"].items()}
+            self._fisher, self._anchors = state["fisher"], state["anchors"]
+            self.memory.load_state_dict(*state["memory"])
+        except Exception as e:  # truncated or not this trainer's state
+            raise TrainingError(
+                f"trainer state {path}: cannot read it: {' '.join(str(e).split())[:300]}; "
+                "delete it to start the run's method state over"
+            ) from e
 
     def _save_checkpoint(self, path: Path, state: dict, gen: torch.Generator, step: int) -> None:
         _atomic_save(
@@ -756,15 +760,34 @@ class ContinualTrainer:
         )
 
     def _load_checkpoint(self, path: Path, state: dict, gen: torch.Generator) -> int:
-        ckpt = torch.load(path, map_location=self.pipeline.device, weights_only=True)
-        with torch.no_grad():
-            for k, v in ckpt["params"].items():
-                state["params"][k].copy_(v)
-        state["optimizer"].load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"].cpu())
-        state["losses"] = ckpt["losses"].tolist()
-        self._r2 = {tuple(k.split("|")): v for k, v in ckpt["r2"].items()}
-        return int(ckpt["step"])
+        def refuse(why: str) -> TrainingError:
+            return TrainingError(f"checkpoint {path}: cannot resume from it: {why}; delete it to start over")
+
+        try:
+            ckpt = torch.load(path, map_location=self.pipeline.device, weights_only=True)
+            params = ckpt["params"]
+            have = {k: tuple(v.shape) for k, v in params.items()}
+        except Exception as e:  # truncated, not a checkpoint, ...
+            raise refuse(" ".join(str(e).split())[:300]) from e
+        want = {k: tuple(v.shape) for k, v in state["params"].items()}
+        if have != want:
+            diff = next(
+                (k, have.get(k), want.get(k)) for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)
+            )
+            raise refuse(
+                f"its {diff[0]} has shape {diff[1]}, this run needs {diff[2]} (written with another rank or method?)"
+            )
+        try:
+            with torch.no_grad():
+                for k, v in params.items():
+                    state["params"][k].copy_(v)
+            state["optimizer"].load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["generator"].cpu())
+            state["losses"] = ckpt["losses"].tolist()
+            self._r2 = {tuple(k.split("|")): v for k, v in ckpt["r2"].items()}
+            return int(ckpt["step"])
+        except Exception as e:
+            raise refuse(" ".join(str(e).split())[:300]) from e
 
 
 # =========================================================================== helpers
@@ -796,6 +819,18 @@ class _freeze:
 def _child_generator(gen: torch.Generator, device) -> torch.Generator:
     """A generator on ``device`` seeded from ``gen`` (sampling images stays reproducible)."""
     return torch.Generator(device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def _open_image(path: Path) -> PIL.Image.Image:
+    """The image at ``path``, decoded now, so a bomb, truncated or unreadable file is named here."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            raise ValueError("not a regular file")
+        im = PIL.Image.open(path)
+        im.load()
+    except (PIL.Image.DecompressionBombError, OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"images: {path}: cannot use this image: {e}") from e
+    return im
 
 
 def _square(im: PIL.Image.Image, size: int) -> PIL.Image.Image:

@@ -1,0 +1,19 @@
+"""Record the golden outputs of tests/golden_cases.py into tests/golden/generation.pt.
+
+Run once from the code the outputs must be kept equal to (it was run before issue 15's rewrite):
+``python tests/golden/record.py``. Re-running it on later code would make test_golden.py check nothing.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from golden_cases import CASES  # noqa: E402
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    golden = {name: {k: v.detach().cpu().clone() for k, v in case().items()} for name, case in CASES.items()}
+    torch.save(golden, Path(__file__).with_name("generation.pt"))
+    print({name: {k: tuple(v.shape) for k, v in out.items()} for name, out in golden.items()})
