@@ -346,7 +346,7 @@ def test_region_boxes_hold_their_object_and_reach_no_other():
         chosen = [int(j) for j in rng.permutation(len(scene.objects))[:2]]
         for i, box in zip(chosen, _region_boxes(rng, scene.objects, chosen)):
             x0, y0, x1, y1 = box
-            ox0, oy0, ox1, oy1 = object_box(scene.objects[i])
+            ox0, oy0, ox1, oy1 = (min(max(v, 0.0), 1.0) for v in object_box(scene.objects[i]))  # on the image
             assert (
                 0 <= x0 <= ox0 + 1e-9 and ox1 <= x1 + 1e-9 <= 1 + 1e-9 and 0 <= y0 <= oy0 + 1e-9 and oy1 <= y1 + 1e-9
             )

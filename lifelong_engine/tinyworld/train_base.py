@@ -288,7 +288,8 @@ class _Run:
     def _regional_context(self, hidden: torch.Tensor, paint: list):
         """The :class:`~lifelong_engine.attention.GenerationContext` of a training batch: every
         layer's K/V of the (B, P, T, D) prompt slots, and the boxes each row paints."""
-        from ..attention import GenerationContext, RegionPlan
+        from ..attention import GenerationContext
+        from ..regions import RegionPlan
 
         unet, (B, P, T, D) = self.components["unet"], hidden.shape
         kv = {}
@@ -299,7 +300,8 @@ class _Run:
             heads = attn.heads
             kv[layer] = tuple(x.view(B, P, T, heads, -1).permute(0, 1, 3, 2, 4) for x in (k, v))
         latent = self.components["unet"].config.sample_size
-        return GenerationContext(kv, RegionPlan(paint, (latent, latent), self.device))
+        levels = len(unet.config.block_out_channels)
+        return GenerationContext(kv, RegionPlan(paint, (latent, latent), P, self.device, levels))
 
     def save_checkpoint(self, optimizer=None) -> None:
         c = self.components
