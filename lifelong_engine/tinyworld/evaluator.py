@@ -127,7 +127,7 @@ class EvaluatorNet(nn.Module):
     penultimate layer). Each slot reads the 16×16 map (fine detail: textures, emblems) and the 8×8
     map (receptive field 37 pixels, a whole large object) at its centre."""
 
-    def __init__(self, width: int = 24):
+    def __init__(self, width: int = 32):
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width
         self.config = {"width": width}
@@ -577,6 +577,7 @@ def train_evaluator(
     device: str | torch.device | None = None,
     lr: float = 3e-3,
     progress: bool = True,
+    width: int = 32,
 ) -> Evaluator:
     """Train an :class:`Evaluator` from scratch on freshly rendered :func:`evaluator_scene` images
     (AdamW, one-cycle learning rate); reproducible from ``seed`` on a given device. What the
@@ -587,7 +588,7 @@ def train_evaluator(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = EvaluatorNet().to(device)
+        net = EvaluatorNet(width).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     net.train()
@@ -680,15 +681,17 @@ def identity_separation(evaluator: Evaluator, seed: int = 0) -> dict[str, float]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train TinyWorld's evaluator and report its accuracy.")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "evaluator")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    evaluator = train_evaluator(args.steps, args.batch_size, args.seed, args.device)
+    evaluator = train_evaluator(args.steps, args.batch_size, args.seed, args.device, width=args.width)
     report = {
         "steps": args.steps,
+        "width": args.width,
         "seconds": round(time.perf_counter() - start, 1),
         "held_out_accuracy": held_out_accuracy(evaluator),
         "identity_accuracy": identity_accuracy(evaluator),
