@@ -8,6 +8,7 @@ the run that produced it. Only measured numbers are written.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib
 import importlib.metadata
@@ -22,11 +23,22 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # a bare GPU box may lack it: no progress bar then
+
+    def tqdm(iterable, **kwargs):
+        return iterable
+
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -44,6 +56,23 @@ __all__ = [
     "format_table",
     "roofline",
     "synchronize",
+    "Case",
+    "Context",
+    "Prepared",
+    "Provider",
+    "Skip",
+    "compiled",
+    "kernel",
+    "kernel_main",
+    "launcher",
+    "max_err",
+    "ours",
+    "ours_cpu",
+    "randn",
+    "run_case",
+    "short_error",
+    "tensors",
+    "upcast",
 ]
 
 
@@ -381,3 +410,348 @@ def format_table(records: Iterable[dict], ours: str = "ours") -> str:
     for (status, provider, reason), count in notes.items():
         lines.append(f"  {provider}: {status} ({count} case{'s' if count > 1 else ''}): {reason}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ kernel benchmarks
+# Shared by bench/regional.py, bench/lora_kv.py and bench/ewa.py: the provider / case types, the
+# check against the fp32 reference, the timing of the providers that pass, and the command line.
+# Every provider is first checked against the fp32 reference (lifelong_engine.reference on the same
+# inputs upcast): its max abs error must be ≤ 2 × the error of the reference run in the benchmark
+# dtype + rtol(dtype) × max|ref|. Only providers that pass are timed. A provider that cannot run
+# here (package missing, CPU without the Triton interpreter, compile failure) is recorded as
+# skipped with the reason.
+
+TEXT_LEN = 77  # CLIP prompt length, SD-1.5 and SDXL
+BATCHES = (1, 2, 8, 16)
+LORA_RANK, LORA_ALPHA = 4, 8.0  # scale = alpha / rank = 2, as peft computes it
+MODELS = ("sd15", "sdxl")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Correctness: |provider − ref32| ≤ 2·|ref_same_dtype − ref32| + RTOL·max|ref32|.
+RTOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+COMPILING = ("compile", "flex")  # providers that need a torch.compile per case
+
+
+class Skip(Exception):
+    """The provider cannot run here; the message says why."""
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    interpret: bool  # TRITON_INTERPRET=1 was set before Python started
+
+    def require_triton(self) -> None:
+        """Raise Skip unless our Triton kernels can run meaningfully here."""
+        if self.device.type == "cuda":
+            return
+        if not self.interpret:
+            raise Skip("Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 set before Python starts")
+        if not self.quick:
+            raise Skip("the Triton CPU interpreter is a correctness check, not a speed: only with --quick")
+        if self.dtype == torch.bfloat16:
+            raise Skip("the Triton CPU interpreter mishandles bf16 tl.dot: use --dtype fp32 or fp16")
+
+    @property
+    def interpreted(self) -> bool:
+        return self.device.type == "cpu" and self.interpret
+
+
+@dataclass
+class Prepared:
+    """call(): the timed work; canonical(out): its output in the reference's layout (untimed)."""
+
+    call: Callable[[], Any]
+    canonical: Callable[[Any], Any] = lambda out: out
+    interpreted: bool = False
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[dict, Context], Prepared]  # raises Skip when it cannot run
+
+
+@dataclass
+class Case:
+    """One shape of one subject. make(device, dtype) → inputs; reference(inputs) → outputs
+    (run on the inputs upcast to fp32 for the ground truth); cost(inputs) → (bytes, flops)
+    that the op must at least move and compute (the same for every provider)."""
+
+    subject: str
+    label: str
+    shape: dict
+    make: Callable[[torch.device, torch.dtype], dict]
+    reference: Callable[[dict], Any]
+    cost: Callable[[dict], tuple[int, int | None]]
+    providers: list[Provider] = field(default_factory=list)
+
+
+def randn(*shape: int, device, dtype, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=device) * std).to(dtype)
+
+
+def upcast(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: upcast(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(upcast(v) for v in x)
+    return x
+
+
+def tensors(out) -> list[torch.Tensor]:
+    """The output tensors in order, however nested in tuples / lists."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in tensors(o)]
+
+
+def max_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
+        raise ValueError(f"output shapes {[tuple(t.shape) for t in got]}; expected {[tuple(t.shape) for t in want]}")
+    return max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = f"{type(e).__name__}: {text}" if not isinstance(e, Skip) else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compiled(fn: Callable, *args) -> Prepared:
+    """torch.compile(fn) (default mode, static shapes) called on args; compiled by a first call
+    here, so a compiler failure becomes a Skip."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call():
+        return compiled(*args)
+
+    try:
+        call()
+    except Exception as e:  # inductor raises many types (BackendCompilerFailed, CppCompileError, ...)
+        raise Skip(f"torch.compile failed: {short_error(e)}") from e
+    return Prepared(call)
+
+
+def ours(op: Callable, *args, ctx: Context) -> Prepared:
+    """The public op under use_backend("triton") (validation + dispatch + kernel)."""
+    ctx.require_triton()
+    from lifelong_engine import ops
+
+    def call():
+        with ops.use_backend("triton"):
+            return op(*args)
+
+    return Prepared(call, interpreted=ctx.interpreted)
+
+
+def ours_cpu(op: Callable, *args, ctx: Context) -> Prepared:
+    """The public op under use_backend("torch"), the fast plain-PyTorch CPU backend (validation +
+    dispatch + implementation)."""
+    if ctx.device.type != "cpu":
+        raise Skip("the torch backend runs CPU tensors")
+    from lifelong_engine import ops
+
+    def call():
+        with ops.use_backend("torch"):
+            return op(*args)
+
+    return Prepared(call)
+
+
+def launcher(module: str, name: str, ctx: Context) -> Callable:
+    """lifelong_engine.kernels.<module>.<name>, or Skip when it cannot run here or does not exist."""
+    ctx.require_triton()
+    try:
+        return getattr(importlib.import_module(f"lifelong_engine.kernels.{module}"), name)
+    except (ImportError, AttributeError) as e:
+        raise Skip(f"lifelong_engine.kernels.{module}.{name} is not available: {short_error(e)}") from e
+
+
+def kernel(module: str, name: str, *args, ctx: Context) -> Prepared:
+    """The Triton launcher called directly (no validation, no dispatch): the gap to `ours` is
+    the op wrapper's overhead."""
+    fn = launcher(module, name, ctx)
+    return Prepared(lambda: fn(*args), interpreted=ctx.interpreted)
+
+
+# ------------------------------------------------------------------------------ runner
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(
+    case: Case, ctx: Context, wanted: Callable[[str], bool], base: dict, info: DeviceInfo, rep_ms: float
+) -> list[dict]:
+    """Check every wanted provider against the fp32 reference, time those that pass; one
+    record per provider."""
+    from lifelong_engine.errors import BackendUnavailableError
+
+    providers = [p for p in case.providers if wanted(p.name)]
+    if any(p.name in COMPILING for p in providers):
+        torch._dynamo.reset()  # static shapes: a fresh compile per case, and no recompile limit to hit
+    empty = {"subject": case.subject, "case": case.label, "shape": case.shape, "provider": None, "dtype": ctx.dtype}
+    empty["status"] = "ok"
+    empty.update(dict.fromkeys(("reason", "correct", "max_abs_err", "tolerance", "ref_err", "bytes", "flops")))
+    empty.update(dict.fromkeys(("ms", "ms_p20", "ms_p80", "timing", "gbps", "tflops", "frac_hbm", "frac_tflops")))
+    empty.update(roofline_fraction=None, interpreted=False, **base)
+    torch.manual_seed(0)
+    try:
+        inputs = case.make(ctx.device, ctx.dtype)
+        want = tensors(case.reference(upcast(inputs)))
+        ref_err = max_err(tensors(case.reference(inputs)), want)
+        ref_max = max(t.abs().max().item() for t in want)
+        n_bytes, flops = case.cost(inputs)
+        synchronize(ctx.device)
+    except Exception as e:  # e.g. out of memory for the fp32 reference: every provider of the case is left out
+        status = "skipped" if isinstance(e, torch.cuda.OutOfMemoryError) else "error"
+        reason = f"case setup (inputs, fp32 reference) failed: {short_error(e)}"
+        _release(ctx.device)
+        return [{**empty, "provider": p.name, "status": status, "reason": reason} for p in providers]
+    tol = 2 * ref_err + RTOL[ctx.dtype] * ref_max
+    records = []
+    for provider in providers:
+        rec = {
+            **empty,
+            "provider": provider.name,
+            "tolerance": tol,
+            "ref_err": ref_err,
+            "bytes": n_bytes,
+            "flops": flops,
+        }
+        prepared = out = None
+        try:
+            prepared = provider.build(inputs, ctx)
+            rec["interpreted"] = prepared.interpreted
+            start = time.perf_counter()
+            out = prepared.call()
+            synchronize(ctx.device)
+            first_ms = (time.perf_counter() - start) * 1e3
+            out = prepared.canonical(out)
+            err = max_err(tensors(out), want)
+            rec["max_abs_err"], rec["correct"] = err, err <= tol  # False for NaN
+            if not rec["correct"]:
+                rec["status"], rec["reason"] = "incorrect", f"max abs error {err:.3g} > tolerance {tol:.3g}"
+            else:
+                out = None
+                if prepared.interpreted:  # the checked call's time: the interpreter's time means nothing
+                    timing = Timing(first_ms, first_ms, first_ms, "time.perf_counter, one interpreted call")
+                else:
+                    timing = bench(prepared.call, ctx.device, rep_ms=rep_ms)
+                    rec.update(roofline(timing.ms, n_bytes, flops, info, ctx.dtype))
+                rec.update(ms=timing.ms, ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, timing=timing.method)
+        except (Skip, BackendUnavailableError, ImportError) as e:
+            rec["status"], rec["reason"] = "skipped", short_error(e)
+        except torch.cuda.OutOfMemoryError as e:
+            rec["status"], rec["reason"] = "skipped", f"out of memory: {short_error(e, 120)}"
+        except Exception as e:  # a provider that breaks is reported, and the run goes on
+            rec["status"], rec["reason"] = "error", short_error(e)
+        del prepared, out
+        records.append(rec)
+        _release(ctx.device)
+    del inputs, want
+    _release(ctx.device)
+    return records
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+SubjectCases = Callable[[bool, set[str], set[int]], list[Case]]  # (quick, models, batches) → cases
+
+
+def kernel_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line every kernel benchmark script takes (doc: the script's docstring)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a handful of tiny shapes (runs on a CPU in seconds)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--out", default=None, help="results folder (default bench/results/<device-slug>/, with --quick …/quick/)"
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--model", default="sd15,sdxl", help="comma list of sd15, sdxl (regional, lora_kv)")
+    parser.add_argument("--batch", default=",".join(map(str, BATCHES)), help="comma list of batch sizes")
+    parser.add_argument("--providers", default=None, help="comma list: only these providers")
+    parser.add_argument(
+        "--exclude",
+        default="",
+        help="comma list: leave these providers out (e.g. compile,flex); other scripts' names are ignored",
+    )
+    parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per provider and case")
+    parser.add_argument(
+        "--fresh", action="store_true", help="empty the subjects' results files first (default: replace same cases)"
+    )
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    return parser.parse_args(argv)
+
+
+def kernel_main(doc: str, subjects: dict[str, tuple[SubjectCases, list[Provider]]], argv=None) -> int:
+    """Run one script's subjects (subject → (cases, providers)): check and time every wanted
+    provider on every case, write one JSON line per record and print the side-by-side tables;
+    exit status 1 when a provider failed its check or raised."""
+    args = kernel_args(doc, argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ctx = Context(device, dtype, args.quick, os.environ.get("TRITON_INTERPRET", "0") == "1")
+    models, batches = set(_csv(args.model)), {int(b) for b in _csv(args.batch)}
+    only, exclude = (set(_csv(args.providers)) if args.providers else None), set(_csv(args.exclude))
+    known = {p.name for _, providers in subjects.values() for p in providers}
+    unknown = (only or set()) - known
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    if exclude - known:  # one --exclude serves every kernel script (bench/gpu_session.sh): not an error
+        print(f"--exclude: {', '.join(sorted(exclude - known))} not among this script's providers, ignored")
+    unknown = set(_csv(args.model)) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
+
+    def wanted(name: str) -> bool:
+        return (only is None or name in only) and name not in exclude
+
+    cases = {subject: make_cases(args.quick, models, batches) for subject, (make_cases, _) in subjects.items()}
+    if args.list:
+        for subject, subject_cases in cases.items():
+            print(f"{subject}: {len(subject_cases)} cases")
+            for case in subject_cases:
+                print(f"  {case.label}")
+        return 0
+
+    info = describe_device(device)
+    default_out = BENCH_DIR / "results" / info.slug / ("quick" if args.quick else "")
+    out_dir = Path(args.out) if args.out else default_out
+    env = environment(sys.argv[1:] if argv is None else argv)
+    base = {**info.as_record(), **env, "quick": args.quick, "run_id": f"{env['date']}-{uuid.uuid4().hex[:6]}"}
+    rep_ms = args.rep_ms or (100.0 if device.type == "cuda" else (30.0 if args.quick else 500.0))
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"device: {info.name} ({info.slug}), dtype {dtype_name}, git {env['git_sha'][:12]}, results in {out_dir}")
+    if ctx.interpreted:
+        print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter; their times mean nothing")
+
+    failures = 0
+    writer = ResultWriter(out_dir, fresh=args.fresh)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")  # interpreter: masked lanes
+        for subject, subject_cases in cases.items():
+            records = []
+            for case in tqdm(subject_cases, desc=subject, unit="case", file=sys.stderr, dynamic_ncols=True):
+                for rec in run_case(case, ctx, wanted, base, info, rep_ms):
+                    writer.write(rec)
+                    records.append(rec)
+            failures += sum(r["status"] in ("incorrect", "error") for r in records)
+            print(f"\n{subject} [{info.name}, {dtype_name}; ms (provider ms / ours ms)]")
+            print(format_table(records))
+    for path in writer.paths.values():
+        print(f"wrote {path}")
+    if failures:
+        print(f"{failures} provider run(s) failed their correctness check or raised: see the tables above")
+    return 1 if failures else 0

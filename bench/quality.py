@@ -1,11 +1,20 @@
 """Lifelong quality benchmark on TinyWorld: the same concept sequence learned by every method.
 
-    python bench/quality.py [--methods cidm,lora-m,...] [--concepts 10] [--steps N] [--lr LR] [--device D] [--quick]
+    python bench/quality.py [--methods cidm,lora-m,...] [--ablations] [--concepts 10] [--steps N] [--lr LR]
+                            [--device D] [--quick]
 
 Each method starts from the shipped TinyWorld model and learns the concepts in order with the
 same settings (:class:`lifelong_engine.tinyworld.lifelong.SequenceConfig`); then IA / TA per
 concept after the last task, forgetting (IA right after learning − IA after the last task) and
 two-concept presence through regional synthesis (see ``lifelong_engine/tinyworld/lifelong.py``).
+
+``--ablations`` adds the CIDM paper's ablation rows (its Table 3), each a cidm run with one part off:
+``cidm/no-r1`` (γ1 = 0), ``cidm/no-r2`` (γ2 = 0), ``cidm/no-ewa`` (merged by plain sum),
+``cidm/no-layerwise`` (one token row shared by all layers), ``cidm/no-regional`` (alpha = 1: the
+two-concept column without regional noise aggregation). They can also be named in ``--methods``.
+``lora-c`` (LoRA Composite, Zhong et al. 2024) is a generation-time baseline: the LoRA-M adapters,
+each image denoised with the mean of the per-concept guided noise estimates of every learned concept
+(``composition="lora-c"``); it runs by default with the methods.
 
 Writes ``bench/results/<device>/quality.json`` (every method's report, the environment and the
 command) and ``quality.md`` (the CIDM-paper style table). The JSON is rewritten after every task;
@@ -34,10 +43,35 @@ from lifelong_engine.tinyworld.lifelong import SequenceConfig, report_markdown, 
 from lifelong_engine.tinyworld.model import load_tinyworld_pipeline  # noqa: E402
 from lifelong_engine.training import METHODS  # noqa: E402
 
+#: row → (method, its options, generation options): the CIDM paper's ablations
+ABLATIONS = {
+    "cidm/no-r1": ("cidm", {"gamma1": 0.0}, {}),
+    "cidm/no-r2": ("cidm", {"gamma2": 0.0}, {}),
+    "cidm/no-ewa": ("cidm", {"ewa": "sum"}, {}),
+    "cidm/no-layerwise": ("cidm", {"layerwise_tokens": False}, {}),
+    "cidm/no-regional": ("cidm", {}, {"alpha": 1.0}),
+}
+#: row → (method, its options, generation options): baselines that differ from a method at generation
+BASELINES = {"lora-c": ("lora-m", {}, {"composition": "lora-c"})}
+ROWS = (*METHODS, *BASELINES, *ABLATIONS)
+
+
+def row_config(base: SequenceConfig, row: str) -> SequenceConfig:
+    """The run of one table row: a method with its defaults, a generation-time baseline or an ablation of cidm."""
+    variants = {**BASELINES, **ABLATIONS}
+    method, method_options, pipeline_options = variants.get(row, (row, {}, {}))
+    return dataclasses.replace(
+        base, method=method, method_options=method_options, pipeline_options=pipeline_options,
+        label=row if row in variants else "",
+    )  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated, from {', '.join(ROWS)} (default: every method)"
+    )
+    parser.add_argument("--ablations", action="store_true", help="add cidm and its ablation rows")
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="the first N TinyWorld concepts")
     parser.add_argument("--steps", type=int, default=None, help="training steps per concept")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every method (default 5e-3)")
@@ -49,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart", action="store_true", help="run the listed methods again even when finished")
     args = parser.parse_args(argv)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
+    if args.ablations:
+        methods += [m for m in ("cidm", *ABLATIONS) if m not in methods]
+    elif not methods:
+        methods = [*METHODS, *BASELINES]
+    unknown = [m for m in methods if m not in ROWS]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(ROWS)}")
     n = 3 if args.quick else args.concepts
     if not 2 <= n <= len(CONCEPTS):
         parser.error(f"--concepts must be 2 to {len(CONCEPTS)}")
@@ -79,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluator = Evaluator.load(Path(args.weights) / "evaluator" if args.weights else None, device=device)
     for method in methods:
-        config = dataclasses.replace(base, method=method)
+        config = row_config(base, method)
         done = results["reports"].get(method)
         if not args.restart and done and done.get("status") == "finished" and done["config"] == json.loads(json.dumps(
                 dataclasses.asdict(config))):  # fmt: skip
@@ -101,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: IA {s['ia_final']} TA {s['ta_final']} forgetting {s['forgetting']} "
               f"presence {s['presence']} ({report['wall_seconds']:.0f} s)")  # fmt: skip
 
-    finished = [results["reports"][m] for m in METHODS if results["reports"].get(m, {}).get("status") == "finished"]
+    finished = [results["reports"][m] for m in ROWS if results["reports"].get(m, {}).get("status") == "finished"]
     if finished:
         title = f"TinyWorld lifelong quality: {n} concepts, {base.steps} steps each ({info.name})"
         commands = dict.fromkeys(r.get("command", results["command"]) for r in finished)  # runs may add methods

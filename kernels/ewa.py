@@ -24,10 +24,15 @@ import triton.language as tl
 
 from lifelong_engine import reference
 
+from . import ewa_common as common
+from .ewa_common import block_size
+
 __all__ = ["ewa_weights", "ewa_weights_backward", "ewa_merge", "ewa_merge_backward", "why_not"]
 
-_EPS = reference.NORM_EPS
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_EPS = common.EPS
+# Concepts per step of _pow_normalize_kernel's loops, fixed: one binary for every G (a power of
+# two above G recompiled the kernel each time G crossed one); a row's loop runs ⌈G / 1024⌉ times.
+_NORM_BLOCK = 1024
 
 
 @triton.jit
@@ -106,21 +111,10 @@ def _pow_normalize_kernel(m_ptr, psi_ptr, G, power, eps, L1: tl.constexpr, BLOCK
         offs = g0 + tl.arange(0, BLOCK_G)
         ok = offs < G
         m = tl.load(m_ptr + row * G + offs, mask=ok, other=0.0)
-        mp = tl.where(m < 0, 0.0, tl.where(ok, tl.exp2(power * tl.log2(tl.where(m < 0, 1.0, m))), 0.0))
+        mp = tl.where(ok, common.power(m, power, common.CLAMP), 0.0)
         tl.store(m_ptr + row * G + offs, mp, mask=ok)
-        if L1:
-            total += tl.abs(mp)
-        else:
-            total += mp * mp
-    norm = tl.sum(total, axis=0)
-    if not L1:
-        norm = tl.sqrt(norm)
-    norm = tl.maximum(norm, eps)
-    for g0 in range(0, G, BLOCK_G):
-        offs = g0 + tl.arange(0, BLOCK_G)
-        ok = offs < G
-        mp = tl.load(m_ptr + row * G + offs, mask=ok, other=0.0)
-        tl.store(psi_ptr + row * G + offs, (mp / norm).to(psi_ptr.dtype.element_ty), mask=ok)
+        total = common.add_to_norm(total, mp, L1)
+    common.store_normalized(m_ptr, psi_ptr, row, G, total, eps, L1, BLOCK_G)
 
 
 @triton.jit
@@ -171,11 +165,6 @@ def _merge_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & d_ok[None, :])
 
 
-def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    p = max(lo, triton.next_power_of_2(max(n, 1)))
-    return min(p, hi) if hi else p
-
-
 def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
     """psi (B, L, G) in prompt's dtype; same semantics as reference.ewa_weights."""
     bsz, layers, t_len, dim = prompt.shape
@@ -187,7 +176,11 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
     concepts = concepts if concepts.stride(-1) == 1 else concepts.contiguous()
     m = torch.empty((bsz, layers, n_concepts), dtype=torch.float32, device=prompt.device)
     mask = prompt_mask.to(torch.int8).contiguous() if prompt_mask is not None else m
-    block_t, block_g, block_d = _pow2(t_len, hi=128), _pow2(n_concepts, hi=64), _pow2(dim, hi=64)
+    block_t, block_g, block_d = (
+        block_size(t_len, hi=128),
+        block_size(n_concepts, hi=64),
+        block_size(dim, hi=64),
+    )
     _cos_max_kernel[(bsz * layers, triton.cdiv(n_concepts, block_g))](
         prompt,
         concepts,
@@ -209,7 +202,9 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         BLOCK_T=block_t,
         BLOCK_G=block_g,
         BLOCK_D=block_d,
-        num_warps=4,
+        # fp32 IEEE dots run on FMA units with the (128 × 64) fp32 dot tile in registers: 4 warps
+        # spill 544 B on sm_90, 8 warps none (bench/aot_sm90.py).
+        num_warps=8 if prompt.dtype == torch.float32 else 4,
     )
     _pow_normalize_kernel[(bsz * layers,)](
         m,
@@ -218,7 +213,7 @@ def ewa_weights(prompt, concepts, prompt_mask=None, power=2.0, norm="fro"):
         float(power),
         _EPS,
         L1=norm == "l1",
-        BLOCK_G=_pow2(n_concepts, hi=1024),
+        BLOCK_G=_NORM_BLOCK,
     )
     return psi
 
@@ -234,7 +229,11 @@ def ewa_merge(psi, a, b, scale=1.0):
         return out.zero_()
     psi, a = psi.contiguous(), a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    block_o, block_d, block_k = _pow2(dout, hi=64), _pow2(din, hi=64), _pow2(n_concepts * rank, hi=32)
+    block_o, block_d, block_k = (
+        block_size(dout, hi=64),
+        block_size(din, hi=64),
+        block_size(n_concepts * rank, hi=32),
+    )
     grid = (bsz * triton.cdiv(dout, block_o), triton.cdiv(din, block_d))
     _merge_kernel[grid](
         psi,
@@ -262,9 +261,4 @@ ewa_weights_backward = reference.ewa_weights_backward
 ewa_merge_backward = reference.ewa_merge_backward
 
 
-def why_not(args: tuple) -> str | None:
-    """Why these kernels cannot run the (forward or backward) arguments, or None."""
-    for t in args:
-        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dtype not in _DTYPES:
-            return f"dtype {t.dtype} is not supported (float16, bfloat16, float32)"
-    return None
+why_not = common.why_not

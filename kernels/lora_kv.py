@@ -45,11 +45,16 @@ u and gb for every used slot-rank to fp32 scratch (B, T, S·r) and atomically ad
 per-slot-rank partial sums of gb ⊙ u (dweights); ``_lora_kv_bwd_dc_kernel`` (grid
 (Din / BLOCK_D, T / BLOCK_T, B)) computes dc = dK·W_k + dV·W_v + (ω ⊙ gb)·A_cat (K and V);
 ``_lora_kv_bwd_adapter_kernel`` runs twice (da: X = gb, Y = c; db: X = u, Y = dK/dV) and
-scatters ω·Xᵀ·Y of each sample into the adapter rows with fp32 atomics (repeated ids in a
-batch just add), so only the adapters actually used are touched.
+adds ω·Xᵀ·Y of each sample with fp32 atomics into one fp32 row per slot of the batch (the row
+of the first slot holding the same adapter, so repeated ids just add); those rows are then
+added into zero gradients of the pool's shape in the adapters' dtype. Scratch follows the
+slots used (B·S rows), not the pool size N.
+Determinism: the fp32 atomic adds (adapter rows shared by several slots; dweights over T
+blocks) run in an order the GPU does not fix, so adapter gradients and dweights may differ in
+the last bits run to run (within rtol 1e-5, tested); dc, u and gb are deterministic.
 
 Precision: operands enter tl.dot in their own dtype (fp16/bf16 tensor cores); fp32 inputs use
-TF32 only when PyTorch would (``torch.backends.cuda.matmul.allow_tf32``), else IEEE fp32.
+TF32 only when PyTorch would (:func:`.precision.fp32_matmul_allows_tf32`), else IEEE fp32.
 Accumulation is fp32; the low-rank intermediates (u, gb, fp32) are rounded to the input dtype
 before their second GEMM, as a PyTorch computation in that dtype does.
 """
@@ -64,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .precision import fp32_matmul_allows_tf32
 
 __all__ = [
     "LayerPack",
@@ -91,7 +98,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _slot_ranks(ids_ptr, wts_ptr, b, j0, n_j, R, S, scale, BLOCK_J: tl.constexpr):
-    """One chunk of the compacted slot-rank axis of sample b: for j = s·R + ρ in
+    """One chunk of the compacted slot-rank axis of row b of ids: for j = s·R + ρ in
     [j0, j0 + BLOCK_J), the adapter id (int64), rank row ρ, ω = weights·scale, and j < n_j."""
     offs_j = j0 + tl.arange(0, BLOCK_J)
     j_ok = offs_j < n_j
@@ -160,6 +167,7 @@ def _lora_kv_fwd_kernel(
     DIN,
     R,
     S,
+    ids_layer_rows,
     scale,
     stride_cl,
     stride_cb,
@@ -183,7 +191,8 @@ def _lora_kv_fwd_kernel(
     """One (BLOCK_T × BLOCK_O) tile of K and of V of one sample and one layer.
 
     c (L, B, T, Din); packed W_k, W_v (ΣDout, Din); a (L, N, R, Din); b (N, ΣDout, R);
-    ids, wts (B, S) compacted (used slots first, int32 / fp32); nvalid (B,) int32;
+    ids, wts (L·B, S) compacted (used slots first, int32 / fp32), nvalid (L·B,) int32: layer l's rows
+    start at l·ids_layer_rows (B: per-layer ids; 0: one (B, S) set shared by all layers);
     tiles (n_tiles, 2) int32 = (layer, first column in the layer); layers (L, 2) int64 =
     (Dout_l, col_l). Output of layer l: (B, T, Dout_l) contiguous at offset B·T·col_l.
       acc = c·W[col_l + o]ᵀ + Σ_j ω_j·(c·a[l, id_j, ρ_j]ᵀ)·b[id_j, col_l + o, ρ_j]
@@ -218,9 +227,10 @@ def _lora_kv_fwd_kernel(
         acc_k = _mma(x, tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0), acc_k, IEEE)
         acc_v = _mma(x, tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0), acc_v, IEEE)
 
-    n_j = tl.load(nvalid_ptr + b) * R  # used slot-ranks of this sample; 0 skips the low-rank part
+    id_row = layer * ids_layer_rows + b  # this sample's slots in this layer
+    n_j = tl.load(nvalid_ptr + id_row) * R  # used slot-ranks of this sample; 0 skips the low-rank part
     for j0 in range(0, n_j, BLOCK_J):
-        offs_j, j_ok, idx, rho, omega = _slot_ranks(ids_ptr, wts_ptr, b, j0, n_j, R, S, scale, BLOCK_J)
+        offs_j, j_ok, idx, rho, omega = _slot_ranks(ids_ptr, wts_ptr, id_row, j0, n_j, R, S, scale, BLOCK_J)
         a_offs = (idx * stride_an + rho * stride_ar)[None, :]
         u_k, u_v = _shrink(
             c_base,
@@ -518,12 +528,15 @@ def default_config(t_len: int, dout: int, din: int, slot_ranks: int, dtype: torc
         block_o=_pow2(dout, 16, wide),
         block_d=_pow2(din, 16, wide),
         block_j=_pow2(slot_ranks, 16, 32),
+        # fp32 (IEEE dots on FMA units, operand tiles in registers): 4 warps spill in the forward
+        # on sm_90, 8 do not (bench/aot_sm90.py).
+        num_warps=4 if dtype.itemsize <= 2 else 8,
     )
 
 
 def _ieee(dtype: torch.dtype) -> bool:
     """Exact fp32 products unless PyTorch itself allows TF32 for fp32 matmuls."""
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dtype == torch.float32 and not fp32_matmul_allows_tf32()
 
 
 def _launchable(grid: tuple[int, ...]) -> bool:
@@ -588,11 +601,15 @@ def _forward(
     douts: tuple[int, ...],
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward on packed operands: c (L, B, T, Din), W (ΣDout, Din), a (L, N, r, Din),
-    b (N, ΣDout, r), all but c contiguous. Returns flat K and V buffers (B·T·ΣDout,)."""
+    b (N, ΣDout, r), all but c contiguous; ids, weights (B, S) shared by all layers or (L, B, S)
+    per layer. Returns flat K and V buffers (B·T·ΣDout,)."""
     n_layers, bsz, t_len, din = c.shape
     total = sum(douts)
     k = c.new_empty(bsz * t_len * total)
     v = c.new_empty(bsz * t_len * total)
+    ids_layer_rows = bsz if ids.dim() == 3 else 0
+    if ids.dim() == 3:  # per-layer ids: rows (L·B, S)
+        ids, weights = ids.flatten(0, 1), weights.flatten(0, 1)
     slots = _compact_slots(ids, weights, a_k.shape[1], a_k.shape[2])
     cfg = default_config(t_len, max(douts, default=1), din, slots.width, c.dtype)
     tiles, layers = _tables(douts, cfg.block_o, c.device)
@@ -621,6 +638,7 @@ def _forward(
         din,
         slots.rank,
         slots.ids.shape[1],
+        ids_layer_rows,
         float(scale),
         *c.stride(),
         *w_k.stride(),
@@ -710,9 +728,16 @@ def lora_kv_projection_backward(
     # Low-rank kernel: 16-row T blocks, for enough programs (its grid has no Dout/Din axis).
     lowrank_grid = (triton.cdiv(t_len, 16), bsz)
 
-    # fp32 atomics targets; separate allocations: a custom op's outputs must not alias each other
-    da = [torch.zeros(a_k.shape, dtype=torch.float32, device=c.device) for _ in range(2)]
-    db = [torch.zeros(b_k.shape, dtype=torch.float32, device=c.device) for _ in range(2)]
+    # fp32 atomics targets of the adapter gradients: one row per slot of the batch, not per
+    # adapter of the pool (a pool of N = 1000 would be ≈ 1.7 GB of fp32 zeros per layer and call).
+    # Each slot adds into the row of the first slot holding the same adapter, so no two rows
+    # belong to one adapter; the rows are then added into the pool-shaped gradients (rows of
+    # slots that are not first stay zero and add exactly nothing, in any order).
+    flat_ids = slots.ids.reshape(-1)
+    first = (flat_ids[:, None] == flat_ids[None, :]).to(torch.int8).argmax(1).to(torch.int32).view(bsz, -1)
+    n_rows = flat_ids.numel()
+    da = [torch.zeros((n_rows, rank, din), dtype=torch.float32, device=c.device) for _ in range(2)]
+    db = [torch.zeros((n_rows, dout, rank), dtype=torch.float32, device=c.device) for _ in range(2)]
     dw = torch.zeros((bsz, slots.width), dtype=torch.float32, device=c.device)
     scratch_shape = (2, bsz, t_len, slots.width)
     u = torch.empty(scratch_shape, dtype=torch.float32, device=c.device) if slots.order is not None else dw
@@ -762,7 +787,7 @@ def lora_kv_projection_backward(
                 y_v,
                 out[0],
                 out[1],
-                slots.ids,
+                first,
                 slots.wts,
                 slots.nvalid,
                 t_len,
@@ -814,14 +839,13 @@ def lora_kv_projection_backward(
     dweights = torch.zeros(weights.shape, dtype=torch.float32, device=c.device)
     if slots.order is not None:
         dweights.scatter_(1, slots.order, dw.view(bsz, -1, rank).sum(-1) * scale)
-    return (
-        dc,
-        da[0].to(a_k.dtype),
-        db[0].to(b_k.dtype),
-        da[1].to(a_v.dtype),
-        db[1].to(b_v.dtype),
-        dweights.to(weights.dtype),
-    )
+    # Separate allocations: a custom op's outputs must not alias each other.
+    grads = [torch.zeros_like(t) for t in (a_k, b_k, a_v, b_v)]
+    if slots.order is not None:
+        rows = flat_ids.clamp_min(0).long()  # empty slots' rows are zero: any valid target
+        for grad, part in zip(grads, (da[0], db[0], da[1], db[1])):
+            grad.index_add_(0, rows, part.to(grad.dtype))
+    return (dc, *grads, dweights.to(weights.dtype))
 
 
 # ------------------------------------------------------------------------------ grouped
@@ -898,17 +922,19 @@ def lora_kv_projection_grouped(
     scale: float = 1.0,
     *,
     packed: LayerPack | None = None,
-) -> tuple[list[Tensor], list[Tensor]]:
+    flat: bool = False,
+) -> tuple[list[Tensor], list[Tensor]] | tuple[Tensor, Tensor]:
     """K and V of all L cross-attention layers in ONE launch.
 
     c: (L, B, T, Din) per-layer text embeddings; w_k, w_v: L tensors (Dout_l, Din);
     a_k, a_v: L tensors (N, r, Din); b_k, b_v: L tensors (N, Dout_l, r) (same N, r in every
-    layer); ids, weights: (B, S), shared by all layers.
+    layer); ids, weights: (L, B, S) per layer (EWA gives each layer its own ψ).
     Semantics: for every l, (k[l], v[l]) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l],
-    b_k[l], a_v[l], b_v[l], ids, weights, scale). Returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]),
+    b_k[l], a_v[l], b_v[l], ids[l], weights[l], scale). Returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]),
     each (B, T, Dout_l), contiguous views into one buffer.
     Any list may be None when ``packed`` (from :func:`pack_layers`) holds it; lists given
     are packed on the fly (a copy of the weights per call: pack frozen weights once instead).
+    ``flat``: return the two (B·T·ΣDout,) buffers instead (the registered op's outputs).
     """
     packed = packed or LayerPack(None, None, None, None, None, None, ())
     n_layers, bsz, t_len, din = c.shape
@@ -948,7 +974,14 @@ def lora_kv_projection_grouped(
             raise TypeError(f"lora_kv_projection_grouped: {name} has dtype {t.dtype}; supported: {_DTYPES}")
         if t.dtype != c.dtype:
             raise TypeError(f"lora_kv_projection_grouped: {name} has dtype {t.dtype}; expected {c.dtype} (c's)")
+    if ids.shape[:2] != (n_layers, bsz) or ids.dim() != 3 or weights.shape != ids.shape:
+        raise ValueError(
+            f"lora_kv_projection_grouped: ids {tuple(ids.shape)}, weights {tuple(weights.shape)}; "
+            f"expected both (L, B, S) with L = {n_layers}, B = {bsz}"
+        )
     k, v = _forward(c, wk, wv, ak, bk, av, bv, ids, weights, scale, douts)
+    if flat:
+        return k, v
     ks, vs, offset = [], [], 0
     for dout in douts:
         size = bsz * t_len * dout

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .precision import fp32_matmul_allows_tf32
+
 __all__ = [
     "TileConfig",
     "tile_config",
@@ -50,6 +52,15 @@ _MAX_GRID_YZ = 65535  # CUDA limit on grid axes 1 and 2
 
 
 # ------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _rows(stride, VEC: tl.constexpr):
+    """stride, stated to be a multiple of VEC elements (the launcher checked it). Triton only
+    learns "multiple of 16" from an int argument; at d = 40 the row stride is 40 and its loads
+    along d fall back to 2-byte scalars. (s // VEC) * VEC proves 16-byte alignment of each row
+    to the compiler, so the loads become 16-byte vectors (tl.multiple_of on an argument does not)."""
+    return (stride // VEC) * VEC
 
 
 @triton.jit
@@ -68,7 +79,6 @@ def _regional_attn_fwd_kernel(
     N,
     T,
     P,
-    D,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -95,6 +105,8 @@ def _regional_attn_fwd_kernel(
     stride_doh,
     stride_don,
     stride_dod,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
     PREP_BWD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -114,6 +126,12 @@ def _regional_attn_fwd_kernel(
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    stride_qb, stride_qh, stride_qn = _rows(stride_qb, VEC), _rows(stride_qh, VEC), _rows(stride_qn, VEC)
+    stride_kb, stride_kp, stride_kh = _rows(stride_kb, VEC), _rows(stride_kp, VEC), _rows(stride_kh, VEC)
+    stride_vb, stride_vp, stride_vh = _rows(stride_vb, VEC), _rows(stride_vp, VEC), _rows(stride_vh, VEC)
+    stride_kt, stride_vt = _rows(stride_kt, VEC), _rows(stride_vt, VEC)
+    stride_ob, stride_oh, stride_on = _rows(stride_ob, VEC), _rows(stride_oh, VEC), _rows(stride_on, VEC)
+    stride_dob, stride_doh, stride_don = _rows(stride_dob, VEC), _rows(stride_doh, VEC), _rows(stride_don, VEC)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
 
@@ -193,7 +211,6 @@ def _regional_attn_bwd_kernel(
     N,
     T,
     P,
-    D,
     blocks_per_chunk,
     stride_qb,
     stride_qh,
@@ -226,6 +243,8 @@ def _regional_attn_bwd_kernel(
     stride_dkp,
     stride_dkh,
     stride_dkt,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
     PRECOMPUTED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -247,6 +266,15 @@ def _regional_attn_bwd_kernel(
     pid_c = tl.program_id(0)
     pid_pj = tl.program_id(1)
     pid_bh = tl.program_id(2)
+    stride_qb, stride_qh, stride_qn = _rows(stride_qb, VEC), _rows(stride_qh, VEC), _rows(stride_qn, VEC)
+    stride_kb, stride_kp, stride_kh = _rows(stride_kb, VEC), _rows(stride_kp, VEC), _rows(stride_kh, VEC)
+    stride_vb, stride_vp, stride_vh = _rows(stride_vb, VEC), _rows(stride_vp, VEC), _rows(stride_vh, VEC)
+    stride_kt, stride_vt = _rows(stride_kt, VEC), _rows(stride_vt, VEC)
+    stride_dob, stride_doh, stride_don = _rows(stride_dob, VEC), _rows(stride_doh, VEC), _rows(stride_don, VEC)
+    stride_dqj, stride_dqb = _rows(stride_dqj, VEC), _rows(stride_dqb, VEC)
+    stride_dqh, stride_dqn = _rows(stride_dqh, VEC), _rows(stride_dqn, VEC)
+    stride_dkc, stride_dkb, stride_dkp = _rows(stride_dkc, VEC), _rows(stride_dkb, VEC), _rows(stride_dkp, VEC)
+    stride_dkh, stride_dkt = _rows(stride_dkh, VEC), _rows(stride_dkt, VEC)
     n_t = tl.cdiv(T, BLOCK_T)
     p = pid_pj // n_t
     j = pid_pj % n_t
@@ -338,15 +366,16 @@ def _pow2(x: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
-# (block_n, block_t cap, num_warps) by block_d, chosen on sm_90 register/shared-memory reports
-# (ptxas -v: no or few spills, shared memory under 227 KiB); tune on the GPU, not here.
+# (block_n, block_t cap, num_warps) by block_d, chosen on sm_90 compile reports (bench/aot_sm90.py,
+# Triton 3.9: no spills and shared memory under 227 KiB, except fp32 at d = 160, whose 3×TF32
+# dots hold hi/lo parts of 16 × 256 fp32 tiles at the minimum tile sizes); tune on the GPU.
 _FWD_TILES = {
-    "half": {64: (128, 128, 8), 128: (64, 128, 8), 256: (64, 64, 8)},
-    "fp32": {64: (64, 64, 4), 128: (32, 64, 8), 256: (16, 64, 8)},
+    "half": {64: (128, 128, 8), 128: (64, 128, 8), 256: (32, 64, 8)},
+    "fp32": {64: (32, 32, 4), 128: (16, 64, 8), 256: (16, 64, 8)},
 }
 _BWD_TILES = {
     "half": {64: (64, 128, 8), 128: (16, 64, 8), 256: (16, 32, 8)},
-    "fp32": {64: (32, 64, 8), 128: (16, 32, 8), 256: (16, 16, 8)},
+    "fp32": {64: (16, 16, 8), 128: (16, 16, 8), 256: (16, 16, 8)},
 }
 
 
@@ -359,17 +388,19 @@ def tile_config(q: Tensor, k: Tensor, backward: bool = False) -> TileConfig:
     backward keeps dk, dv of its key tile in registers, so its tiles are smaller; it splits the
     query blocks into chunks so that about two programs per SM run even when B·H is small,
     keeping at least 8 blocks per chunk (each chunk's fp32 dk/dv partial costs memory traffic).
-    fp32 operands (3×tf32 dots) take smaller tiles and no pipelining to fit shared memory.
+    fp32 operands (3×tf32 dots) take smaller tiles and no pipelining, to stay in registers.
     """
     bsz, heads, n_q, d = q.shape
     t_len = k.shape[3]
     block_d = _pow2(d)
     kind = "fp32" if q.dtype == torch.float32 else "half"
-    num_stages = 1 if kind == "fp32" else 2
     block_n, t_cap, num_warps = (_BWD_TILES if backward else _FWD_TILES)[kind][max(block_d, 64)]
     block_t = min(_pow2(t_len), t_cap)
-    if block_t * block_d <= 32 * 64:
+    if _pow2(t_len) * block_d <= 32 * 64:
         num_warps = 4  # short prompts: small key tiles
+    # Pipelining double-buffers the operands of a loop: none for fp32 (shared memory), and none
+    # in the forward when the keys are one tile (T = 77), whose loop runs once per slot.
+    num_stages = 1 if kind == "fp32" or (not backward and t_len <= block_t) else 2
     if not backward:
         return TileConfig(block_n, block_t, block_d, num_warps, num_stages)
     num_chunks = 1
@@ -383,9 +414,20 @@ def tile_config(q: Tensor, k: Tensor, backward: bool = False) -> TileConfig:
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's matmul precision: 3×tf32 (≈ fp32 accuracy on tensor cores) under
     "highest", the default; plain tf32 when the user allowed it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return "tf32x3"
     return "tf32"  # ignored for fp16/bf16 operands
+
+
+def _vec(*tensors: Tensor) -> int:
+    """Elements in 16 bytes of the first tensor's dtype when every tensor has unit stride along
+    d and all its other strides (of dims longer than 1) are multiples of that, else 1: rows then
+    start 16-byte aligned (Triton checks the base pointers itself) and loads along d vectorise."""
+    n = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.stride(-1) != 1 or any(s % n for s, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
+            return 1
+    return n
 
 
 def _kv_len_args(kv_len: Tensor | None, region_ids: Tensor) -> tuple:
@@ -428,7 +470,6 @@ def _forward(
         n_q,
         t_len,
         n_slots,
-        d,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -437,6 +478,8 @@ def _forward(
         stride_lp,
         *out.stride(),
         *do.stride(),
+        D=d,
+        VEC=_vec(q, k, v, out, do),
         HAS_KV_LEN=kv_len is not None,
         PREP_BWD=prep,
         INPUT_PRECISION=_input_precision(q.dtype),
@@ -499,7 +542,6 @@ def _backward(
         n_q,
         t_len,
         n_slots,
-        d,
         blocks_per_chunk,
         *q.stride(),
         *k.stride(),
@@ -510,6 +552,8 @@ def _backward(
         *grad_out.stride(),
         *dq_buf.stride()[:4],
         *dk_buf.stride()[:5],
+        D=d,
+        VEC=_vec(q, k, v, grad_out, dq_buf, dk_buf),
         HAS_KV_LEN=kv_len is not None,
         PRECOMPUTED=precomputed,
         INPUT_PRECISION=_input_precision(q.dtype),

@@ -140,11 +140,19 @@ def select(op: str, args: tuple, requested: str | None = None) -> Callable:
 
 
 def _reference_backend() -> Backend:
-    ops = ("lora_kv_projection", "lora_term", "regional_cross_attention", "ewa_weights", "ewa_merge")
+    ops = (
+        "lora_kv_projection",
+        "lora_term",
+        "regional_cross_attention",
+        "ewa_weights",
+        "ewa_merge",
+        "ewa_weights_rows",
+    )
     impls = {}
     for op in ops:
         impls[op] = getattr(reference, op)
         impls[op + "_backward"] = getattr(reference, op + "_backward")
+    impls["lora_kv_projection_grouped"] = reference.lora_kv_projection_grouped  # inference only: no backward
     return Backend("reference", impls, lambda op, args: None)
 
 

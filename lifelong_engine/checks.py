@@ -22,6 +22,7 @@ _SCHEMA_TYPES = {  # schema type → (accepted Python types, what the error says
     "Tensor": ((Tensor,), "a torch.Tensor"),
     "float": ((numbers.Real, torch.SymFloat, torch.SymInt), "a real number"),
     "str": ((str,), "a string"),
+    "List[Tensor]": ((list, tuple), "a list of torch.Tensor"),
 }
 
 
@@ -33,7 +34,7 @@ def argument_types(op: str, schema, arguments: dict) -> None:
             continue
         value, kind = arguments[arg.name], str(arg.type)
         optional = kind.startswith("Optional[")
-        types, what = _SCHEMA_TYPES[kind.removeprefix("Optional[").removesuffix("]")]
+        types, what = _SCHEMA_TYPES[kind[len("Optional[") : -1] if optional else kind]
         if (value is None and optional) or (isinstance(value, types) and not isinstance(value, bool)):
             continue
         got = type(value).__name__ if isinstance(value, Tensor) else f"{type(value).__name__} {value!r:.80}"
@@ -96,6 +97,42 @@ def _any(*conditions: Tensor) -> list[bool]:
 
 
 # --------------------------------------------------------------------------- lora_kv
+
+
+def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values: bool) -> None:
+    """Every layer l checked as lora_kv_projection(c[l], …, ids[l], weights[l]), errors naming the layer;
+    all layers share B, T, Din, N and r (one pool layout)."""
+    op = "lora_kv_projection_grouped"
+    _tensor(op, "c", c, 4, "[L, B, T, Din]")
+    n_layers, bsz = c.shape[0], c.shape[1]
+    lists = dict(w_k=w_k, w_v=w_v, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v)
+    for name, lst in lists.items():
+        if len(lst) != n_layers:
+            raise ValueError(f"{op}: {name} has {len(lst)} layers; expected L = {n_layers}, the first dim of c")
+    for name, t in dict(ids=ids, weights=weights).items():
+        _tensor(op, name, t, 3, "[L, B, S]")
+        if t.shape[:2] != (n_layers, bsz):
+            raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected (L, B, S) = ({n_layers}, {bsz}, S)")
+    for layer in range(n_layers):
+        if a_k[layer].shape[:2] != a_k[0].shape[:2]:
+            raise ValueError(
+                f"{op}: a_k[{layer}] has shape {_shape(a_k[layer])}; expected (N, r) = {_shape(a_k[0])[:2]} "
+                "as in layer 0 (one adapter pool for all layers)"
+            )
+        try:
+            lora_kv_projection(
+                c[layer], w_k[layer], w_v[layer], a_k[layer], b_k[layer], a_v[layer], b_v[layer], ids[layer],
+                weights[layer], scale, values=False,
+            )  # fmt: skip
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{op}: layer {layer}: {error}") from None
+    if values and ids.numel():  # all layers' ids in one check (one host sync)
+        n = a_k[0].shape[0]
+        below, above = _any(ids < -1, ids >= n)
+        if below:
+            raise ValueError(f"{op}: ids has values < -1 (min {int(ids.min())}); use -1 for an empty slot")
+        if above:
+            raise ValueError(f"{op}: ids has values >= N = {n} (max {int(ids.max())}), the adapter count of a_k")
 
 
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values: bool) -> None:
@@ -252,6 +289,43 @@ def ewa_weights(prompt, concepts, prompt_mask, power, norm, values: bool) -> Non
     if values and prompt_mask is not None and bsz and _any(~prompt_mask.any(dim=1))[0]:
         empty = (~prompt_mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"{op}: prompt_mask rows {empty} select no token; every sample needs at least one")
+
+
+def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values: bool) -> None:
+    op = "ewa_weights_rows"
+    _tensor(op, "prompt", prompt, 4, "[B, L, T, D]")
+    _floating(op, "prompt", prompt)
+    bsz, layers, t_len, dim = prompt.shape
+    if t_len < 1:
+        raise ValueError(f"{op}: prompt has shape {_shape(prompt)}; need at least one token T")
+    _tensor(op, "concepts", concepts, 4, "[L, G, W, D]")
+    n_concepts, n_rows = concepts.shape[1:3]
+    _dim(op, "concepts", concepts, 0, layers, "L, the layer count of prompt")
+    _dim(op, "concepts", concepts, 3, dim, "D, the embedding width of prompt")
+    _same_dtype(op, "prompt", prompt, concepts=concepts)
+    if prompt_mask is not None:
+        _tensor(op, "prompt_mask", prompt_mask, 2, "[B, T]")
+        if prompt_mask.dtype != torch.bool or prompt_mask.shape != (bsz, t_len):
+            raise ValueError(
+                f"{op}: prompt_mask is {prompt_mask.dtype} {_shape(prompt_mask)}; expected bool {(bsz, t_len)}"
+            )
+    if norm not in NORMS:
+        raise ValueError(f"{op}: norm={norm!r}; expected one of {NORMS}")
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"{op}: power must be a finite number > 0, got {power}")
+    _tensor(op, "concept_rows", concept_rows, 2, "[G, W]")
+    if concept_rows.dtype != torch.bool:
+        raise TypeError(f"{op}: concept_rows must be a bool tensor, got {concept_rows.dtype}")
+    if concept_rows.shape != (n_concepts, n_rows):
+        raise ValueError(
+            f"{op}: concept_rows has shape {_shape(concept_rows)}; expected {(n_concepts, n_rows)}, [G, W] of concepts"
+        )
+    _same_device(op, "prompt", prompt, concepts=concepts, concept_rows=concept_rows, prompt_mask=prompt_mask)
+    if values and prompt_mask is not None and bsz and _any(~prompt_mask.any(dim=1))[0]:
+        raise ValueError(f"{op}: some prompt_mask rows select no token; every sample needs at least one")
+    if values and n_concepts and _any(~concept_rows.any(dim=1))[0]:
+        empty = (~concept_rows.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{op}: concept_rows rows {empty} select no token row; every concept needs at least one")
 
 
 def ewa_merge(psi, a, b, scale, values: bool) -> None:

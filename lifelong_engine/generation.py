@@ -13,7 +13,8 @@ A generation goes through four stages:
    step index and attention-guidance state.
 4. :func:`step`: one UNet batch for many states: per-row timesteps, one forward
    (:func:`~lifelong_engine.attention.unet_forward`), then per state the noise aggregation
-   (CFG, ``guidance_rescale``, regional E*) and its scheduler's step. :func:`guide` runs a state's
+   (CFG, ``guidance_rescale``, regional E*; with LoRA Composite the mean of the per-concept guided
+   estimates) and its scheduler's step. :func:`guide` runs a state's
    attention-guidance update before it.
 
 ``LifelongPipeline.__call__`` drives one state; the serving ``Engine`` schedules many.
@@ -50,12 +51,14 @@ __all__ = [
 
 @dataclasses.dataclass
 class Plan:
-    """The UNet rows of one generation: ``passes`` × ``images``, pass-major (uncond if cfg, global, regions).
+    """The UNet rows of one generation: ``composite`` × ``passes`` × ``images``, pass-major (uncond if cfg,
+    global, regions); ``composite`` > 1 (LoRA Composite): one copy of those rows per concept, concept-major.
 
     texts: every distinct text (negatives, prompts, region prompts; None: no text, a zero embedding);
     row_texts: (rows, P) the text of each prompt slot of each row (slot 0: the row's global text);
     owner: (rows,) the text whose EWA weights the row uses; boxes[row]: (prompt slot, box) painted in
-    order; image_texts: (images,) each image's prompt; size: (height, width) in pixels.
+    order; image_texts: (images,) each image's prompt; size: (height, width) in pixels. With composite K,
+    texts are the first copy's texts repeated K times and copy k's rows read copy k's texts.
     """
 
     texts: list[str | None]
@@ -69,10 +72,11 @@ class Plan:
     cfg: bool
     alpha: float
     size: tuple[int, int]
+    composite: int = 1
 
     @property
     def rows(self) -> int:
-        return self.passes * self.images
+        return self.composite * self.passes * self.images
 
     @property
     def slots(self) -> int:
@@ -89,10 +93,13 @@ def make_plan(
     alpha: float,
     size: tuple[int, int],
     zero_negative: bool = False,
+    composite: int = 1,
 ) -> Plan:
     """The plan of ``prompts`` (their ``negatives``, None for none) with ``regions`` shared by all, checked
     (see :func:`~lifelong_engine.regions.check_regions`); ``zero_negative``: an absent negative prompt is a
-    zero embedding (SDXL's ``force_zeros_for_empty_prompt``) rather than the empty text."""
+    zero embedding (SDXL's ``force_zeros_for_empty_prompt``) rather than the empty text; ``composite`` K:
+    LoRA Composite's K copies of every row, copy k conditioned on the library's k-th concept alone
+    (:func:`condition`)."""
     B, U = len(prompts), len(regions)
     neg_texts = [n if n is not None else (None if zero_negative else "") for n in negatives] if cfg else [None] * B
     texts = [*neg_texts, *prompts, *(r[0] for r in regions)]
@@ -116,11 +123,12 @@ def make_plan(
             boxes.append([(1, regions[u][1])])
     passes = int(cfg) + 1 + region_passes
     image_texts = torch.tensor([B + b for b in image_prompt])
+    n, row_texts, owner = len(texts), torch.tensor(row_texts), torch.tensor(owner)
     return Plan(
-        texts,
-        torch.tensor(row_texts),
-        torch.tensor(owner),
-        boxes,
+        texts * composite,
+        torch.cat([row_texts + k * n for k in range(composite)]),
+        torch.cat([owner + k * n for k in range(composite)]),
+        boxes * composite,
         passes,
         B * per_prompt,
         image_texts,
@@ -128,6 +136,7 @@ def make_plan(
         cfg,
         alpha,
         tuple(size),
+        composite,
     )
 
 
@@ -160,14 +169,15 @@ def condition(
     plan: Plan,
     library: Library,
     guidance_scale: float,
-    power: float = 2.0,
-    norm: str = "fro",
+    power: float | None = None,
+    norm: str | None = None,
     top_k: int | None = None,
-    ewa: bool | None = None,
+    ewa: bool | str | None = None,
 ) -> Conditioning:
     """Encode the plan's texts, weight the library's concepts by EWA and compute every layer's text K/V
     once (``model``: a :class:`~lifelong_engine.LifelongPipeline`). Concept ids are checked here, once,
-    by the public ``lora_kv_projection``; the denoising loop reuses them unchecked."""
+    by the public ``lora_kv_projection``; the denoising loop reuses them unchecked. A composite plan (LoRA
+    Composite) needs one copy per concept of the library: copy k's texts get concept k alone, weight 1."""
     device, dtype = model.device, model.dtype
     real = [i for i, t in enumerate(plan.texts) if t is not None]
     encoded = model.encode_prompt([plan.texts[i] for i in real], library)
@@ -183,10 +193,18 @@ def condition(
     for j, i in enumerate(real):
         positions[i] = encoded.positions[j]
         eos[i] = int(encoded.eos[j])
-    if ewa is None:
-        ewa = library.default_ewa
-    ids, psi = model.concept_weights(encoded, power, norm, top_k if ewa else None, library)
+    from .pipeline import ewa_variant
+
     G = len(library.adapters)
+    if plan.composite > 1 and plan.composite != G:
+        raise ValueError(f"a composite plan of {plan.composite} copies needs as many concepts; the library has {G}")
+    variant = "sum" if plan.composite > 1 else ewa_variant(library.default_ewa if ewa is None else ewa)
+    ewa = variant != "sum"
+    ids, psi = model.concept_weights(encoded, power, norm, top_k if ewa else None, library, variant)
+    if plan.composite > 1:  # text i of copy k = i // (n / K) mixes concept k alone
+        copy_of = torch.arange(len(real), device=device) * plan.composite // len(real)
+        ids = ids.gather(-1, copy_of[:, None, None].expand(-1, ids.shape[1], 1))
+        psi = psi[..., :1]
     full_ids = torch.zeros(n, L, ids.shape[-1], dtype=torch.long, device=device)
     full_psi = torch.zeros(n, L, ids.shape[-1], device=device)
     full_ids[real] = ids
@@ -392,7 +410,7 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
     inputs, timesteps = [], []
     for s in states:
         t = s.timesteps[s.step]
-        inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * s.plan.passes), t))
+        inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * (s.plan.composite * s.plan.passes)), t))
         timesteps.append(t.reshape(1).expand(s.rows))
     eps = unet_forward(
         model.unet, torch.cat(inputs), torch.cat(timesteps), batch.context, batch.hidden, batch.added,
@@ -401,11 +419,14 @@ def step(model, states: Sequence[DenoisingState], batch: Batch | None = None) ->
     first = 0
     for s in states:
         plan = s.plan
-        e = eps[first : first + s.rows].view(plan.passes, plan.images, *eps.shape[1:])
+        e = eps[first : first + s.rows].view(plan.composite * plan.passes, plan.images, *eps.shape[1:])
         first += s.rows
-        noise = aggregate_noise(e, plan.cfg, s.guidance_scale, plan.alpha, s.cond.masks)
-        if plan.cfg and s.guidance_rescale > 0:
-            noise = rescale_noise_cfg(noise, e[1], s.guidance_rescale)
+        noise = 0
+        for part in e.view(plan.composite, -1, *e.shape[1:]):  # LoRA Composite: the mean of the guided estimates
+            guided = aggregate_noise(part, plan.cfg, s.guidance_scale, plan.alpha, s.cond.masks)
+            if plan.cfg and s.guidance_rescale > 0:
+                guided = rescale_noise_cfg(guided, part[1], s.guidance_rescale)
+            noise = noise + guided / plan.composite
         s.latents = s.scheduler.step(noise, s.timesteps[s.step], s.latents, **s.extra, return_dict=False)[0]
         s.step += 1
     return batch

@@ -25,10 +25,12 @@ from .backends import available_backends, requested_backend, use_backend
 
 __all__ = [
     "lora_kv_projection",
+    "lora_kv_projection_grouped",
     "lora_term",
     "regional_cross_attention",
     "ewa_weights",
     "ewa_merge",
+    "ewa_weights_rows",
     "use_backend",
     "available_backends",
     "requested_backend",
@@ -173,6 +175,47 @@ def _lora_kv_backward(ctx, grad_k, grad_v):
 _lora_kv_projection.register_autograd(_lora_kv_backward, setup_context=_lora_kv_setup)
 
 
+@_custom_op("lifelong::lora_kv_projection_grouped")
+def _lora_kv_projection_grouped(
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_kv_projection` of all L cross-attention layers at once (one launch on the triton backend).
+
+    c: (L, B, T, Din) layer-wise text embeddings; w_k, w_v: L tensors (Dout_l, Din); a_k, a_v: L tensors
+    (N, r, Din); b_k, b_v: L tensors (N, Dout_l, r) (one pool: the same N, r in every layer);
+    ids, weights: (L, B, S), each layer its own (EWA gives each layer its own ψ).
+    Semantics: (k_l, v_l) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l],
+    ids[l], weights[l], scale). The registered op returns two flat buffers (B·T·ΣDout_l,), layer after
+    layer; the public function returns ([k_0 … k_{L-1}], [v_0 … v_{L-1}]), each (B, T, Dout_l), views
+    into them. Inference only (no autograd formula).
+    """
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=True)
+    return _run("lora_kv_projection_grouped", c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+
+@_lora_kv_projection_grouped.register_fake
+def _(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    checks.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)
+    size = c.shape[1] * c.shape[2] * sum(w.shape[0] for w in w_k)
+    return c.new_empty(size), c.new_empty(size)
+
+
+def _split_layers(c: Tensor, w_k: list[Tensor], flat: Tensor) -> list[Tensor]:
+    """Layer l's (B, T, Dout_l) view of a flat grouped output."""
+    bsz, t_len = c.shape[1], c.shape[2]
+    sizes = [bsz * t_len * w.shape[0] for w in w_k]
+    return [part.view(bsz, t_len, w.shape[0]) for part, w in zip(flat.split(sizes), w_k)]
+
+
 # ------------------------------------------------------------------------------ lora_term
 
 
@@ -314,7 +357,8 @@ def _ewa_weights(
     power: finite, > 0 and representable in prompt's dtype.
     Semantics: M[b,l,g] = max_t cos(prompt[b,l,t], concepts[l,g]);  M⁺ = max(M, 0);
                psi[b,l,g] = M⁺^power / ‖M⁺[b,l,:]^power‖ with norm "fro" (L2, the paper's)
-               or "l1" (the official code's, used with power 4).
+               or "l1". The released CIDM code's EWA is not this with power 4 and "l1": it matches each token
+               row of a concept and averages, over all prompt positions (:func:`ewa_weights_rows`).
     Negative similarities: a concept no prompt token points towards (M ≤ 0) weighs 0, so ψ is a
     finite, non-negative weighting for every power (a row whose M are all ≤ 0 is all zeros: no
     concept applies). The paper's ψ(M) = M²/‖M²‖ is this wherever M ≥ 0.
@@ -412,6 +456,74 @@ def _ewa_merge_bwd(ctx, grad_delta):
     return _keep_needed(ctx, (dpsi, da, db, None))
 
 
+@_custom_op("lifelong::ewa_weights_rows")
+def ewa_weights_rows(
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 4.0,
+    norm: str = "l1",
+) -> Tensor:
+    """EWA weights ψ from each concept's token rows: the released CIDM code's EWA (DESIGN §3.3).
+
+    prompt: (B, L, T, D) the prompt's text embedding for each layer (ĉ^l);
+    concepts: (L, G, W, D) per layer, the W token rows of each concept (padded to the most rows);
+    concept_rows: (G, W) bool, the rows each concept has (at least one);
+    prompt_mask: (B, T) bool, tokens that count; None = every position (BOS, words, EOS, padding),
+    as the released code.
+    Semantics: M[b,l,g] = mean over concept g's rows w of max_t cos(prompt[b,l,t], concepts[l,g,w]);
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖, norm "l1" (the released code, with power 4) or "fro".
+    Unlike :func:`ewa_weights` (the max against each concept's mean embedding), each row is matched
+    on its own and the matches are averaged. Returns psi (B, L, G). Differentiable in prompt and concepts.
+    """
+    checks.ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values=True)
+    return _run("ewa_weights_rows", prompt, concepts, concept_rows, prompt_mask, power, norm)
+
+
+@ewa_weights_rows.register_fake
+def _(prompt, concepts, concept_rows, prompt_mask=None, power=4.0, norm="l1"):
+    checks.ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask, power, norm, values=False)
+    return prompt.new_empty((prompt.shape[0], prompt.shape[1], concepts.shape[1]))
+
+
+@_custom_op("lifelong::_ewa_weights_rows_backward")
+def _ewa_weights_rows_backward(
+    grad_psi: Tensor,
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None,
+    power: float,
+    norm: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dprompt, dconcepts); see reference.ewa_weights_rows_backward."""
+    args = (grad_psi, prompt, concepts, concept_rows, prompt_mask, power, norm)
+    return _run("ewa_weights_rows_backward", *args, backend=backend)
+
+
+@_ewa_weights_rows_backward.register_fake
+def _(grad_psi, prompt, concepts, concept_rows, prompt_mask, power, norm, backend):
+    return torch.empty_like(prompt), torch.empty_like(concepts)
+
+
+def _ewa_weights_rows_setup(ctx, inputs, output):
+    prompt, concepts, concept_rows, prompt_mask, power, norm = inputs
+    ctx.save_for_backward(prompt, concepts, concept_rows, prompt_mask)
+    ctx.power, ctx.norm = power, norm
+    ctx.backend = requested_backend()
+
+
+def _ewa_weights_rows_bwd(ctx, grad_psi):
+    prompt, concepts, concept_rows, prompt_mask = ctx.saved_tensors
+    dprompt, dconcepts = torch.ops.lifelong._ewa_weights_rows_backward(
+        grad_psi, prompt, concepts, concept_rows, prompt_mask, ctx.power, ctx.norm, ctx.backend
+    )
+    return _keep_needed(ctx, (dprompt, dconcepts, None, None, None, None))
+
+
+ewa_weights_rows.register_autograd(_ewa_weights_rows_bwd, setup_context=_ewa_weights_rows_setup)
 _ewa_merge.register_autograd(_ewa_merge_bwd, setup_context=_ewa_merge_setup)
 
 
@@ -500,6 +612,15 @@ def lora_term_trusted(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Ten
 # ------------------------------------------------------------------ public functions
 
 lora_kv_projection = _public("lora_kv_projection")
+_lora_kv_projection_grouped_flat = _public("lora_kv_projection_grouped")
+
+
+def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    k_all, v_all = _lora_kv_projection_grouped_flat(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
+    return _split_layers(c, w_k, k_all), _split_layers(c, w_k, v_all)
+
+
+lora_kv_projection_grouped.__doc__ = _lora_kv_projection_grouped.__doc__
 lora_term = _public("lora_term")
 regional_cross_attention = _public("regional_cross_attention")
 ewa_weights = _public("ewa_weights")

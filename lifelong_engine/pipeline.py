@@ -99,7 +99,6 @@ class LifelongPipeline:
             for layer, attn in self.attention.items()
             for proj, lin in zip(PROJECTIONS, (attn.to_k, attn.to_v, attn.to_q, attn.to_out[0]))
         }
-        self._attn, self._widths = self.attention, self.widths  # old names, still read by training/
         self._concepts: dict[str, ConceptAdapter] = {}
         self._embeddings: dict[str, Tensor] = {}  # ê (L, D) per concept
         self._pool: AdapterPool | None = None
@@ -267,19 +266,33 @@ class LifelongPipeline:
     def concept_weights(
         self,
         encoded: EncodedPrompts,
-        power: float = 2.0,
-        norm: str = "fro",
+        power: float | None = None,
+        norm: str | None = None,
         top_k: int | None = None,
         library: Library | None = None,
+        variant: str = "paper",
     ) -> tuple[Tensor, Tensor]:
         """EWA over the library: (ids, psi), each (n, L, S): the pool ids of the concepts each prompt mixes
-        into each layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3)."""
+        into each layer and their weights ψ^l (S = G, or top_k when given; DESIGN §3.3).
+
+        variant "paper": ``ops.ewa_weights`` of the prompt's words and EOS against each concept's ê (its
+        tokens encoded alone, averaged), power 2 and L2 by default; "official" (the released CIDM code):
+        ``ops.ewa_weights_rows`` over all prompt positions against every concept's token rows encoded in
+        one prompt of all concepts (:meth:`PromptEncoder.concept_rows`), power 4 and L1 by default."""
         library = library or self.library()
         n, L = encoded.per_layer.shape[:2]
         G = len(library.adapters)
         if G == 0:
             return torch.zeros(n, L, 0, dtype=torch.long, device=self.device), torch.zeros(n, L, 0, device=self.device)
-        psi = ops.ewa_weights(encoded.per_layer.float(), library.embeddings, encoded.ewa_mask, power, norm)
+        if variant == "official":
+            rows, present = self.text.concept_rows(library.adapters)
+            psi = ops.ewa_weights_rows(
+                encoded.per_layer.float(), rows.float(), present, None, power or 4.0, norm or "l1"
+            )
+        else:
+            psi = ops.ewa_weights(
+                encoded.per_layer.float(), library.embeddings, encoded.ewa_mask, power or 2.0, norm or "fro"
+            )
         order = torch.arange(G, device=self.device).expand(n, L, G)
         if top_k is not None and top_k < G:
             psi, order = psi.topk(top_k, dim=-1)
@@ -309,10 +322,11 @@ class LifelongPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         alpha: float = 0.7,
-        ewa_power: float = 2.0,
-        ewa_norm: str = "fro",
+        ewa_power: float | None = None,
+        ewa_norm: str | None = None,
         ewa_top_k: int | None = None,
-        ewa: bool | None = None,
+        ewa: bool | str | None = None,
+        composition: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -331,9 +345,16 @@ class LifelongPipeline:
         attend to region prompt u in every layer (a later box wins where boxes overlap), and with
         ``alpha < 1`` each region also gets its own noise estimate E_u, aggregated as
         ``E* = α·E + Σ_u (1−α)·E_u ⊙ m_u`` (DESIGN §5; ``alpha=1`` is the single-pass mode).
-        ewa_power / ewa_norm / ewa_top_k: EWA weighting of the library (paper: 2 / "fro"; the official code:
-        4 / "l1"); ``ewa=False`` sums every concept with weight 1 (LoRA-M, C-LoRA and peft's merge);
+        ewa: "paper" (CIDM's EWA as the paper writes it; also True), "official" (the released CIDM code's EWA,
+        see :meth:`concept_weights`) or "sum" (weight 1 each: LoRA-M, C-LoRA, peft's merge; also False);
+        ewa_power / ewa_norm override the variant's (paper 2 / "fro", official 4 / "l1"), ewa_top_k keeps
+        the k largest;
         the default uses EWA when every concept was learned with CIDM (``method == "cidm"``), else the sum.
+        composition: None (the concepts mixed into one K/V per layer, weighted per ``ewa``) or "lora-c"
+        (LoRA Composite, Zhong et al. 2024: at every step the classifier-free-guided noise is computed under
+        each concept of the library alone, weight 1, in the same UNet call, and the guided estimates are
+        averaged; ``ewa*`` options are then unused and the output's ``psi`` is None; not with
+        attention_guidance). The UNet rows, and the cost of a step, grow by the number of concepts.
         capture_attention: attn2 layer names whose attention maps to return (``output.attention_maps``,
         layer → (rows, N, T) for the last step).
         attention_guidance: an :class:`~lifelong_engine.guidance.AttentionGuidance`: in the first steps, move
@@ -363,9 +384,17 @@ class LifelongPipeline:
                 f"such as {self.layers[0]!r}"
             )
         negatives = self.negatives(negative_prompt, len(prompts))
+        if composition not in (None, "lora-c"):
+            raise ValueError(f"composition={composition!r}: expected None (mix per ewa) or 'lora-c' (LoRA Composite)")
+        if composition == "lora-c" and attention_guidance is not None:
+            raise ValueError("composition='lora-c' does not support attention_guidance")
+        library = self.library()
+        composite = max(len(library.adapters), 1) if composition == "lora-c" else 1
         size = (height or self.default_size(), width or self.default_size())
-        plan = self.plan(prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size)
-        cond = generation.condition(self, plan, self.library(), guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
+        plan = self.plan(
+            prompts, negatives, regions, num_images_per_prompt, guidance_scale > 1.0, alpha, size, composite
+        )
+        cond = generation.condition(self, plan, library, guidance_scale, ewa_power, ewa_norm, ewa_top_k, ewa)
         cond.context.capture = frozenset(capture_attention)
         state = generation.start(
             self,
@@ -389,7 +418,7 @@ class LifelongPipeline:
 
         image = self.decode(state.latents, output_type, generator)
         self.pipe.maybe_free_model_hooks()
-        image_psi = cond.psi[plan.image_texts] if cond.psi is not None else None
+        image_psi = cond.psi[plan.image_texts] if cond.psi is not None and composition is None else None
         if not return_dict:
             return (image,)
         out = LifelongPipelineOutput(image, image_psi, list(self._concepts))
@@ -429,14 +458,14 @@ class LifelongPipeline:
                 raise ValueError(
                     f"{name}={size!r}: expected None or a positive multiple of {factor} (the VAE's scale factor)"
                 )
-        if not _is_real(ewa_power) or not (math.isfinite(ewa_power) and ewa_power > 0):
+        if ewa_power is not None and (not _is_real(ewa_power) or not (math.isfinite(ewa_power) and ewa_power > 0)):
             raise ValueError(f"ewa_power={ewa_power!r}: expected a finite number > 0")
-        if ewa_norm not in checks.NORMS:
+        if ewa_norm is not None and ewa_norm not in checks.NORMS:
             raise ValueError(f"ewa_norm={ewa_norm!r}: expected one of {checks.NORMS}")
         if ewa_top_k is not None and (not _is_int(ewa_top_k) or ewa_top_k < 1):
             raise ValueError(f"ewa_top_k={ewa_top_k!r}: expected None (every concept) or an integer >= 1")
-        if ewa is not None and not isinstance(ewa, bool):
-            raise ValueError(f"ewa={ewa!r}: expected None (by the concepts' method), True or False")
+        if ewa is not None:
+            ewa_variant(ewa)
         for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
             if not _is_real(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r}: expected a number in [0, 1]")
@@ -456,10 +485,14 @@ class LifelongPipeline:
         """The image side the UNet was trained at, in pixels."""
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
 
-    def plan(self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float, size) -> generation.Plan:
+    def plan(
+        self, prompts, negatives, regions, per_prompt: int, cfg: bool, alpha: float, size, composite: int = 1
+    ) -> generation.Plan:
         """The generation plan of checked inputs (:func:`lifelong_engine.generation.make_plan`)."""
         zero_negative = self.is_sdxl and self.pipe.config.force_zeros_for_empty_prompt
-        return generation.make_plan(prompts, negatives, regions, per_prompt, cfg, alpha, size, zero_negative)
+        return generation.make_plan(
+            prompts, negatives, regions, per_prompt, cfg, alpha, size, zero_negative, composite
+        )
 
     def decode(self, latents: Tensor, output_type: str = "pil", generator=None):
         """Latents → images as diffusers' pipelines return them (VAE, safety checker, watermark)."""
@@ -495,3 +528,13 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+_EWA_VARIANTS = {True: "paper", False: "sum", "paper": "paper", "official": "official", "sum": "sum"}
+
+
+def ewa_variant(ewa) -> str:
+    """The EWA variant an ``ewa=`` argument names: "paper", "official" or "sum"."""
+    if isinstance(ewa, (bool, str)) and ewa in _EWA_VARIANTS:
+        return _EWA_VARIANTS[ewa]
+    raise ValueError(f"ewa={ewa!r}; expected 'paper', 'official', 'sum', True (= 'paper') or False (= 'sum')")

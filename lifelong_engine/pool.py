@@ -183,9 +183,11 @@ class Library:
         return {c.token: c for c in self.adapters}
 
     @property
-    def default_ewa(self) -> bool:
-        """EWA when every concept was learned with CIDM; otherwise the plain sum."""
-        return bool(self.adapters) and all(c.method == "cidm" for c in self.adapters)
+    def default_ewa(self) -> str:
+        """The merge the concepts ask for: their ``ewa`` metadata ("paper", "official" or "sum"; a CIDM
+        concept without it: "paper", any other method: "sum") when all agree, else "sum"."""
+        asked = {c.metadata.get("ewa", "paper" if c.method == "cidm" else "sum") for c in self.adapters}
+        return asked.pop() if len(asked) == 1 else "sum"
 
     @property
     def image_side(self) -> bool:

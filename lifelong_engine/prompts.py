@@ -190,6 +190,45 @@ class PromptEncoder:
         mask = enc.concept_mask if enc.concept_mask.any() else enc.word_mask
         return (enc.per_layer[0] * mask[0, None, :, None]).sum(1) / mask[0].sum()
 
+    def concept_rows(self, concepts: list[ConceptAdapter]) -> tuple[Tensor, Tensor]:
+        """The released CIDM code's concept rows (its EWA's ê): ONE prompt made of every concept's token in
+        order (``"<c1> <c2> …"``) encoded per layer with that layer's token rows, so later concepts are
+        encoded in the context of earlier ones (CLIP is causal); concept g's rows are the outputs at its
+        word positions. Returns (rows (L, G, W, D), present (G, W) bool), W the most words of a concept.
+        A library with more words than one prompt holds (model length − 2) is encoded in consecutive
+        prompts of whole concepts (the released code has one prompt and would truncate)."""
+        if not concepts:
+            raise ValueError("concept_rows: no concepts")
+        limit = self.tokenizers[0].model_max_length - 2
+        chunks, chunk, used = [], [], 0
+        for c in concepts:
+            n = len(c.words) if c.token_embeddings is not None else 0
+            if chunk and used + n > limit:
+                chunks.append(chunk)
+                chunk, used = [], 0
+            chunk.append(c)
+            used += n
+        chunks.append(chunk)
+        width = max((len(c.words) for c in concepts), default=1)
+        per_concept = []
+        for chunk in chunks:
+            tokens = {c.token: c for c in chunk}
+            prompt = " ".join(c.token for c in chunk)
+            enc = self.encode([prompt], tokens)
+            positions: dict[str, list[int]] = {}
+            for pos, c, _ in self.tokenize(prompt, tokens, self.tokenizers[0]).concept_rows:
+                positions.setdefault(c.name, []).append(pos)
+            for c in chunk:
+                pos = positions.get(c.name) or [int(enc.eos[0])]  # no token rows: the EOS output stands in
+                per_concept.append(enc.per_layer[0][:, pos])  # (L, w_g, D)
+        L, D = per_concept[0].shape[0], per_concept[0].shape[-1]
+        rows = per_concept[0].new_zeros(L, len(concepts), width, D)
+        present = torch.zeros(len(concepts), width, dtype=torch.bool, device=rows.device)
+        for g, r in enumerate(per_concept):
+            rows[:, g, : r.shape[1]] = r
+            present[g, : r.shape[1]] = True
+        return rows, present
+
 
 def _placeholder_id(tokenizer) -> int:
     """A real, non-special id that stands in for a concept row (the row replaces its embedding).

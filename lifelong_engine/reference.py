@@ -17,12 +17,15 @@ __all__ = [
     "NORM_EPS",
     "lora_kv_projection",
     "lora_kv_projection_backward",
+    "lora_kv_projection_grouped",
     "regional_cross_attention",
     "regional_cross_attention_backward",
     "ewa_weights",
     "ewa_weights_backward",
     "ewa_merge",
     "ewa_merge_backward",
+    "ewa_weights_rows",
+    "ewa_weights_rows_backward",
 ]
 
 #: Floor on vector norms in ``ewa_weights`` (cosine denominators and the ψ normaliser),
@@ -66,6 +69,38 @@ def lora_kv_projection(
     return c @ w_k.T + lora_term(c, a_k, b_k, ids, weights, scale), c @ w_v.T + lora_term(
         c, a_v, b_v, ids, weights, scale
     )
+
+
+def lora_kv_projection_grouped(
+    c: Tensor,
+    w_k: list[Tensor],
+    w_v: list[Tensor],
+    a_k: list[Tensor],
+    b_k: list[Tensor],
+    a_v: list[Tensor],
+    b_v: list[Tensor],
+    ids: Tensor,
+    weights: Tensor,
+    scale: float = 1.0,
+    project=None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_kv_projection` of all L layers, each with its own ids and weights.
+
+    c: (L, B, T, Din); w_k, w_v, a_k, b_k, a_v, b_v: L per-layer tensors; ids, weights: (L, B, S).
+    Semantics: (k_l, v_l) = lora_kv_projection(c[l], w_k[l], w_v[l], a_k[l], b_k[l], a_v[l], b_v[l],
+    ids[l], weights[l], scale). Returns flat (k_all, v_all), each (B·T·ΣDout_l,): k_l flattened, in
+    layer order (the layout of the grouped kernel's output buffer). ``project`` is the per-layer op
+    (this module's by default; a backend passes its own fast path).
+    """
+    project = project or lora_kv_projection
+    outs = [
+        project(c[layer], w_k[layer], w_v[layer], a_k[layer], b_k[layer], a_v[layer], b_v[layer], ids[layer],
+                weights[layer], scale)
+        for layer in range(c.shape[0])
+    ]  # fmt: skip
+    if not outs:
+        return c.new_empty(0), c.new_empty(0)
+    return torch.cat([k.reshape(-1) for k, _ in outs]), torch.cat([v.reshape(-1) for _, v in outs])
 
 
 def lora_term(x: Tensor, a: Tensor, b: Tensor, ids: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
@@ -321,3 +356,73 @@ def ewa_merge_backward(
     da = torch.einsum("bg,gor,bod->grd", w, b, grad_delta)
     db = torch.einsum("bg,bgor->gor", w, d_ba)
     return dpsi.to(psi.dtype), da, db
+
+
+def ewa_weights_rows(
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 4.0,
+    norm: str = "l1",
+) -> Tensor:
+    """EWA weights ψ from each concept's token rows (the released CIDM code's EWA).
+
+    prompt: (B, L, T, D) per-layer prompt embeddings ĉ^l; concepts: (L, G, W, D) per layer, the W token
+    rows of each concept (padded); concept_rows: (G, W) bool, the rows each concept has (≥ 1 each);
+    prompt_mask: (B, T) bool, tokens that count (None = all positions, as the released code).
+    Semantics: S[b,l,g,w] = max_t cos(prompt[b,l,t], concepts[l,g,w]);
+               M[b,l,g] = mean over the rows w of concept g of S[b,l,g,w];
+               psi[b,l,g] = M^power / ‖M[b,l,:]^power‖, the norm L1 ("l1") or L2 ("fro").
+    Norms floored at NORM_EPS as in :func:`ewa_weights`. Returns psi (B, L, G).
+    """
+    cos = torch.einsum("bltd,lgwd->bltgw", _normalize(prompt), _normalize(concepts))
+    if prompt_mask is not None:
+        cos = cos.masked_fill(~prompt_mask[:, None, :, None, None], float("-inf"))
+    s = cos.amax(dim=2)  # (B, L, G, W)
+    rows = concept_rows.to(s.dtype)
+    m = torch.where(concept_rows, s, 0).sum(-1) / rows.sum(-1)
+    m_pow = m.pow(power)
+    n = m_pow.norm(dim=-1, keepdim=True) if norm == "fro" else m_pow.abs().sum(-1, keepdim=True)
+    return m_pow / n.clamp_min(NORM_EPS)
+
+
+def ewa_weights_rows_backward(
+    grad_psi: Tensor,
+    prompt: Tensor,
+    concepts: Tensor,
+    concept_rows: Tensor,
+    prompt_mask: Tensor | None = None,
+    power: float = 4.0,
+    norm: str = "l1",
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`ewa_weights_rows`; as :func:`ewa_weights_backward` through P = M^power and its
+    norm to dM, then the mean spreads dM over each concept's rows, dS[b,l,g,w] = dM·rows[g,w]/n_g, and
+    the max routes dS to its argmax token t*: dcos[b,l,t*,g,w] = dS; then through the normalisations.
+    Returns (dprompt, dconcepts)."""
+    L, G, W, D = concepts.shape
+    xh, eh = _normalize(prompt), _normalize(concepts).reshape(L, G * W, D)
+    s, t_star = _ewa_similarity(prompt, concepts.reshape(L, G * W, D), prompt_mask)  # (B, L, G·W)
+    rows = concept_rows.to(s.dtype)
+    count = rows.sum(-1)
+    m = torch.where(concept_rows.reshape(-1), s, 0).unflatten(-1, (G, W)).sum(-1) / count
+    m_pow = m.pow(power)
+    n = m_pow.norm(dim=-1, keepdim=True) if norm == "fro" else m_pow.abs().sum(-1, keepdim=True)
+    n = n.clamp_min(NORM_EPS)
+    psi = m_pow / n
+    sgn = psi if norm == "fro" else m_pow.sign()
+    sgn = torch.where(n > NORM_EPS, sgn, 0)
+    d_pow = (grad_psi - sgn * (grad_psi * psi).sum(-1, keepdim=True)) / n
+    d_m = d_pow * power * m.pow(power - 1)
+    d_s = (d_m[..., None] * rows / count[:, None]).flatten(-2)  # (B, L, G·W)
+    d_cos = torch.zeros(*prompt.shape[:3], G * W, dtype=prompt.dtype, device=prompt.device)
+    d_cos.scatter_(2, t_star.unsqueeze(2), d_s.unsqueeze(2))
+    d_xh = torch.einsum("bltg,lgd->bltd", d_cos, eh)
+    d_eh = torch.einsum("bltg,bltd->lgd", d_cos, xh).reshape(L, G, W, D)
+
+    def through_normalize(x: Tensor, xh: Tensor, d_xh: Tensor) -> Tensor:
+        nx = x.norm(dim=-1, keepdim=True)
+        d = torch.where(nx > NORM_EPS, d_xh - xh * (xh * d_xh).sum(-1, keepdim=True), d_xh)
+        return d / nx.clamp_min(NORM_EPS)
+
+    return through_normalize(prompt, xh, d_xh), through_normalize(concepts, eh.reshape(L, G, W, D), d_eh)

@@ -60,10 +60,10 @@ class GenerationRequest:
     alpha: float = 0.7
     height: int | None = None
     width: int | None = None
-    ewa_power: float = 2.0
-    ewa_norm: str = "fro"
+    ewa_power: float | None = None
+    ewa_norm: str | None = None
     ewa_top_k: int | None = None
-    ewa: bool | None = None
+    ewa: bool | str | None = None
     attention_guidance: AttentionGuidance | None = None
     eta: float = 0.0
     guidance_rescale: float = 0.0

@@ -1,5 +1,12 @@
 """ConceptStore: a durable library of concepts on disk.
 
+Where: ``ConceptStore(directory)`` is the embedded default (the layout below, SQLite index);
+``ConceptStore("postgresql://…", files=directory)`` keeps the index in PostgreSQL (the same table,
+see :mod:`lifelong_engine.store_index`) and the files in ``directory``, shared by every process and
+machine using that index; there each host stages in ``staging/<hostname>/``. Every guarantee below
+holds for both: "the index's write lock" is SQLite's ``BEGIN IMMEDIATE`` or, on PostgreSQL, an
+advisory lock per concept name (saves, deletes) and one for the whole store (prune).
+
 Layout of a store directory::
 
     index.sqlite                                   SQLite index (WAL), one row per concept version
@@ -33,13 +40,11 @@ import hashlib
 import json
 import os
 import re
-import sqlite3
+import socket
 import stat
 import struct
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -47,33 +52,19 @@ import torch
 
 from .concepts import ConceptAdapter, validate_name
 from .errors import ConceptNotFoundError, ConceptStoreError
+from .store_index import PostgresIndex, SQLiteIndex, redact
 
 __all__ = ["ConceptStore", "ConceptRecord"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS concepts (
-    namespace        TEXT    NOT NULL,
-    name             TEXT    NOT NULL,
-    version          INTEGER NOT NULL,
-    token            TEXT    NOT NULL,
-    words            TEXT    NOT NULL,
-    class_word       TEXT,
-    base_fingerprint TEXT    NOT NULL,
-    rank             INTEGER NOT NULL,
-    method           TEXT    NOT NULL,
-    file             TEXT    NOT NULL,
-    sha256           TEXT    NOT NULL,
-    size             INTEGER NOT NULL,
-    created          REAL    NOT NULL,
-    PRIMARY KEY (namespace, name, version)
-);
-"""
 # Where a version's file may be: its own folder, v<version>[-<id>].safetensors (no id: stores written before ids).
 _FILE = re.compile(
     r"concepts/(?P<namespace>[^/]+)/(?P<name>[^/]+)/v(?P<version>[0-9]+)(?:-[0-9a-f]{8,64})?\.safetensors"
 )
 # Temp files of writers: <stem>.<pid>.tmp (saves, atomic_torch_save) or <pid>-<hex>.tmp (older saves).
 _TEMP = re.compile(r"(?:.+\.(?P<pid>[0-9]+)|(?P<old_pid>[0-9]+)-[0-9a-f]+)\.tmp")
+# A location that is a URL (scheme://...), never to be taken for a folder name.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
 _COLUMNS = (
     "namespace, name, version, token, words, class_word, base_fingerprint, rank, method, file, sha256, size, created"
 )
@@ -119,32 +110,50 @@ class ConceptStore:
     >>> adapter = store.load("my-dog")           # the newest version, verified
     """
 
-    def __init__(self, root: str | os.PathLike, timeout: float = 60.0):
-        self.root = Path(root).expanduser()
+    def __init__(self, location: str | os.PathLike, files: str | os.PathLike | None = None, timeout: float = 60.0):
+        """``location``: a directory (the embedded store: files and a SQLite index in it), or a
+        ``postgresql://`` URL for an index many machines share, with ``files`` the shared directory
+        (e.g. an NFS mount) holding the concept files. ``timeout``: seconds to wait for the index's
+        write lock (and, for PostgreSQL, to connect)."""
+        url = os.fspath(location) if isinstance(location, str) else None
+        scheme = _URL.match(url) if url is not None else None
+        if scheme is None:
+            if files is not None:
+                raise ValueError(
+                    f"ConceptStore({str(location)!r}, files={str(files)!r}): files= goes with a postgresql:// "
+                    "index URL; a directory store keeps its files in that directory"
+                )
+            self.root = Path(location).expanduser()
+        elif scheme["scheme"].lower() in _POSTGRES_SCHEMES:
+            if files is None:
+                raise ValueError(
+                    f"ConceptStore({redact(url)!r}): a PostgreSQL index needs files=<a directory every "
+                    "process using this index shares> for the concept files"
+                )
+            self.root = Path(files).expanduser()
+        else:
+            raise ValueError(
+                f"ConceptStore({redact(url)!r}): unsupported URL scheme {scheme['scheme']!r}; expected a "
+                "directory path or a postgresql:// URL"
+            )
         (self.root / "concepts").mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(exist_ok=True)
-        self._lock = threading.Lock()
-        index = self.root / "index.sqlite"
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISREG(os.lstat(index).st_mode):
-                raise ConceptStoreError(f"{index}: the index is not a regular file")
-        with self._index_errors():
-            self._db = sqlite3.connect(index, timeout=timeout, isolation_level=None, check_same_thread=False)
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(_SCHEMA)
-            except BaseException:
-                self._db.close()
-                raise
+        # A shared directory is written from many machines, where process ids mean nothing: each host
+        # stages in its own folder, so prune judges only its own host's temp files by their pid.
+        self._staging = self.root / "staging" if scheme is None else self.root / "staging" / _host()
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._url = None if scheme is None else redact(url)
+        if scheme is None:
+            self._index: SQLiteIndex | PostgresIndex = SQLiteIndex(self.root / "index.sqlite", timeout)
+        else:
+            self._index = PostgresIndex(url, timeout)
 
     @property
     def staging(self) -> Path:
         """Where files are written before they enter the store (and training checkpoints go)."""
-        return self.root / "staging"
+        return self._staging
 
     def close(self) -> None:
-        self._db.close()
+        self._index.close()
 
     def __enter__(self) -> ConceptStore:
         return self
@@ -153,6 +162,8 @@ class ConceptStore:
         self.close()
 
     def __repr__(self) -> str:
+        if self._url is not None:
+            return f"ConceptStore({self._url!r}, files={str(self.root)!r})"
         return f"ConceptStore({str(self.root)!r})"
 
     # ----------------------------------------------------------------- writing
@@ -173,7 +184,7 @@ class ConceptStore:
                 _write_durably(tmp, data)
             except OSError as e:  # e.g. a full disk
                 raise ConceptStoreError(f"concept {namespace}/{adapter.name}: cannot write {tmp}: {e}") from e
-            with self._transaction() as db:
+            with self._index.write((namespace, adapter.name)) as db:
                 (latest,) = db.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM concepts WHERE namespace=? AND name=?",
                     (namespace, adapter.name),
@@ -218,8 +229,8 @@ class ConceptStore:
 
     def delete(self, name: str, namespace: str = "default", version: int | None = None) -> int:
         """Remove every version of a concept (or one); returns how many versions were removed."""
-        with self._transaction() as db:
-            rows = self._select(db, name, namespace, version, newest_only=False)
+        with self._index.write((namespace, name)) as db:
+            rows = self._select(db.execute, name, namespace, version, newest_only=False)
             if not rows:
                 raise ConceptNotFoundError(self._describe_missing(name, namespace, version))
             db.executemany(
@@ -237,7 +248,7 @@ class ConceptStore:
         returns how many versions were removed."""
         if keep < 1:
             raise ValueError(f"prune(keep={keep}): keep must be >= 1")
-        with self._transaction() as db:
+        with self._index.write() as db:
             # Orphans (version files renamed into place by a save killed before its commit): a save
             # renames and commits under this write lock, so no file seen now without a row is a live one.
             # (Files of the rows deleted below go only after the commit: a kill before it keeps them.)
@@ -278,13 +289,11 @@ class ConceptStore:
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY namespace, name, version"
-        with self._lock, self._index_errors():
-            return [ConceptRecord._from_row(r) for r in self._db.execute(query, args)]
+        return [ConceptRecord._from_row(r) for r in self._index.read(query, args)]
 
     def record(self, name: str, namespace: str = "default", version: int | None = None) -> ConceptRecord:
         """The index record of a concept version (the newest when version is None)."""
-        with self._lock, self._index_errors():
-            rows = self._select(self._db, name, namespace, version, newest_only=True)
+        rows = self._select(self._index.read, name, namespace, version, newest_only=True)
         if not rows:
             raise ConceptNotFoundError(self._describe_missing(name, namespace, version))
         return rows[0]
@@ -298,8 +307,7 @@ class ConceptStore:
             except ConceptStoreError:
                 # A delete or prune may have removed this version between the index read and the file
                 # read: then look again (a newer version, or ConceptNotFoundError), else it is damage.
-                with self._lock, self._index_errors():
-                    now = self._select(self._db, name, namespace, rec.version, newest_only=True)
+                now = self._select(self._index.read, name, namespace, rec.version, newest_only=True)
                 if now == [rec]:
                     raise
         raise ConceptStoreError(f"concept {namespace}/{name}: its versions kept changing while being read")
@@ -307,11 +315,7 @@ class ConceptStore:
     def verify(self) -> list[str]:
         """Every problem found (index integrity, missing, truncated, altered or mismatched
         files); an empty list when the store is healthy."""
-        problems = []
-        with self._lock, self._index_errors():
-            (integrity,) = self._db.execute("PRAGMA integrity_check").fetchone()
-        if integrity != "ok":
-            problems.append(f"index.sqlite: integrity check failed: {integrity}")
+        problems = self._index.integrity()
         for rec in self.list(all_versions=True):
             try:
                 self._read(rec)
@@ -327,41 +331,20 @@ class ConceptStore:
         return True
 
     def __len__(self) -> int:
-        with self._lock, self._index_errors():
-            (n,) = self._db.execute("SELECT COUNT(DISTINCT namespace || '/' || name) FROM concepts").fetchone()
+        ((n,),) = self._index.read("SELECT COUNT(DISTINCT namespace || '/' || name) FROM concepts")
         return n
 
     # ---------------------------------------------------------------- internals
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._index_errors():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
-                    self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    @contextlib.contextmanager
-    def _index_errors(self) -> Iterator[None]:
-        """SQLite's errors (corrupt index, disk full, locked for too long) as ConceptStoreErrors."""
-        try:
-            yield
-        except sqlite3.Error as e:
-            raise ConceptStoreError(f"{self.root / 'index.sqlite'}: {e}") from e
-
     @staticmethod
-    def _select(db, name: str, namespace: str, version: int | None, newest_only: bool) -> list[ConceptRecord]:
+    def _select(run, name: str, namespace: str, version: int | None, newest_only: bool) -> list[ConceptRecord]:
         query = f"SELECT {_COLUMNS} FROM concepts WHERE namespace=? AND name=?"
         args: list = [namespace, name]
         if version is not None:
             query += " AND version=?"
             args.append(version)
         query += " ORDER BY version DESC" + (" LIMIT 1" if newest_only else "")
-        return [ConceptRecord._from_row(r) for r in db.execute(query, args)]
+        return [ConceptRecord._from_row(r) for r in run(query, args)]
 
     def _describe_missing(self, name: str, namespace: str, version: int | None) -> str:
         what = f"concept {namespace}/{name}" + (f" v{version}" if version is not None else "")
@@ -444,6 +427,11 @@ class ConceptStore:
         for namespace in concepts.iterdir():
             with contextlib.suppress(OSError):
                 namespace.rmdir()
+
+
+def _host() -> str:
+    """This machine's name as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()).lstrip(".") or "host"
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -126,6 +126,13 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0)
     return k, v
 
 
+def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    """The per-layer fast path above, once per layer (on CPU one launch buys nothing)."""
+    return reference.lora_kv_projection_grouped(
+        c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale, lora_kv_projection
+    )
+
+
 def _shared_backward(shared: _Shared, c, g, w, a, b, need_c, need_a, need_b) -> tuple:
     """(dc part, da, db) of one projection when every row shares its adapters, the rows flattened to
     (B·T, ·): dc = dK·W' (W' the folded weight), and through the rank-r factors (never a Dout × Din
@@ -309,6 +316,7 @@ def why_not(op: str, args: tuple) -> str | None:
 def register() -> None:
     impls = {name: globals()[name] for op in ("lora_kv_projection", "regional_cross_attention")
              for name in (op, op + "_backward")}  # fmt: skip
+    impls["lora_kv_projection_grouped"] = lora_kv_projection_grouped
     impls |= {name: getattr(reference, name) for op in ("lora_term", "ewa_weights", "ewa_merge")
               for name in (op, op + "_backward")}  # fmt: skip
     register_backend(Backend("torch", impls, why_not, auto_devices=("cpu",)))

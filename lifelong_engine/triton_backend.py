@@ -19,9 +19,11 @@ from .backends import Backend, mark_missing, register_backend
 # op → kernel module (in lifelong_engine.kernels) that implements it and its backward.
 _MODULES = {
     "lora_kv_projection": "lora_kv",
+    "lora_kv_projection_grouped": "lora_kv",
     "regional_cross_attention": "regional_attention",
     "ewa_weights": "ewa",
     "ewa_merge": "ewa",
+    "ewa_weights_rows": "ewa_official",
 }
 
 
@@ -35,6 +37,8 @@ def _module(op: str):
 
 def _impl(op: str):
     def run(*args):
+        if op == "lora_kv_projection_grouped":  # the kernel's flat (B·T·ΣDout,) buffers are the op's outputs
+            return _module(op).lora_kv_projection_grouped(*args, flat=True)
         return getattr(_module(op), op)(*args)
 
     run.__name__ = op
@@ -51,6 +55,11 @@ def why_not(op: str, args: tuple) -> str | None:
             return "bfloat16 is not supported by Triton's CPU interpreter (its bf16 tl.dot is wrong); use float16/32"
     elif device.type != "cuda":
         return f"tensors are on {device}; it runs CUDA tensors"
+    if op == "lora_kv_projection_grouped":  # the kernel's limits, on layer 0's arguments (same B, T, dtypes)
+        c, *lists, ids, weights, scale = args
+        if c.shape[0] == 0:
+            return None
+        args = (c[0], *(layers[0] for layers in lists), ids[0], weights[0], scale)
     return _module(op).why_not(args)
 
 
@@ -58,7 +67,10 @@ def register() -> None:
     if importlib.util.find_spec("triton") is None:
         mark_missing("triton", "the triton package is not installed")
         return
-    names = [name for op in _MODULES for name in (op, op + "_backward")]
+    # The grouped op is inference only (no backward).
+    names = [
+        name for op in _MODULES for name in (op, op + "_backward") if name != "lora_kv_projection_grouped_backward"
+    ]
     register_backend(Backend("triton", {name: _impl(name) for name in names}, why_not, auto_devices=("cuda",)))
 
 

@@ -1,4 +1,5 @@
-"""Smoke test of the kernel benchmark (bench/kernels.py): ``--quick`` runs end to end on the CPU,
+"""Smoke test of the kernel benchmarks (bench/regional.py, bench/lora_kv.py, bench/ewa.py over
+bench/common.py): ``--quick`` runs each end to end on the CPU,
 checks every provider against the fp32 reference and writes complete JSON-lines records.
 
 The Triton providers run only under TRITON_INTERPRET=1 (as in CI), at --quick's tiny shapes,
@@ -18,14 +19,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "kernels.py"
-SUBJECTS = (
-    "regional_cross_attention",
-    "lora_kv_projection",
-    "lora_kv_projection_unet",
-    "ewa_weights",
-    "ewa_merge",
-)
+SCRIPTS = {  # script → the subjects (results files) it writes
+    "regional": ("regional_cross_attention",),
+    "lora_kv": ("lora_kv_projection", "lora_kv_projection_unet"),
+    "ewa": ("ewa_weights", "ewa_merge"),
+}
 REQUIRED = ("subject", "case", "shape", "provider", "dtype", "status", "ms", "device", "git_sha", "versions")
 REQUIRED += ("command", "correct", "tolerance", "gbps", "roofline_fraction")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -42,8 +40,9 @@ def _bench_common():
     return sys.modules[name]
 
 
-def _run(out: Path, *args: str, timeout: float = 240) -> dict[str, list[dict]]:
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out), *args]
+def _run(script: str, out: Path, *args: str, timeout: float = 240) -> dict[str, list[dict]]:
+    cmd = [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--device", "cpu", "--out", str(out)]
+    cmd += args
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n{output}"
@@ -64,9 +63,10 @@ def _check_records(records: list[dict]) -> None:
             assert rec["reason"] and rec["ms"] is None
 
 
-def test_quick_run_checks_and_records_every_provider(tmp_path):
-    results = _run(tmp_path, "--exclude", "compile,flex,ours_kernel")
-    assert sorted(results) == sorted(SUBJECTS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_run_checks_and_records_every_provider(script, tmp_path):
+    results = _run(script, tmp_path, "--exclude", "compile,flex,ours_kernel")
+    assert sorted(results) == sorted(SCRIPTS[script])
     for subject, records in results.items():
         _check_records(records)
         by_provider = {}
@@ -82,16 +82,18 @@ def test_quick_run_checks_and_records_every_provider(tmp_path):
             assert all(r["status"] == "ok" and r["interpreted"] for r in ours)
         else:
             assert all(r["status"] == "skipped" and "TRITON_INTERPRET" in r["reason"] for r in ours)
-    regional = {r["provider"] for r in results["regional_cross_attention"] if r["status"] == "ok"}
-    assert {"sdpa", "sdpa_mask", "sdpa_per_region"} <= regional
-    lora = [r for r in results["lora_kv_projection"] if r["provider"] == "peft"]
-    assert lora and all(r["status"] == "ok" for r in lora)  # peft is a test dependency
+    if script == "regional":
+        regional = {r["provider"] for r in results["regional_cross_attention"] if r["status"] == "ok"}
+        assert {"sdpa", "sdpa_mask", "sdpa_per_region"} <= regional
+    if script == "lora_kv":
+        lora = [r for r in results["lora_kv_projection"] if r["provider"] == "peft"]
+        assert lora and all(r["status"] == "ok" for r in lora)  # peft is a test dependency
 
 
 @pytest.mark.slow
 def test_quick_run_compiled_providers(tmp_path):
     """torch.compile and FlexAttention either pass the check or are skipped with the compiler's reason."""
-    results = _run(tmp_path, "--subject", "regional", "--providers", "reference,compile,flex")
+    results = _run("regional", tmp_path, "--providers", "reference,compile,flex")
     records = results["regional_cross_attention"]
     _check_records(records)
     assert {r["provider"] for r in records} == {"reference", "compile", "flex"}

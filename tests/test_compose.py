@@ -28,7 +28,7 @@ def lp():
 
 def weights(lp, adapters, layer, proj):
     """W0 + Σ deltas of ``adapters``, float64."""
-    w = getattr(lp._attn[layer], proj).weight.detach().double()
+    w = getattr(lp.attention[layer], proj).weight.detach().double()
     return w + sum(a.delta(layer, proj).double() for a in adapters)
 
 

@@ -10,6 +10,7 @@ import inputs
 import pytest
 import torch
 from kernel_testing import CAN_RUN, DEVICE, assert_flash_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lifelong_engine import ops, reference
 
@@ -169,6 +170,49 @@ def test_backward_without_adapters(shape):
     assert not any(g.any() for g in (da_k, db_k, da_v, db_v, dweights))
 
 
+class _Allocations(TorchDispatchMode):
+    """Records the shape and dtype of every tensor that torch.zeros / empty / zeros_like makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.empty, torch.ops.aten.zeros_like):
+            self.made.append((tuple(out.shape), out.dtype))
+        return out
+
+
+def test_backward_allocates_fp32_scratch_per_slot_not_per_pool_adapter():
+    """Regression: the backward zero-filled fp32 buffers the size of the whole adapter pool
+    (≈ 1.7 GB per layer and call at N = 1000, r = 64, 2048 → 1280), then cast them. Its fp32
+    scratch is now one row per slot of the batch; only the outputs have the pool's shape."""
+    n_pool = 50
+    args = make_args(dict(B=2, T=5, Din=8, Dout=6, N=n_pool, r=2, S=2), [[7, 7], [3, -1]], dtype=torch.float16)
+    full = (*grads_for(args), *args)
+    with _Allocations() as seen:
+        got = lora_kv.lora_kv_projection_backward(*full)
+    pool_fp32 = [m for m in seen.made if m[1] == torch.float32 and m[0] and m[0][0] == n_pool]
+    assert not pool_fp32, f"pool-sized fp32 buffers: {pool_fp32}"
+    check(got, full, reference.lora_kv_projection_backward, full)
+
+
+def test_backward_repeats_within_the_fp32_atomics_tolerance():
+    """What the backward promises run to run: adapter gradients and dweights are sums of fp32
+    atomic adds (over the samples whose slots share an adapter, over T blocks for dweights), whose
+    order the GPU does not fix, so repeated runs may differ in the last bits: within
+    rtol = 1e-5 of each other in fp32 (a few ulps of a sum of B·S·T/16 terms), never more.
+    The interpreter runs programs one after another and repeats exactly."""
+    args = make_args(dict(B=4, T=40, Din=24, Dout=20, N=3, r=2, S=3), [[0, 1, 2], [0, 1, -1], [0, 2, 1], [0, 0, 0]])
+    full = (*grads_for(args), *args)
+    first = lora_kv.lora_kv_projection_backward(*full)
+    for _ in range(3):
+        again = lora_kv.lora_kv_projection_backward(*full)
+        for a, b in zip(first, again):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_autograd_through_the_triton_backend():
     """The public op on the triton backend differentiates like the reference (c, a, b, weights)."""
     if "triton" not in ops.available_backends():
@@ -192,8 +236,17 @@ def layer_args(douts, B=2, T=9, Din=20, N=4, r=3, S=3, dtype=torch.float32):
     per_layer = [inputs.lora_kv(B=B, T=T, Din=Din, Dout=d, N=N, r=r, S=S, dtype=dtype, device=DEVICE) for d in douts]
     c = torch.stack([a[0] for a in per_layer])
     lists = [[a[i] for a in per_layer] for i in range(1, 7)]
-    ids = torch.tensor([[2, -1, 2], [-1, 0, 3]], device=DEVICE)
-    weights = torch.rand(B, S, dtype=dtype, device=DEVICE) + 0.5
+    # Per-layer ids and weights (EWA gives each layer its own ψ): rows differ across layers,
+    # including a repeated id, an empty row and all slots used.
+    patterns = ([2, -1, 2], [-1, 0, 3], [-1, -1, -1], [1, 3, 0])
+    ids = torch.tensor(
+        [
+            [patterns[(layer + row) % len(patterns)][:S] + [-1] * (S - 3) for row in range(B)]
+            for layer in range(len(douts))
+        ],
+        device=DEVICE,
+    )
+    weights = torch.rand(len(douts), B, S, dtype=dtype, device=DEVICE) + 0.5
     return c, lists, ids, weights, 0.75
 
 
@@ -204,7 +257,7 @@ def test_grouped_matches_per_layer_reference(dtype):
     ks, vs = lora_kv.lora_kv_projection_grouped(c, *lists, ids, weights, scale)
     assert len(ks) == len(vs) == len(douts)
     for layer, dout in enumerate(douts):
-        args = (c[layer], *(lst[layer] for lst in lists), ids, weights, scale)
+        args = (c[layer], *(lst[layer] for lst in lists), ids[layer], weights[layer], scale)
         assert ks[layer].shape == (2, 9, dout) and ks[layer].is_contiguous() and ks[layer].dtype == dtype
         check((ks[layer], vs[layer]), args, reference.lora_kv_projection, args)
 
@@ -264,5 +317,5 @@ def test_sd15_grouped_all_layers(dtype):
     c, lists, ids, weights, scale = layer_args(douts, B=2, T=77, Din=768, N=16, r=4, S=3, dtype=dtype)
     ks, vs = lora_kv.lora_kv_projection_grouped(c, *lists, ids, weights, scale)
     for layer in range(len(douts)):
-        args = (c[layer], *(lst[layer] for lst in lists), ids, weights, scale)
+        args = (c[layer], *(lst[layer] for lst in lists), ids[layer], weights[layer], scale)
         check((ks[layer], vs[layer]), args, reference.lora_kv_projection, args)

@@ -100,6 +100,20 @@ def test_forward_and_backward_match_reference(shape, ragged, dtype):
     check_backward(args, dtype)
 
 
+def test_rows_vectorise_only_when_every_row_stride_is_16_byte_aligned():
+    """VEC (the launcher's promise that row strides are multiples of 16 bytes) is 16 bytes of
+    elements for contiguous d = 40 and 1 when any row stride breaks it; the results agree."""
+    q, k, v, region_ids, _, _ = regional(B=2, H=2, N=19, d=40, P=3, T=5)
+    assert ra._vec(q.half(), k.half()) == 8 and ra._vec(q, k) == 4
+    wide = torch.randn(2, 2, 19, 41, device=DEVICE)  # rows 41 elements apart
+    odd_q = wide[..., :40].copy_(q)
+    assert ra._vec(odd_q, k) == 1
+    assert ra._vec(wide[:1, :1, :1, :40], k) == 4  # strides of length-1 dims are never used
+    torch.testing.assert_close(
+        ra.regional_cross_attention(odd_q, k, v, region_ids), ra.regional_cross_attention(q, k, v, region_ids)
+    )
+
+
 def test_forward_matches_naive_loops():
     args = regional(B=2, H=2, N=11, d=8, P=3, T=6)
     out = ra.regional_cross_attention(*args)

@@ -37,22 +37,28 @@ def matmul_loop(a, b):
 
 
 def test_orthogonal_subspace_loss_matches_loops():
-    din, ranks = 7, [3, 1, 5]
-    a_prev, a_new = [rnd(r, din) for r in ranks], rnd(2, din)
+    """R1 on the up projections (peft lora_B, (Dout, r)): Σ_i ‖b_i·b_newᵀ‖_F², ranks zero-padded."""
+    dout, ranks = 7, [3, 1, 5]
+    b_prev, b_new = [rnd(dout, r) for r in ranks], rnd(dout, 2)
     expected = 0.0
-    for a in a_prev:
-        for p, q in itertools.product(range(a.shape[0]), range(a_new.shape[0])):
-            expected += sum(float(a[p, d]) * float(a_new[q, d]) for d in range(din)) ** 2
-    got = losses.orthogonal_subspace_loss(a_prev, a_new)
+    for b in b_prev:
+        shared = min(b.shape[1], b_new.shape[1])  # padded rank components are zero
+        for p, q in itertools.product(range(dout), range(dout)):
+            expected += sum(float(b[p, k]) * float(b_new[q, k]) for k in range(shared)) ** 2
+    got = losses.orthogonal_subspace_loss(b_prev, b_new)
     assert got.shape == () and got.dtype == torch.float64
     torch.testing.assert_close(got, torch.tensor(expected, **f64), rtol=1e-12, atol=0)
 
 
-def test_orthogonal_subspace_loss_zero_for_orthogonal_subspaces():
-    q, _ = torch.linalg.qr(rnd(9, 9))
-    loss = losses.orthogonal_subspace_loss([q[:2], q[2:3]], q[3:7])
-    assert float(loss) < 1e-24
-    assert float(losses.orthogonal_subspace_loss([q[:2]], q[1:3])) > 0.5  # shared row q[1]
+def test_orthogonal_subspace_loss_zero_for_disjoint_rank_components():
+    dout = 9
+    b_prev = torch.zeros(dout, 3, **f64)
+    b_prev[:, 0] = rnd(dout)
+    b_new = torch.zeros(dout, 3, **f64)
+    b_new[:, 1:] = rnd(dout, 2)
+    assert float(losses.orthogonal_subspace_loss([b_prev], b_new)) == 0.0
+    b_new[:, 0] = rnd(dout)  # a shared rank component overlaps
+    assert float(losses.orthogonal_subspace_loss([b_prev], b_new)) > 0.5
 
 
 def test_orthogonal_subspace_loss_empty_past():
@@ -67,7 +73,7 @@ def test_orthogonal_subspace_loss_empty_past():
 
 
 def test_orthogonal_subspace_loss_gradcheck():
-    args = (rnd(2, 5, grad=True), rnd(4, 5, grad=True), rnd(3, 5, grad=True))
+    args = (rnd(5, 2, grad=True), rnd(5, 4, grad=True), rnd(5, 3, grad=True))
     assert gradcheck(lambda a1, a2, new: losses.orthogonal_subspace_loss([a1, a2], new), args)
 
 
@@ -388,21 +394,21 @@ def _meta(*shape):
 
 
 BAD = {
-    "r1 a_new 1-D": (lambda: losses.orthogonal_subspace_loss([rnd(2, 5)], rnd(5)), ValueError, "a_new must be 2-D"),
-    "r1 a_prev width": (
-        lambda: losses.orthogonal_subspace_loss([rnd(2, 5), rnd(3, 4)], rnd(2, 5)),
+    "r1 b_new 1-D": (lambda: losses.orthogonal_subspace_loss([rnd(5, 2)], rnd(5)), ValueError, "b_new must be 2-D"),
+    "r1 b_prev height": (
+        lambda: losses.orthogonal_subspace_loss([rnd(5, 2), rnd(4, 3)], rnd(5, 2)),
         ValueError,
-        r"a_prev\[1\] has shape \(3, 4\); expected \(3, 5\)",
+        r"b_prev\[1\] has shape \(4, 3\); expected \(5, 3\)",
     ),
-    "r1 a_prev device": (
-        lambda: losses.orthogonal_subspace_loss([_meta(2, 5)], rnd(2, 5)),
+    "r1 b_prev device": (
+        lambda: losses.orthogonal_subspace_loss([_meta(5, 2)], rnd(5, 2)),
         ValueError,
-        r"a_prev\[0\] is on meta",
+        r"b_prev\[0\] is on meta",
     ),
-    "r1 a_new int": (
-        lambda: losses.orthogonal_subspace_loss([], torch.ones(2, 5, dtype=torch.int64)),
+    "r1 b_new int": (
+        lambda: losses.orthogonal_subspace_loss([], torch.ones(5, 2, dtype=torch.int64)),
         TypeError,
-        "a_new must be a floating-point",
+        "b_new must be a floating-point",
     ),
     "r2 h count": (
         lambda: losses.shared_subspace_loss([rnd(3, 5)] * 2, [rnd(3, 3)], rnd(3, 5)),

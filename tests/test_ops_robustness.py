@@ -13,11 +13,15 @@ from torch.autograd import gradcheck
 
 from lifelong_engine import ops
 
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not CAN_RUN, reason="no Triton here"))]
+BACKENDS = [
+    "reference",
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not CAN_RUN, reason="no Triton here")),
+]
 
 
 def _dtype(backend: str) -> torch.dtype:
-    return torch.float64 if backend == "reference" else torch.float32  # Triton kernels: no fp64
+    return torch.float64 if backend != "triton" else torch.float32  # Triton kernels: no fp64
 
 
 # ---------------------------------------------------------------- row 11: EWA with negative similarities
@@ -218,7 +222,7 @@ def test_numpy_and_integer_scalars_are_accepted():
 FUZZ = settings(
     max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None
 )
-fuzz_backend = st.sampled_from(["reference", "triton"] if CAN_RUN else ["reference"])
+fuzz_backend = st.sampled_from(["reference", "torch", "triton"] if CAN_RUN else ["reference", "torch"])
 
 
 def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
@@ -248,7 +252,7 @@ TOL = {torch.float64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=2e-4,
 )
 def test_fuzz_lora_kv_projection(backend, fp64, shape, scale, layout, seed):
     B, T, Din, Dout, N, r, S = shape
-    dtype = torch.float64 if fp64 and backend == "reference" else torch.float32
+    dtype = torch.float64 if fp64 and backend != "triton" else torch.float32
     torch.manual_seed(seed)
     args = list(inputs.lora_kv(B=B, T=T, Din=Din, Dout=Dout, N=N, r=r, S=S, dtype=dtype, device=DEVICE))
     args[7] = torch.randint(-1, N, (B, S), device=DEVICE)  # empty slots and repeats anywhere
@@ -272,7 +276,7 @@ def test_fuzz_lora_kv_projection(backend, fp64, shape, scale, layout, seed):
 )
 def test_fuzz_regional_cross_attention(backend, fp64, shape, scale, ragged, layout, seed):
     B, H, N, d, P, T = shape
-    dtype = torch.float64 if fp64 and backend == "reference" else torch.float32
+    dtype = torch.float64 if fp64 and backend != "triton" else torch.float32
     torch.manual_seed(seed)
     q, k, v, region_ids, kv_len, _ = inputs.regional(B=B, H=H, N=N, d=d, P=P, T=T, dtype=dtype, device=DEVICE)
     kv_len = kv_len if ragged else None
@@ -301,7 +305,7 @@ def test_fuzz_regional_cross_attention(backend, fp64, shape, scale, ragged, layo
 )
 def test_fuzz_ewa_weights(backend, fp64, shape, power, norm, masked, layout, seed):
     B, L, T, D, G = shape
-    dtype = torch.float64 if fp64 and backend == "reference" else torch.float32
+    dtype = torch.float64 if fp64 and backend != "triton" else torch.float32
     torch.manual_seed(seed)
     prompt, concepts, mask = inputs.ewa(B=B, L=L, T=T, D=D, G=G, dtype=dtype, device=DEVICE, masked=masked)
     prompt, concepts = _strided(prompt, layout), _strided(concepts, layout)
@@ -323,7 +327,7 @@ def test_fuzz_ewa_weights(backend, fp64, shape, power, norm, masked, layout, see
 )
 def test_fuzz_ewa_merge(backend, fp64, shape, scale, layout, seed):
     B, G, r, Din, Dout = shape
-    dtype = torch.float64 if fp64 and backend == "reference" else torch.float32
+    dtype = torch.float64 if fp64 and backend != "triton" else torch.float32
     torch.manual_seed(seed)
     psi, a, b, _ = inputs.merge(B=B, G=G, r=r, Din=Din, Dout=Dout, dtype=dtype, device=DEVICE)
     psi, a, b = (_strided(x, layout) for x in (psi, a, b))

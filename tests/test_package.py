@@ -9,7 +9,15 @@ from lifelong_engine import cli
 
 
 def test_ops_registered_under_torch_ops_lifelong():
-    for name in ("lora_kv_projection", "lora_term", "regional_cross_attention", "ewa_weights", "ewa_merge"):
+    ops = (
+        "lora_kv_projection",
+        "lora_term",
+        "regional_cross_attention",
+        "ewa_weights",
+        "ewa_merge",
+        "ewa_weights_rows",
+    )
+    for name in ops:
         assert getattr(torch.ops.lifelong, name) is not None
         assert getattr(lifelong_engine.ops, name).__doc__.strip()
 

@@ -11,8 +11,7 @@ from concept_factory import concept_for_unet
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from lifelong_engine import attention
-from lifelong_engine import generation
+from lifelong_engine import attention, generation
 from lifelong_engine.attention import CONTEXT_KWARG
 from lifelong_engine.errors import LifelongError
 from lifelong_engine.formats import export_lora

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 from concept_factory import assert_same, make_adapter
+from test_store import _execute, open_store  # noqa: F401  (the fixture: both backends, as in test_store)
 
 from lifelong_engine import cli
 from lifelong_engine.concepts import validate_name
@@ -22,7 +23,14 @@ from lifelong_engine.store import ConceptStore, atomic_torch_save
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(open_store):  # noqa: F811
+    with open_store() as s:
+        yield s
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """For the cases that stage a failure of SQLite itself (its page limit, a closed handle)."""
     with ConceptStore(tmp_path / "store") as s:
         yield s
 
@@ -44,11 +52,11 @@ def _once_before(monkeypatch, cls, method, action):
 # ------------------------------------------------------------------ row 1: delete racing save
 
 
-def test_save_between_delete_commit_and_unlink_keeps_the_new_version(store, monkeypatch):
+def test_save_between_delete_commit_and_unlink_keeps_the_new_version(store, open_store, monkeypatch):  # noqa: F811
     """Row 1: a save that lands after delete's commit, before its unlinks, must survive them."""
     for seed in range(3):
         store.save(make_adapter(seed=seed))
-    other = ConceptStore(store.root)
+    other = open_store()
     new = make_adapter(seed=99)
     versions = []
     _once_before(monkeypatch, pathlib.Path, "unlink", lambda: versions.append(other.save(new)))
@@ -92,7 +100,7 @@ def test_tampered_index_paths_are_never_touched(store, tmp_path, how):
         "dotdot": "concepts/../../victim.txt",
         "other-concept": str(mug.relative_to(store.root)),
     }[how]
-    store._db.execute("UPDATE concepts SET file=? WHERE name='my-dog' AND version=1", (target,))
+    _execute(store, "UPDATE concepts SET file=? WHERE name='my-dog' AND version=1", (target,))
     with pytest.raises(ConceptStoreError, match="not this concept's file"):
         store.load("my-dog", version=1)
     assert any("not this concept's file" in p for p in store.verify())
@@ -130,11 +138,11 @@ def test_prune_spares_live_writers_temp_files(store):
     assert sorted(p.name for p in store.staging.iterdir()) == sorted(live + foreign)
 
 
-def test_prune_during_atomic_torch_save_does_not_break_it(store, monkeypatch):
+def test_prune_during_atomic_torch_save_does_not_break_it(store, open_store, monkeypatch):  # noqa: F811
     """The trainer's checkpoint write (atomic_torch_save into staging/) survives a prune mid-write."""
     import torch
 
-    _once_before(monkeypatch, os, "replace", lambda: ConceptStore(store.root).prune())
+    _once_before(monkeypatch, os, "replace", lambda: open_store().prune())
     atomic_torch_save({"step": 3}, store.staging / "cidm-dog.ckpt")
     monkeypatch.undo()
     assert torch.load(store.staging / "cidm-dog.ckpt", weights_only=True) == {"step": 3}
@@ -143,12 +151,12 @@ def test_prune_during_atomic_torch_save_does_not_break_it(store, monkeypatch):
 # ------------------------------------------------------------------ row 4: prune during save, orphans
 
 
-def test_load_newest_while_prune_removes_it_returns_the_newer_version(store, monkeypatch):
+def test_load_newest_while_prune_removes_it_returns_the_newer_version(store, open_store, monkeypatch):  # noqa: F811
     """Row 4: load() read the index (v2 newest); before it opens the file a save (v3) and a prune
     remove v2. load returns v3 instead of "v2 ... the file is missing"."""
     store.save(make_adapter(seed=1))
     store.save(make_adapter(seed=2))
-    other = ConceptStore(store.root)
+    other = open_store()
 
     def race():
         other.save(make_adapter(seed=3))
@@ -160,10 +168,10 @@ def test_load_newest_while_prune_removes_it_returns_the_newer_version(store, mon
     other.close()
 
 
-def test_load_of_a_version_deleted_meanwhile_is_not_found(store, monkeypatch):
+def test_load_of_a_version_deleted_meanwhile_is_not_found(store, open_store, monkeypatch):  # noqa: F811
     store.save(make_adapter(seed=1))
     store.save(make_adapter(seed=2))
-    other = ConceptStore(store.root)
+    other = open_store()
     _once_before(monkeypatch, ConceptStore, "_read", lambda: other.delete("my-dog", version=1))
     with pytest.raises(ConceptNotFoundError, match="v1"):
         store.load("my-dog", version=1)
@@ -257,10 +265,11 @@ def test_corrupt_index_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "index.sqlite" in err, err
 
 
-def test_index_full_is_a_clear_error_and_leaves_no_file(store):
+def test_index_full_is_a_clear_error_and_leaves_no_file(sqlite_store):
+    store = sqlite_store
     store.save(make_adapter("my-mug"))
-    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
-    store._db.execute(f"PRAGMA max_page_count={pages}")  # the index cannot grow: SQLITE_FULL
+    (pages,) = store._index.db.execute("PRAGMA page_count").fetchone()
+    store._index.db.execute(f"PRAGMA max_page_count={pages}")  # the index cannot grow: SQLITE_FULL
     with pytest.raises(ConceptStoreError, match="index.sqlite: database or disk is full"):
         for seed in range(500):
             store.save(make_adapter(seed=seed))
@@ -309,8 +318,9 @@ def test_full_disk_during_import_is_one_line(tmp_path, capsys, limit, expected):
     assert list((root / "staging").iterdir()) == []
 
 
-def test_index_errors_do_not_leak_sqlite_exceptions(store):
-    store._db.close()
+def test_index_errors_do_not_leak_sqlite_exceptions(sqlite_store):
+    store = sqlite_store
+    store._index.db.close()
     with pytest.raises(ConceptStoreError, match="index.sqlite"):
         store.list()
     assert not issubclass(ConceptStoreError, sqlite3.Error)
@@ -330,9 +340,10 @@ def test_digest_is_still_checked(store):
 
 
 @pytest.mark.parametrize("column,value", [("words", "not json"), ("size", "big"), ("words", '{"a": 1}')])
-def test_malformed_index_row_is_a_store_error(store, capsys, column, value):
+def test_malformed_index_row_is_a_store_error(sqlite_store, capsys, column, value):
+    store = sqlite_store
     store.save(make_adapter())
-    store._db.execute(f"UPDATE concepts SET {column}=?", (value,))
+    store._index.db.execute(f"UPDATE concepts SET {column}=?", (value,))
     with pytest.raises(ConceptStoreError, match="malformed row"):
         store.list()
     assert cli.main(["concepts", "list", "--store", str(store.root)]) == 2

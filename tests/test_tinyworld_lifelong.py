@@ -6,6 +6,7 @@ what is computed and written, not how good it is; test_tinyworld_quality.py chec
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,33 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert restarted.returncode == 0 and "skipped" not in restarted.stdout, restarted.stderr[-2000:]
     kept = json.loads(path.read_text())["reports"]
     assert kept["finetune"] == other and kept["lora-m"]["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LIFELONG_SLOW") != "1",
+    reason="every method, LoRA-C and ablation through bench/quality.py --quick: about 15 min on 2 cores; "
+    "set LIFELONG_SLOW=1 to run it",
+)
+def test_quality_bench_quick_runs_every_method_and_ablation(weights, tmp_path):
+    """Every trainer method, the LoRA-C baseline and every CIDM ablation row finish a bench/quality.py --quick run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = ",".join(quality.ROWS)
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--methods", rows, "--steps", "1",
+           "--weights", str(weights), "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = json.loads((tmp_path / "quality-quick.json").read_text())["reports"]
+    assert {r: reports[r]["status"] for r in quality.ROWS} == dict.fromkeys(quality.ROWS, "finished")
+    assert reports["cidm/no-regional"]["config"]["pipeline_options"] == {"alpha": 1.0}
+    assert reports["lora-c"]["config"]["method"] == "lora-m"
+    assert reports["lora-c"]["config"]["pipeline_options"] == {"composition": "lora-c"}
+    table = (tmp_path / "quality-quick.md").read_text()
+    assert all(f"| {r} |" in table for r in quality.ROWS)
 
 
 def test_guidance_bench_quick(weights, tmp_path):

@@ -10,7 +10,7 @@ from tiny_pipes import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from lifelong_engine import ConceptStore, LifelongPipeline
 from lifelong_engine.tinyworld import get_concept
-from lifelong_engine.training import METHODS, ContinualTrainer, TrainingError
+from lifelong_engine.training import METHODS, ContinualTrainer, TrainingError, methods
 
 CONCEPTS = ("tw-badge", "tw-flag")
 
@@ -25,10 +25,10 @@ def new_pipeline():
     return LifelongPipeline.from_pipe(pipe)
 
 
-def trainer(lp, tmp_path, method="cidm", **kwargs):
+def trainer(lp, tmp_path, method="cidm", options=None, **kwargs):
     kwargs = {"max_steps": 6, "learning_rate": 2e-2, "seed": 0, "progress": False, "run_dir": tmp_path, **kwargs}
     kwargs.setdefault("sample_steps", 4)
-    return ContinualTrainer(lp, method=method, **kwargs)
+    return ContinualTrainer(lp, method=methods.config(method, **(options or {})), **kwargs)
 
 
 def fingerprint(*modules) -> str:
@@ -59,7 +59,7 @@ def test_each_method_learns_two_tasks_and_keeps_frozen_weights(method, tmp_path)
     assert torch.equal(first.token_embeddings, first_tokens)  # the returned past concept is untouched
     assert all(torch.equal(first.lora[k], v) for k, v in first_lora.items())
     assert torch.equal(lp.concepts[CONCEPTS[0]].token_embeddings, first_tokens)  # and so is its copy in use
-    expected_rows = len(lp.layers) if method == "cidm" else 1
+    expected_rows = len(lp.layers) if method in ("cidm", "cidm-official") else 1
     assert first.token_embeddings.shape[0] == expected_rows and first.method == method
     out = lp("a photo of a <tw-badge> circle next to a <tw-flag> square", num_inference_steps=2, output_type="np")
     assert np.isfinite(out.images).all()
@@ -68,11 +68,11 @@ def test_each_method_learns_two_tasks_and_keeps_frozen_weights(method, tmp_path)
 def test_cidm_keeps_task_subspaces_apart_compared_with_finetune(tmp_path):
     def overlap(method):
         lp = new_pipeline()
-        tr = trainer(lp, tmp_path / method, method, gamma1=10.0)
+        tr = trainer(lp, tmp_path / method, method, {"gamma1": 10.0} if method == "cidm" else None)
         a1 = tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
         a2 = tr.learn(CONCEPTS[1], images(CONCEPTS[1]), "square")
-        return sum(
-            float((a1.factors(layer, p)[0] @ a2.factors(layer, p)[0].T).square().sum())
+        return sum(  # R1 of the paper: ‖A_1·A_2ᵀ‖² with A the up projection (lora_B)
+            float((a1.factors(layer, p)[1] @ a2.factors(layer, p)[1].T).square().sum())
             for layer in lp.layers
             for p in ("to_k", "to_v")
         )
@@ -82,19 +82,19 @@ def test_cidm_keeps_task_subspaces_apart_compared_with_finetune(tmp_path):
 
 def test_cidm_shared_subspace_state_is_updated(tmp_path):
     lp = new_pipeline()
-    tr = trainer(lp, tmp_path, "cidm", r2_every=4)
+    tr = trainer(lp, tmp_path, "cidm", {"r2_every": 4})
     tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
     tr.learn(CONCEPTS[1], images(CONCEPTS[1]), "square")
-    shared = tr._r2[lp.layers[0], "to_k"]
-    dout, din = lp._widths[lp.layers[0], "to_k"][::-1]
+    shared = tr.strategy.r2[lp.layers[0], "to_k"]
+    dout, din = lp.widths[lp.layers[0], "to_k"][::-1]
     assert shared["w"].shape == (dout, din) and set(shared["h"]) == set(CONCEPTS)
     # a new trainer over the same directory picks the state up
     again = trainer(new_pipeline(), tmp_path, "cidm")
-    torch.testing.assert_close(again._r2[lp.layers[0], "to_k"]["w"], shared["w"])
+    torch.testing.assert_close(again.strategy.r2[lp.layers[0], "to_k"]["w"], shared["w"])
 
 
 def test_resume_ends_at_the_uninterrupted_adapter(tmp_path, monkeypatch):
-    kwargs = dict(max_steps=10, checkpoint_every=5, r2_every=3)
+    kwargs = dict(max_steps=10, checkpoint_every=5, options={"r2_every": 3})
     whole = trainer(new_pipeline(), tmp_path / "whole", **kwargs).learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
 
     run_dir = tmp_path / "broken"
@@ -188,6 +188,8 @@ def test_bad_arguments(tmp_path):
     lp = new_pipeline()
     with pytest.raises(ValueError, match="unknown method"):
         ContinualTrainer(lp, "dreambooth")
+    with pytest.raises(ValueError, match="no option.*gamma1"):
+        methods.config("lora-m", gamma1=1.0)
     tr = trainer(lp, tmp_path, "lora-m", max_steps=2)
     with pytest.raises(ValueError, match="token"):
         tr.learn("x1", images(CONCEPTS[0]), "circle", captions=["no token here"] * 4)
@@ -215,7 +217,7 @@ def test_learns_on_sdxl(method, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     lp = LifelongPipeline.from_pipe(pipe)
     frozen = fingerprint(lp.unet, pipe.text_encoder, pipe.text_encoder_2)
-    tr = trainer(lp, tmp_path, method, class_images=2)
+    tr = trainer(lp, tmp_path, method, {"class_images": 2} if method == "custom-diffusion" else None)
     adapter = tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
     stats = tr.stats[CONCEPTS[0]]
     assert stats.eval_loss_after < stats.eval_loss_before and adapter.is_finite()

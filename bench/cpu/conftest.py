@@ -5,7 +5,8 @@
 One thread (set here as well); one benchmark group per op and shape, the providers side by side
 (``--benchmark-group-by group``, the default in bench/cpu/pytest.ini). Each provider's output is
 checked against the fp32 reference before it is timed. The providers and shapes come from
-bench/kernels.py, so these numbers and its JSON lines time the same code.
+the kernel benchmark scripts (bench/regional.py, bench/lora_kv.py, bench/ewa.py over bench/common.py),
+so these numbers and their JSON lines time the same code.
 """
 
 import sys
@@ -17,11 +18,15 @@ import torch
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
 
-import kernels as kbench  # noqa: E402  (bench/kernels.py: shapes and peer providers)
+import common  # noqa: E402  (bench/common.py: provider types, the reference check)
+import ewa  # noqa: E402  (bench/ewa.py, bench/lora_kv.py, bench/regional.py: shapes and peer providers)
+import lora_kv  # noqa: E402
+import regional  # noqa: E402
 
-assert Path(kbench.__file__).parent == BENCH, kbench.__file__
+for _module in (common, ewa, lora_kv, regional):
+    assert Path(_module.__file__).parent == BENCH, _module.__file__
 
-CTX = kbench.Context(device=torch.device("cpu"), dtype=torch.float32, quick=False, interpret=False)
+CTX = common.Context(device=torch.device("cpu"), dtype=torch.float32, quick=False, interpret=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -35,11 +40,11 @@ def prepared(provider, inputs: dict, reference_out):
     checked against the reference output first."""
     try:
         prep = provider.build(inputs, CTX)
-    except kbench.Skip as e:
+    except common.Skip as e:
         pytest.skip(str(e))
-    got = kbench._tensors(prep.canonical(prep.call()))
-    want = kbench._tensors(reference_out)
-    err = kbench._max_err(got, want)
+    got = common.tensors(prep.canonical(prep.call()))
+    want = common.tensors(reference_out)
+    err = common.max_err(got, want)
     scale = max(float(w.abs().max()) for w in want) if want else 1.0
     assert err <= 1e-4 * max(scale, 1.0), f"{provider.name}: max error {err:.3g} against the reference"
     return prep.call

@@ -5,7 +5,7 @@ forward + backward of one trained adapter (the training step's text side)."""
 
 import pytest
 import torch
-from conftest import CTX, kbench, prepared
+from conftest import CTX, common, lora_kv, prepared
 
 from lifelong_engine import ops
 
@@ -14,13 +14,13 @@ CASES = {  # (Dout, B, adapters per sample)
     "D320-B2-S4": (320, 2, 4),
     "D1280-B2-S4": (1280, 2, 4),
 }
-PROVIDERS = {p.name: p for p in kbench.LORA_PROVIDERS}
+PROVIDERS = {p.name: p for p in lora_kv.LORA_PROVIDERS}
 
 
 def _case(name: str):
     dout, bsz, per_sample = CASES[name]
     torch.manual_seed(0)
-    case = kbench.lora_case("sd15", 768, dout, bsz, per_sample)
+    case = lora_kv.lora_case("sd15", 768, dout, bsz, per_sample)
     inputs = case.make(torch.device("cpu"), torch.float32)
     return case, inputs
 
@@ -37,7 +37,7 @@ def test_lora_kv_forward(benchmark, name, provider):
 
 def _train_call(provider: str, inputs: dict):
     """forward + backward with adapter 0 trained (lora_A, lora_B require grad), every row using it."""
-    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = kbench._lora_args(inputs)
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = lora_kv._lora_args(inputs)
     ids = torch.zeros_like(ids[:, :1])
     weights = torch.ones(ids.shape)
     a_k, b_k, a_v, b_v = (t[:1].detach().clone().requires_grad_() for t in (a_k, b_k, a_v, b_v))
@@ -51,7 +51,7 @@ def _train_call(provider: str, inputs: dict):
         params = leaves
     elif provider == "peft":
         layer = {"w_k": w_k, "w_v": w_v, "a_k": a_k.detach(), "b_k": b_k.detach(), "a_v": a_v.detach()}
-        module = kbench._peft_module({**layer, "b_v": b_v.detach()}, CTX.device, CTX.dtype)
+        module = lora_kv._peft_module({**layer, "b_v": b_v.detach()}, CTX.device, CTX.dtype)
         module.requires_grad_(False)
         params = []
         for proj in (module.to_k, module.to_v):
@@ -79,7 +79,7 @@ def test_lora_kv_forward_backward(benchmark, name, provider):
     _, inputs = _case(name)
     want = [t.clone() for t in _train_call("ours_cpu", inputs)()]
     got = _train_call(provider, inputs)()
-    err = kbench._max_err(kbench._tensors(got), want)
+    err = common.max_err(common.tensors(got), want)
     assert err <= 1e-3 * max(float(w.abs().max()) for w in want), f"{provider}: gradient error {err:.3g}"
     benchmark.group = f"lora_kv-train-{name}"
     benchmark.extra_info.update(CASES=name, trained_adapters=1)

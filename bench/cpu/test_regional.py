@@ -6,7 +6,7 @@ Groups ``regional-P*`` time the forward, ``regional-train-P*`` forward + backwar
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kbench, prepared
+from conftest import common, prepared, regional
 
 from lifelong_engine import ops, reference, torch_backend
 
@@ -16,15 +16,15 @@ SHAPE = dict(model="sd15", n_q=1024, heads=8, d=40, bsz=2)
 
 def _case(n_slots: int) -> tuple[dict, torch.Tensor]:
     torch.manual_seed(0)
-    case = kbench.regional_case(n_slots=n_slots, **SHAPE)
+    case = regional.regional_case(n_slots=n_slots, **SHAPE)
     inputs = case.make(torch.device("cpu"), torch.float32)
     return inputs, case.reference(inputs)
 
 
-PROVIDERS = {p.name: p for p in kbench.REGIONAL_PROVIDERS}
-PROVIDERS["ours_impl"] = kbench.Provider(  # the implementation without the op's checks and dispatch
+PROVIDERS = {p.name: p for p in regional.REGIONAL_PROVIDERS}
+PROVIDERS["ours_impl"] = common.Provider(  # the implementation without the op's checks and dispatch
     "ours_impl",
-    lambda i, ctx: kbench.Prepared(lambda: torch_backend.regional_cross_attention(*kbench._regional_args(i))),
+    lambda i, ctx: common.Prepared(lambda: torch_backend.regional_cross_attention(*regional._regional_args(i))),
 )
 NAMES = ("ours_cpu", "ours_impl", "sdpa", "sdpa_per_region", "sdpa_mask", "flex", "reference")
 
@@ -35,13 +35,13 @@ def test_regional_forward(benchmark, n_slots, provider):
     inputs, want = _case(n_slots)
     call = prepared(PROVIDERS[provider], inputs, want)
     benchmark.group = f"regional-P{n_slots}"
-    benchmark.extra_info.update(SHAPE, P=n_slots, T=kbench.TEXT_LEN, dtype="float32")
+    benchmark.extra_info.update(SHAPE, P=n_slots, T=regional.TEXT_LEN, dtype="float32")
     benchmark(call)
 
 
 def _train_call(provider: str, inputs: dict):
     """forward + backward of provider on leaves q, k, v (fresh grads each call)."""
-    q, k, v, region_ids, kv_len, scale = kbench._regional_args(inputs)
+    q, k, v, region_ids, kv_len, scale = regional._regional_args(inputs)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     n_slots = k.shape[1]
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
@@ -64,10 +64,10 @@ def _train_call(provider: str, inputs: dict):
                 out = torch.where(rows[p], F.scaled_dot_product_attention(q, k[:, p], v[:, p], scale=scale), out)
             return out
     elif provider == "sdpa_mask":
-        allowed = kbench._allowed_keys(region_ids, kv_len, n_slots, k.shape[3])[:, None]
+        allowed = regional._allowed_keys(region_ids, kv_len, n_slots, k.shape[3])[:, None]
         bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         fwd = lambda: F.scaled_dot_product_attention(  # noqa: E731
-            q, kbench._flat_kv(k), kbench._flat_kv(v), attn_mask=bias, scale=scale
+            q, regional._flat_kv(k), regional._flat_kv(v), attn_mask=bias, scale=scale
         )
     else:
         raise AssertionError(provider)
@@ -88,8 +88,8 @@ def test_regional_forward_backward(benchmark, n_slots, provider):
     want = _train_call("reference", inputs)()
     want = [g.clone() for g in want]
     call = _train_call(provider, inputs)
-    err = kbench._max_err(kbench._tensors(call()), want)
+    err = common.max_err(common.tensors(call()), want)
     assert err <= 1e-4, f"{provider}: gradient error {err:.3g} against the reference"
     benchmark.group = f"regional-train-P{n_slots}"
-    benchmark.extra_info.update(SHAPE, P=n_slots, T=kbench.TEXT_LEN, dtype="float32")
+    benchmark.extra_info.update(SHAPE, P=n_slots, T=regional.TEXT_LEN, dtype="float32")
     benchmark(call)

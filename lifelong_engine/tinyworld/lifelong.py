@@ -46,7 +46,10 @@ class SequenceConfig:
     """One lifelong run. Training: ``steps`` per concept at ``learning_rate``, LoRA ``rank``, batch
     ``batch_size``, on ``images`` training images per concept; evaluation: ``samples`` images per
     context prompt, ``inference_steps`` DDIM steps at ``guidance_scale``; ``pairs`` two-concept
-    layouts of consecutive concepts. ``trainer_options`` go to :class:`ContinualTrainer` as keywords."""
+    layouts of consecutive concepts. ``trainer_options`` go to :class:`ContinualTrainer` as keywords,
+    ``method_options`` to the method's hyperparameters (:func:`~lifelong_engine.training.methods.config`),
+    ``pipeline_options`` to every generation (e.g. ``{"ewa": "sum"}`` or ``{"alpha": 1.0}``); ``label``
+    names the run in reports (default: the method)."""
 
     method: str = "cidm"
     concepts: tuple[str, ...] = tuple(c.name for c in CONCEPTS)
@@ -61,6 +64,9 @@ class SequenceConfig:
     guidance_scale: float = 4.0
     pairs: int = 2
     trainer_options: dict = dataclasses.field(default_factory=dict)
+    method_options: dict = dataclasses.field(default_factory=dict)
+    pipeline_options: dict = dataclasses.field(default_factory=dict)
+    label: str = ""
 
     def __post_init__(self):
         for name in self.concepts:
@@ -90,6 +96,7 @@ def _generate(lp, prompts: Sequence[str], config: SequenceConfig, seed: int, reg
         num_images_per_prompt=config.samples,
         generator=generators,
         output_type="np",
+        **config.pipeline_options,
     ).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
@@ -142,14 +149,14 @@ def run_sequence(
     called with the report after every task (to save partial results)."""
     from tqdm.auto import tqdm
 
-    from ..training import ContinualTrainer
+    from ..training import ContinualTrainer, methods
 
     if lp.concepts:
         raise ValueError(f"run_sequence: the pipeline already has concepts {sorted(lp.concepts)}; start from the base")
     concepts = [get_concept(n) for n in config.concepts]
     trainer = ContinualTrainer(
         lp,
-        method=config.method,
+        method=methods.config(config.method, **config.method_options),
         rank=config.rank,
         max_steps=config.steps,
         learning_rate=config.learning_rate,
@@ -162,7 +169,7 @@ def run_sequence(
     )
     lp.pipe.set_progress_bar_config(disable=True)
     report: dict = {
-        "method": config.method,
+        "method": config.label or config.method,
         "config": dataclasses.asdict(config),
         "concepts": {},
         "status": "running",

@@ -23,6 +23,8 @@ from torch import Tensor
 
 __all__ = [
     "orthogonal_subspace_loss",
+    "up_overlap_loss",
+    "enhancement_loss",
     "shared_subspace_loss",
     "init_shared_subspace",
     "shared_subspace_update",
@@ -80,23 +82,59 @@ def _loss_dtype(t: Tensor) -> torch.dtype:
 # ------------------------------------------------------------------------------- CIDM
 
 
-def orthogonal_subspace_loss(a_prev: Sequence[Tensor], a_new: Tensor) -> Tensor:
-    """CIDM's R1 on one layer: overlap of the new task's LoRA down-projection with past ones.
+def _pad_ranks(fn: str, b_prev: Sequence[Tensor], b_new: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Check up projections (Dout, r_i) against b_new (Dout, r) and zero-pad all to the largest rank."""
+    _tensor(fn, "b_new", b_new, 2, "(Dout, r)")
+    for i, b in enumerate(b_prev):
+        _tensor(fn, f"b_prev[{i}]", b, 2, "(Dout, r_i)")
+        _like(fn, f"b_prev[{i}]", b, (b_new.shape[0], b.shape[1]), "(Dout, r_i), Dout of b_new", b_new)
+    r = max([b_new.shape[1], *(b.shape[1] for b in b_prev)])
 
-    a_prev: [(r_i, Din)], the A of each past task (ranks may differ, usually frozen);
-    a_new: (r, Din), the A being trained.
-    Semantics: R1 = Σ_i ‖a_i·a_newᵀ‖_F² (a sum of squares); a 0-dim zero that still
-    backpropagates into a_new when a_prev is empty. Gradients reach every input that requires grad.
+    def pad(b: Tensor) -> Tensor:
+        return torch.nn.functional.pad(b, (0, r - b.shape[1]))
+
+    return [pad(b) for b in b_prev], pad(b_new)
+
+
+def orthogonal_subspace_loss(b_prev: Sequence[Tensor], b_new: Tensor) -> Tensor:
+    """CIDM's R1 on one layer (the paper's eq.): overlap of the new task's up projection with past ones.
+
+    The paper's A ∈ R^{a×r} of ΔW = A·B is, in nn.Linear layout, the up projection: peft's ``lora_B``.
+    b_prev: [(Dout, r_i)], the lora_B of each past task (usually frozen); b_new: (Dout, r), the one
+    being trained. Semantics: R1 = Σ_i ‖b_i·b_newᵀ‖_F² (each product Dout×Dout; a sum of squares), ranks
+    zero-padded to the largest (b_i·b_newᵀ pairs rank components index by index). Computed through the
+    r×r Gram matrices, ‖b_i·b_newᵀ‖_F² = ⟨b_iᵀ·b_i, b_newᵀ·b_new⟩_F, never forming Dout×Dout. A 0-dim zero
+    that still backpropagates into b_new when b_prev is empty.
     """
     fn = "orthogonal_subspace_loss"
-    _tensor(fn, "a_new", a_new, 2, "(r, Din)")
-    if len(a_prev) == 0:
-        return _zero(a_new)
-    for i, a in enumerate(a_prev):
-        _tensor(fn, f"a_prev[{i}]", a, 2, "(r_i, Din)")
-        _like(fn, f"a_prev[{i}]", a, (a.shape[0], a_new.shape[1]), "(r_i, Din), Din of a_new", a_new)
-    # ‖[a_1; …; a_n]·a_newᵀ‖² = Σ_i ‖a_i·a_newᵀ‖²: one GEMM for every past task
-    return (torch.cat(list(a_prev)) @ a_new.T).square().sum()
+    b_prev, b_new = _pad_ranks(fn, b_prev, b_new)
+    if len(b_prev) == 0:
+        return _zero(b_new)
+    gram_prev = sum(b.T @ b for b in b_prev)
+    return (gram_prev * (b_new.T @ b_new)).sum()
+
+
+def up_overlap_loss(b_prev: Sequence[Tensor], b_new: Tensor) -> Tensor:
+    """The released CIDM code's orthogonality term on one layer: mean_i mean|b_new·b_iᵀ|.
+
+    b_prev: [(Dout, r_i)] lora_B (lora_up) of past tasks; b_new: (Dout, r). Ranks zero-padded to the
+    largest. A mean (unlike R1), as the released code computes it; a 0-dim zero (with gradient) when
+    b_prev is empty.
+    """
+    fn = "up_overlap_loss"
+    b_prev, b_new = _pad_ranks(fn, b_prev, b_new)
+    if len(b_prev) == 0:
+        return _zero(b_new)
+    return torch.stack([(b_new @ b.T).abs().mean() for b in b_prev]).mean()
+
+
+def enhancement_loss(b_new: Tensor) -> Tensor:
+    """The released CIDM code's "enhancement" term on one layer: mse(b_new, 1) = mean((b_new − 1)²).
+
+    b_new: (Dout, r) lora_B (lora_up). A mean, as in the released code.
+    """
+    _tensor("enhancement_loss", "b_new", b_new, 2, "(Dout, r)")
+    return (b_new - 1).square().mean()
 
 
 def _check_shared(fn: str, deltas: Sequence[Tensor], h: Sequence[Tensor], w_shared: Tensor) -> None:

@@ -83,7 +83,7 @@ def compose_concepts(
                 )
         shares: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in chosen]
         for l, layer in enumerate(pipeline.layers):
-            attn = pipeline._attn[layer]
+            attn = pipeline.attention[layer]
             for proj in _KV:
                 w0 = getattr(attn, proj).weight.detach().to(torch.float64)
                 own = [(w0 + _delta64(c, layer, proj), rows[l]) for c, rows in zip(chosen, targets)]

@@ -1,0 +1,96 @@
+"""ops.lora_kv_projection_grouped (all layers' text K/V at once) against the per-layer reference, with a
+different ψ (ids and weights) in every layer, on every backend; fake tensors and named errors."""
+
+import pytest
+import torch
+from kernel_testing import CAN_RUN
+
+from lifelong_engine import ops, reference
+
+DOUTS = (6, 10, 4)
+B, T, DIN, N, R, S = 2, 5, 8, 4, 3, 3
+
+
+def grouped_args(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    c = randn(len(DOUTS), B, T, DIN)
+    w_k, w_v = ([randn(d, DIN) for d in DOUTS] for _ in range(2))
+    a_k, a_v = ([randn(N, R, DIN) for _ in DOUTS] for _ in range(2))
+    b_k, b_v = ([randn(N, d, R) for d in DOUTS] for _ in range(2))
+    # Each layer its own ids and ψ: a repeated id, an empty slot, an empty row, all slots used.
+    ids = torch.tensor([[[2, -1, 2], [-1, 0, 3]], [[1, 3, 0], [-1, -1, -1]], [[0, -1, -1], [3, 2, 1]]])
+    weights = (torch.rand(len(DOUTS), B, S, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, 0.75
+
+
+def per_layer_reference(args):
+    c, *lists, ids, weights, scale = (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                      for a in args)  # fmt: skip
+    lists = [[t.double() for t in lst] for lst in lists]
+    return [
+        reference.lora_kv_projection(c[l], *(lst[l] for lst in lists), ids[l], weights[l], scale)
+        for l in range(c.shape[0])
+    ]
+
+
+BACKENDS = [
+    ("reference", torch.float64),
+    ("reference", torch.float32),
+    ("torch", torch.float64),
+    ("torch", torch.float32),
+    pytest.param("triton", torch.float32, marks=pytest.mark.skipif(not CAN_RUN, reason="needs TRITON_INTERPRET=1")),
+]
+
+
+@pytest.mark.parametrize("backend, dtype", BACKENDS)
+def test_matches_the_per_layer_reference_with_its_own_psi_per_layer(backend, dtype):
+    args = grouped_args(dtype)
+    with ops.use_backend(backend):
+        ks, vs = ops.lora_kv_projection_grouped(*args)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert len(ks) == len(vs) == len(DOUTS)
+    for layer, (want_k, want_v) in enumerate(per_layer_reference(args)):
+        assert ks[layer].shape == (B, T, DOUTS[layer]) and ks[layer].dtype == dtype
+        torch.testing.assert_close(ks[layer].double(), want_k, **tol)
+        torch.testing.assert_close(vs[layer].double(), want_v, **tol)
+
+
+def test_per_layer_psi_is_not_layer_0s():
+    """The test above can fail: using layer 0's ids and weights everywhere gives other K/V."""
+    args = grouped_args()
+    c, *lists, ids, weights, scale = args
+    shared = ops.lora_kv_projection_grouped(c, *lists, ids[:1].expand_as(ids), weights[:1].expand_as(weights), scale)
+    per_layer = ops.lora_kv_projection_grouped(*args)
+    assert not torch.allclose(shared[0][1], per_layer[0][1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_fake_tensors_and_schema(backend):
+    with ops.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.lifelong.lora_kv_projection_grouped.default,
+            grouped_args(),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+def test_bad_inputs_are_named():
+    c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale = grouped_args()
+    with pytest.raises(
+        ValueError, match=r"lora_kv_projection_grouped: ids must be 3-D \[L, B, S\], got shape \(2, 3\)"
+    ):
+        ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids[0], weights[0], scale)
+    with pytest.raises(ValueError, match=r"lora_kv_projection_grouped: w_v has 2 layers; expected L = 3"):
+        ops.lora_kv_projection_grouped(c, w_k, w_v[:2], a_k, b_k, a_v, b_v, ids, weights, scale)
+    with pytest.raises(ValueError, match=r"lora_kv_projection_grouped: layer 1: lora_kv_projection: b_k"):
+        bad = [b_k[0], b_k[1][:, :3], b_k[2]]
+        ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, bad, a_v, b_v, ids, weights, scale)
+    with pytest.raises(ValueError, match=r"ids has values >= N = 4 \(max 9\)"):
+        ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids.index_fill(0, torch.tensor([2]), 9),
+                                       weights, scale)  # fmt: skip
+    with pytest.raises(TypeError, match="lora_kv_projection_grouped: w_k must be a list of torch.Tensor"):
+        ops.lora_kv_projection_grouped(c, w_k[0], w_v, a_k, b_k, a_v, b_v, ids, weights, scale)
