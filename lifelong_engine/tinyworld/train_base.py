@@ -738,6 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from the weights in this directory (e.g. the previous version): keeps its "
                              "autoencoder and skips phase 1")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the recipe's)")
+    parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: the recipe's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -746,7 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = {p: v if v is not None else DEFAULT_STEPS[p] for p, v in given.items()}
     else:
         steps = None
-    recipe = FINETUNE if args.init_from is not None else {}
+    recipe = dict(FINETUNE) if args.init_from is not None else {}
+    given = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay}
+    recipe.update({k: v for k, v in given.items() if v is not None})
     config = TrainConfig(
         **recipe,
         out=args.out,
