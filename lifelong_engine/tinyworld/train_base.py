@@ -750,8 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         steps = None
     recipe = dict(FINETUNE) if args.init_from is not None else {}
-    given = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay}
-    recipe.update({k: v for k, v in given.items() if v is not None})
+    overrides = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay}
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig(
         **recipe,
         out=args.out,
