@@ -1,5 +1,6 @@
 """TinyWorld's procedural world and tokenizer: determinism, captions, visual distinctness, concepts, layouts."""
 
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -14,29 +15,49 @@ from lifelong_engine import tinyworld as tw
 # ---------------------------------------------------------------------------------------------
 
 _TEXTURED = "striped|dotted|checkered"
+_SPLIT = {"vertically split": "vertical", "horizontally split": "horizontal", "diagonally split": "diagonal",
+          "concentric": "concentric"}  # fmt: skip
 
 
 def _object_pattern(i: int) -> str:
     return (
-        rf"a (?P<size{i}>small|large) (?P<colour{i}>[a-z]+) (?:(?P<texture{i}>{_TEXTURED}) )?(?P<shape{i}>[a-z]+) "
+        rf"a (?P<size{i}>small|large) (?P<colour{i}>[a-z]+) "
+        rf"(?:(?P<texture{i}>{_TEXTURED}) |and (?P<accent{i}>[a-z]+) (?P<split{i}>{'|'.join(_SPLIT)}) )?"
+        rf"(?P<shape{i}>[a-z]+)(?: with a (?P<ecolour{i}>[a-z]+) (?P<emblem{i}>cross|dot))? "
         rf"(?:in|on|at) the (?P<position{i}>top left|top right|bottom left|bottom right|center|left|right|top|bottom)"
     )
 
 
-_CAPTION = re.compile(rf"{_object_pattern(0)}(?: and {_object_pattern(1)})? on a (?P<background>[a-z]+) background")
+_CAPTION = re.compile(
+    rf"{_object_pattern(0)}(?: and {_object_pattern(1)})?(?: and {_object_pattern(2)})? "
+    r"on a (?P<background>[a-z]+) background"
+)
 
 
 def parse_caption(text: str) -> tw.Scene:
-    """An independent reading of the caption grammar, back to the scene it describes."""
+    """An independent reading of the caption grammar, back to the scene it describes (objects at
+    their named positions: captions do not tell offsets)."""
     match = _CAPTION.fullmatch(text)
     assert match, f"caption does not follow the grammar: {text!r}"
     g = match.groupdict()
-    objects = tuple(
-        tw.ObjectSpec(g[f"shape{i}"], g[f"colour{i}"], g[f"texture{i}"] or "solid", g[f"size{i}"], g[f"position{i}"])
-        for i in range(2)
-        if g[f"shape{i}"] is not None
-    )
-    return tw.Scene(g["background"], objects)
+    objects = []
+    for i in range(3):
+        if g[f"shape{i}"] is None:
+            continue
+        identity = None
+        if g[f"accent{i}"] is not None:
+            identity = tw.Identity(
+                g[f"accent{i}"], _SPLIT[g[f"split{i}"]], g[f"emblem{i}"], g[f"ecolour{i}"] or "white"
+            )
+        texture = g[f"texture{i}"] or "solid"
+        objects.append(
+            tw.ObjectSpec(g[f"shape{i}"], g[f"colour{i}"], texture, g[f"size{i}"], g[f"position{i}"], identity)
+        )
+    return tw.Scene(g["background"], tuple(objects))
+
+
+def at_positions(scene: tw.Scene) -> tw.Scene:
+    return tw.Scene(scene.background, tuple(dataclasses.replace(o, offset=(0.0, 0.0)) for o in scene.objects))
 
 
 def nearest_colour(rgb) -> str:
@@ -61,7 +82,8 @@ def off_hue_fraction(pixels: np.ndarray, colour: str) -> float:
 
 
 def pixel_range(box, size=32):
-    x0, y0, x1, y1 = box
+    """The box's pixels, cut to the image (an object moved off an edge position may cross the border)."""
+    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in box)
     return int(np.floor(x0 * size)), int(np.floor(y0 * size)), int(np.ceil(x1 * size)), int(np.ceil(y1 * size))
 
 
@@ -100,7 +122,7 @@ def test_world_is_pinned():
         for sample in concept.images(5, seed=0):
             digest.update(sample.caption.encode())
             digest.update(np.asarray(sample.image).tobytes())
-    assert digest.hexdigest() == "b5012a674b236fa442a25addb6954784f94687f15eeac350bda6062ff34b85e0"
+    assert digest.hexdigest() == "c2a34f3c5bbc7e26cac050a537ca332646cac373d6af79221c4202da3479ad0c"
 
 
 def test_render_batch_matches_render_and_other_sizes_scale(scenes):
@@ -121,7 +143,7 @@ def test_render_batch_matches_render_and_other_sizes_scale(scenes):
 
 def test_captions_match_scenes(scenes):
     for scene in scenes[:1000]:
-        assert parse_caption(tw.caption(scene)) == scene
+        assert parse_caption(tw.caption(scene)) == at_positions(scene)
     assert (
         tw.caption(tw.Scene("blue", (tw.ObjectSpec("circle", "red", "striped", "large", "top left"),)))
         == "a large red striped circle at the top left on a blue background"
@@ -136,21 +158,39 @@ def test_captions_match_scenes(scenes):
     assert (
         tw.caption(two) == "a large red circle on the left and a small blue square on the right on a white background"
     )
+    split = tw.ObjectSpec(
+        "circle", "teal", size="large", position="top left", identity=tw.Identity("red", "vertical", "cross")
+    )
+    assert (
+        tw.caption(tw.Scene("gray", (split,)))
+        == "a large teal and red vertically split circle with a white cross at the top left on a gray background"
+    )
+    assert (
+        tw.object_prompt(split, "gray", size=False)
+        == "a teal and red vertically split circle with a white cross on a gray background"
+    )
+    badge = tw.get_concept("tw-badge")
+    assert badge.description == "a teal and orange vertically split circle with a white cross"
+    assert tw.describe(badge.spec(), "gray") == f"a large {badge.description[2:]} on a gray background"
+    assert tw.object_prompt(badge.spec(), "gray", size=False) == "a <tw-badge> circle on a gray background"
 
 
 def test_sampler_covers_the_world_and_keeps_objects_apart(scenes):
     objects = [obj for scene in scenes for obj in scene.objects]
     assert {o.shape for o in objects} == set(tw.SHAPES)
-    assert {o.colour for o in objects} == set(tw.OBJECT_COLOURS)
+    assert {o.colour for o in objects} == set(tw.OBJECT_COLOURS) == set(tw.COLOURS)
     assert {o.texture for o in objects} == set(tw.TEXTURES)
     assert {o.size for o in objects} == set(tw.SIZES)
     assert {o.position for o in objects} == set(tw.POSITIONS)
     assert {s.background for s in scenes} == set(tw.BACKGROUNDS)
+    steps = np.arange(-3, 4) / 32
+    assert {o.offset[0] for o in objects} == {o.offset[1] for o in objects} == set(steps.tolist())
     assert 0.3 < np.mean([len(s.objects) == 2 for s in scenes]) < 0.5
+    assert 0.1 < np.mean([len(s.objects) == 3 for s in scenes]) < 0.2
     for scene in scenes:
         assert all(obj.colour != scene.background for obj in scene.objects)
-        if len(scene.objects) == 2:
-            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = map(tw.object_box, scene.objects)
+        for a, b in itertools.combinations(scene.objects, 2):
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = tw.object_box(a), tw.object_box(b)
             assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, scene
 
 
@@ -161,8 +201,12 @@ def test_invalid_specs_name_the_bad_value():
         tw.ObjectSpec("circle", "mauve")
     with pytest.raises(ValueError, match="position 'middle'"):
         tw.ObjectSpec("circle", "red", position="middle")
-    with pytest.raises(ValueError, match="1 or 2"):
-        tw.Scene("white", (tw.ObjectSpec("circle", "red"),) * 3)
+    with pytest.raises(ValueError, match="1 to 3"):
+        tw.Scene("white", (tw.ObjectSpec("circle", "red"),) * 4)
+    with pytest.raises(ValueError, match=r"offset \(0.2, 0.0\)"):
+        tw.ObjectSpec("circle", "red", offset=(0.2, 0.0))
+    with pytest.raises(ValueError, match="texture 'striped' with an identity"):
+        tw.ObjectSpec("circle", "red", "striped", identity=tw.Identity("blue", "vertical"))
     with pytest.raises(ValueError, match="identity split 'spiral'"):
         tw.Identity("red", "spiral")
 
@@ -254,16 +298,45 @@ def test_concepts_are_unique_and_named():
         tw.get_concept("tw-nope")
 
 
-def test_generic_sampler_never_yields_a_concept(scenes):
-    for scene in scenes:
-        for obj in scene.objects:
-            assert obj.identity is None and tw.concept_of(obj) is None
-            assert obj.colour in tw.OBJECT_COLOURS
-    # and in pixels: every generic object is one hue (its colour and that colour's shade)
+def test_generic_world_renders_every_part_of_every_concept(scenes):
+    """Every colour, split and emblem a concept is made of is drawn (and named) by the generic
+    world, and so is each concept's shape split its way, and in its two colours."""
+    objects = [obj for scene in scenes for obj in scene.objects]
+    two_colour = [o for o in objects if o.identity is not None]
+    assert 0.3 < len(two_colour) / len(objects) < 0.5
+    assert {o.identity.split for o in two_colour} == set(tw.SPLITS)
+    assert {o.identity.emblem for o in two_colour} == {None, *tw.EMBLEMS}
+    assert {o.identity.accent for o in two_colour} == set(tw.COLOURS)
+    for concept in tw.CONCEPTS:
+        ident = concept.identity
+        assert any(o.shape == concept.class_word and o.identity.split == ident.split for o in two_colour)
+        assert any({o.colour, o.identity.accent} == {concept.colour, ident.accent} for o in two_colour)
+        assert any(o.identity.emblem == ident.emblem for o in two_colour)
+    # captions name the parts: a two-colour object's caption has its colours, split and emblem
+    for scene in scenes[:200]:
+        text = tw.caption(scene)
+        for o in scene.objects:
+            if o.identity is not None:
+                assert f"{o.colour} and {o.identity.accent} {tw.SPLIT_PHRASES[o.identity.split]} {o.shape}" in text
+    # in pixels: a textured object is one hue (its colour and that colour's shade)
     for scene in scenes[:300]:
         image = tw.render_array(scene)
         for obj in scene.objects:
-            assert off_hue_fraction(interior_pixels(image, obj), obj.colour) == 0.0, obj
+            if obj.identity is None:
+                assert off_hue_fraction(interior_pixels(image, obj), obj.colour) == 0.0, obj
+
+
+def test_every_concept_is_held_out_of_the_generic_world():
+    """No concept's exact object (shape, colours, split, emblem) in 30 000 generic scenes, while
+    objects one part away from a concept (its near misses) are there."""
+    near = 0
+    for scene in tw.sample_scenes(30_000, seed=99):
+        for obj in scene.objects:
+            assert tw.concept_of(obj) is None, obj
+            for c in tw.CONCEPTS:
+                if obj.identity is not None and obj.shape == c.class_word and obj.colour == c.colour:
+                    near += obj.identity.accent == c.identity.accent
+    assert near > 0
 
 
 @pytest.mark.parametrize("concept", tw.CONCEPTS, ids=lambda c: c.name)

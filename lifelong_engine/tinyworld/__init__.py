@@ -1,11 +1,11 @@
 """TinyWorld: the engine's embedded default world, for the demo, the tests and the quality benchmark.
 
 :mod:`~lifelong_engine.tinyworld.world` renders 32×32 scenes of simple objects with captions and
-holds the personal concepts the base model never sees; :mod:`~lifelong_engine.tinyworld.tokenizer`
-builds the CLIP tokenizer of the world's vocabulary in code. Importing this package imports
-neither diffusers nor transformers. The base model lives in ``tinyworld.model``
-(``load_tinyworld_pipeline``), its training script in ``tinyworld.train_base`` and the
-evaluator in ``tinyworld.evaluator``; import those modules directly.
+holds the personal concepts, whose parts the base model has seen but never their exact combination;
+:mod:`~lifelong_engine.tinyworld.tokenizer` builds the CLIP tokenizer of the world's vocabulary in
+code. Importing this package imports neither diffusers nor transformers. The base model lives in
+``tinyworld.model`` (``load_tinyworld_pipeline``), its training script in ``tinyworld.train_base``
+and the evaluator in ``tinyworld.evaluator``; import those modules directly.
 """
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, build_tokenizer, build_vocab, write_tokenizer_files
@@ -14,10 +14,15 @@ from .world import (
     COLOURS,
     CONCEPT_TRAIN_POSITIONS,
     CONCEPTS,
+    EMBLEMS,
+    MAX_OBJECTS,
+    MAX_OFFSET,
     OBJECT_COLOURS,
     POSITIONS,
     SHAPES,
     SIZES,
+    SPLIT_PHRASES,
+    SPLITS,
     TEXTURES,
     Concept,
     ContextPrompt,
@@ -30,10 +35,12 @@ from .world import (
     caption,
     concept_of,
     context_prompts,
+    describe,
     generic_dataset,
     get_concept,
     object_box,
     object_coverage,
+    object_prompt,
     render,
     render_array,
     render_batch,
@@ -49,12 +56,17 @@ __all__ = [
     "COLOURS",
     "CONCEPT_TRAIN_POSITIONS",
     "CONCEPTS",
+    "EMBLEMS",
     "EOS_TOKEN",
+    "MAX_OBJECTS",
+    "MAX_OFFSET",
     "MODEL_MAX_LENGTH",
     "OBJECT_COLOURS",
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "SPLITS",
+    "SPLIT_PHRASES",
     "TEXTURES",
     "Concept",
     "ContextPrompt",
@@ -69,10 +81,12 @@ __all__ = [
     "caption",
     "concept_of",
     "context_prompts",
+    "describe",
     "generic_dataset",
     "get_concept",
     "object_box",
     "object_coverage",
+    "object_prompt",
     "render",
     "render_array",
     "render_batch",

@@ -12,6 +12,8 @@ For every concept, the evaluation images are the concept's held-out :func:`~.wor
 - **forgetting**: IA right after the concept was learned − IA after the last task;
 - **base IA**: the same prompts with the token removed (``a circle …``) on the base model, the level
   IA starts from;
+- **recognised**: the fraction of those images in which the evaluator's identity head names the
+  concept at the object's place;
 - **presence** (multi-concept): two learned concepts, each in its own half of the image through
   regional synthesis; the evaluator's confidence that each concept is in its box (counted at > 0.5);
 - **composed** (``custom-diffusion`` only): IA / TA after the last task once the concepts are
@@ -36,7 +38,7 @@ import torch
 
 from .world import CONCEPTS, Concept, caption, context_prompts, get_concept, sample_scenes, two_concept_layout
 
-__all__ = ["SequenceConfig", "run_sequence", "report_markdown", "save_grid", "image_grid"]
+__all__ = ["SequenceConfig", "ewa_argmax", "image_grid", "report_markdown", "run_sequence", "save_grid"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +106,20 @@ def _strip_token(prompt: str, concept: Concept) -> str:
 
 
 def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarray, samples: int) -> dict:
-    from .evaluator import alignment_checks
+    from .evaluator import IDENTITIES, SLOTS, alignment_checks
 
     pred = evaluator.predict(images)  # one pass for every image's TA checks
-    ta = [np.mean(list(alignment_checks(pred[i * samples + k], p.scene, p.specified).values()))
-          for i, p in enumerate(context_prompts(concept)) for k in range(samples)]  # fmt: skip
-    return {"ia": float(evaluator.image_alignment(images, references)), "ta": float(np.mean(ta))}
+    contexts = [p for p in context_prompts(concept) for _ in range(samples)]
+    ta = [np.mean(list(alignment_checks(pred[i], p.scene, p.specified).values())) for i, p in enumerate(contexts)]
+    k = IDENTITIES.index(concept.name)
+    slots = [SLOTS.index(p.scene.objects[0].position) for p in contexts]
+    recognised = [bool(pred.presence[i, s] > 0.5 and pred.attributes["identity"][i, s].argmax() == k)
+                  for i, s in enumerate(slots)]  # fmt: skip
+    return {
+        "ia": float(evaluator.image_alignment(images, references)),
+        "ta": float(np.mean(ta)),
+        "recognised": float(np.mean(recognised)),
+    }
 
 
 def _evaluate(lp, evaluator, concept: Concept, references: np.ndarray, config: SequenceConfig, base=False) -> tuple:
@@ -166,10 +176,12 @@ def run_sequence(
     }
     references = {c.name: np.stack([np.asarray(s.image) for s in c.images(config.images, seed=config.seed)])
                   for c in concepts}  # fmt: skip
-    images: dict = {"references": references, "final": {}, "pairs": []}
+    images: dict = {"references": references, "final": {}, "pairs": [], "base": {}}
     started = time.perf_counter()
+    base = {}
     with torch.no_grad():  # the base model, before any task
-        base = {c.name: _evaluate(lp, evaluator, c, references[c.name], config, base=True)[0] for c in concepts}
+        for c in concepts:
+            base[c.name], images["base"][c.name] = _evaluate(lp, evaluator, c, references[c.name], config, base=True)
     for index, concept in enumerate(tqdm(concepts, desc=f"{config.method}: tasks", disable=not progress)):
         entry: dict = {"task": index + 1, "class_word": concept.class_word, "base": base[concept.name]}
         samples = concept.images(config.images, seed=config.seed)
@@ -208,12 +220,41 @@ def run_sequence(
             images["pairs"].append((layout, generated))
         if config.method == "custom-diffusion":
             _evaluate_composed(lp, evaluator, concepts, references, config, report)
+        report["ewa"] = ewa_argmax(lp, concepts)
     report["summary"] = _summary(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["status"] = "finished"
     if on_update is not None:
         on_update(report)
     return report, images
+
+
+@torch.no_grad()
+def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
+    """EWA on single-concept prompts (every context prompt that names one concept), with every
+    learned concept in the library: the fraction of (prompt, layer) pairs in which the named
+    concept gets the largest weight ψ (``argmax_rate``; chance 1/G), and the mean ψ of the named
+    concept and of the largest other one (paper settings: power 2, Frobenius norm)."""
+    library = lp.library()
+    index = {a.name: i for i, a in enumerate(library.adapters)}
+    prompts, named = [], []
+    for concept in concepts:
+        for context in context_prompts(concept):
+            prompts.append(context.prompt)
+            named.append(index[concept.name])
+    encoded = lp.encode_prompt(prompts, library)
+    _, psi = lp.concept_weights(encoded, library=library)  # (n, L, G), in library order
+    target = torch.tensor(named, device=psi.device)[:, None].expand(psi.shape[:2])
+    own = psi.gather(-1, target[..., None]).squeeze(-1)
+    others = psi.scatter(-1, target[..., None], float("-inf")).amax(-1)
+    return {
+        "prompts": len(prompts),
+        "layers": int(psi.shape[1]),
+        "concepts": int(psi.shape[2]),
+        "argmax_rate": float((psi.argmax(-1) == target).float().mean()),
+        "psi_named": float(own.mean()),
+        "psi_largest_other": float(others.mean()),
+    }
 
 
 def _evaluate_composed(lp, evaluator, concepts, references, config, report) -> None:
@@ -250,10 +291,14 @@ def _summary(report: dict) -> dict:
         "ta_final": _mean(e["final"]["ta"] for e in entries),
         "base_ia": _mean(e["base"]["ia"] for e in entries),
         "base_ta": _mean(e["base"]["ta"] for e in entries),
+        "recognised_after_learning": _mean(e["after_learning"].get("recognised") for e in entries),
+        "recognised_final": _mean(e["final"].get("recognised") for e in entries),
+        "base_recognised": _mean(e["base"].get("recognised") for e in entries),
         # the last task cannot have been forgotten yet; average over the earlier ones
         "forgetting": _mean(e["forgetting"] for e in entries if e is not last),
         "presence": _mean(p for pair in report.get("pairs", []) for p in pair["presence"]),
         "both_present": _mean(pair["both_present"] for pair in report.get("pairs", [])),
+        "ewa_argmax": (report.get("ewa") or {}).get("argmax_rate"),
         "ia_composed": _mean(e["final_composed"]["ia"] for e in entries if "final_composed" in e),
         "ta_composed": _mean(e["final_composed"]["ta"] for e in entries if "final_composed" in e),
     }
@@ -265,17 +310,21 @@ def _summary(report: dict) -> dict:
 def report_markdown(reports: Sequence[dict], title: str) -> str:
     """A CIDM-paper style table: one row per method (IA/TA after the last task, forgetting,
     multi-concept presence), then IA per concept per method."""
-    head = "| method | IA ↑ | TA ↑ | forgetting ↓ | IA right after learning | base IA | presence ↑ | both present ↑ |"
-    lines = [f"# {title}", "", head, "|" + "---|" * 8]
+    head = ("| method | IA ↑ | TA ↑ | forgetting ↓ | IA right after learning | base IA | recognised ↑ "
+            "| recognised right after learning | presence ↑ | both present ↑ |")  # fmt: skip
+    lines = [f"# {title}", "", head, "|" + "---|" * 10]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for r in reports:
         s = r["summary"]
         lines.append(
             f"| {r['method']} | {fmt(s['ia_final'])} | {fmt(s['ta_final'])} | {fmt(s['forgetting'])} | "
-            f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {fmt(s['presence'])} | {fmt(s['both_present'])} |"
+            f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {fmt(s.get('recognised_final'))} | "
+            f"{fmt(s.get('recognised_after_learning'))} | {fmt(s['presence'])} | {fmt(s['both_present'])} |"
         )
         if s.get("ia_composed") is not None:
-            lines.append(f"| {r['method']}, composed | {fmt(s['ia_composed'])} | {fmt(s['ta_composed'])} | | | | | |")
+            lines.append(
+                f"| {r['method']}, composed | {fmt(s['ia_composed'])} | {fmt(s['ta_composed'])} | | | | | | | |"
+            )
     names = list(reports[0]["concepts"]) if reports else []
     lines += ["", "IA / TA per concept after the last task (forgetting in brackets):", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
@@ -293,33 +342,73 @@ def report_markdown(reports: Sequence[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_label(context) -> str:
+    """A few words for a :class:`~.world.ContextPrompt`: what it asks beyond the concept."""
+    scene, words = context.scene, []
+    obj = scene.objects[0]
+    if "size" in context.specified:
+        words.append(obj.size)
+    if "position" in context.specified:
+        words.append(obj.position)
+    if "background" in context.specified:
+        words.append(f"on {scene.background}")
+    if "companion" in context.specified:
+        words.append(f"+ {scene.objects[1].colour} {scene.objects[1].shape}")
+    return ", ".join(words)
+
+
 def save_grid(images: dict, path: str | os.PathLike, scale: int = 3, per_concept: int = 8) -> Path:
-    """A picture of the run: one row per concept (its first training image, then generated images of
-    its context prompts after the last task), then the two-concept images; ``scale``× nearest upscale."""
-    rows = [(name, [images["references"][name][0], None, *generated[:per_concept]])
-            for name, generated in images["final"].items()]  # fmt: skip
+    """A picture of the run, every image labelled with (a short form of) its prompt: per concept a
+    row with its first training image, then generated images of its held-out context prompts after
+    the last task, and below it the base model's attempt at the same prompts without the token;
+    then the two-concept images, each concept prompted in its own half. ``scale``× nearest upscale."""
+    rows, blank = [], np.full((32, 32, 3), 255, dtype=np.uint8)
+    for name, generated in images["final"].items():
+        concept = get_concept(name)
+        contexts = context_prompts(concept)
+        samples = max(1, len(generated) // len(contexts))
+        picks = list(range(0, len(generated), samples))[:per_concept]  # the first sample of each prompt
+        labels = [short_label(contexts[i // samples]) for i in picks]
+        rows.append((f"{concept.token} learned", [images["references"][name][0], None, *(generated[i] for i in picks)],
+                     ["training image", None, *labels]))  # fmt: skip
+        if name in images.get("base", {}):
+            base = images["base"][name]
+            rows.append(
+                (f"base: a {concept.class_word}", [blank, None, *(base[i] for i in picks)], [None, None, *labels])
+            )
     for layout, generated in images["pairs"]:
-        rows.append((" + ".join(r.prompt.split()[1] for r in layout.regions), list(generated[:per_concept])))
+        names = " | ".join(r.prompt.split()[1] for r in layout.regions)
+        rows.append(
+            (f"regions: {names}", list(generated[:per_concept]), ["left | right"] * len(generated[:per_concept]))
+        )
     return image_grid(rows, path, scale)
 
 
-def image_grid(rows: Sequence[tuple[str, Sequence]], path: str | os.PathLike, scale: int = 3) -> Path:
-    """Save labelled rows of 32×32 uint8 images (None: a small gap), ``scale``× nearest upscale, as PNG."""
+def image_grid(rows: Sequence[tuple], path: str | os.PathLike, scale: int = 3) -> Path:
+    """Save labelled rows of 32×32 uint8 images as PNG, ``scale``× nearest upscale. A row is
+    ``(name, images)`` or ``(name, images, captions)``: an image None leaves a small gap, a caption
+    is written under its tile."""
     from PIL import Image, ImageDraw
 
     tile, gap, label = 32 * scale, 4 * scale, 72 * scale
-    width = label + max((len(r) for _, r in rows), default=1) * (tile + gap)
-    canvas = Image.new("RGB", (width, len(rows) * (tile + gap) + gap), "white")
+    captioned = any(len(r) > 2 for r in rows)
+    text_h = 12 if captioned else 0
+    width = label + max((len(r[1]) for r in rows), default=1) * (tile + gap)
+    canvas = Image.new("RGB", (width, len(rows) * (tile + gap + text_h) + gap), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, row) in enumerate(rows):
-        y = gap + i * (tile + gap)
+    for i, row in enumerate(rows):
+        name, tiles = row[0], row[1]
+        captions = row[2] if len(row) > 2 else [None] * len(tiles)
+        y = gap + i * (tile + gap + text_h)
         draw.text((gap, y + tile // 2 - 5), name, fill="black")
         x = label
-        for im in row:
+        for im, text in zip(tiles, captions):
             if im is None:  # a gap between the training image and the generated ones
                 x += 2 * gap
                 continue
             canvas.paste(Image.fromarray(im).resize((tile, tile), Image.NEAREST), (x, y))
+            if text:
+                draw.text((x, y + tile + 1), text[: tile // 6], fill="black")
             x += tile + gap
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: Identity of the architecture and training recipe; bump it when either changes (old weights are refused).
-MODEL_VERSION = "tinyworld-base-v2"
+MODEL_VERSION = "tinyworld-base-v3"
 #: Where the package's own weights live (filled by :data:`TRAIN_COMMAND`).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = "python -m lifelong_engine.tinyworld.train_base"

@@ -47,12 +47,17 @@ import torch.nn.functional as F
 
 from ..store import atomic_torch_save as _atomic_save
 from .model import MODEL_VERSION, WEIGHTS_DIR, build_pipeline, save_weights, tinyworld_components
-from .world import caption, render_batch, sample_scene, sample_scenes
+from .world import caption, object_box, object_prompt, render_batch, sample_scene, sample_scenes
 
 __all__ = ["DEFAULT_STEPS", "TrainConfig", "main", "train"]
 
-#: Steps of each phase for the shipped model, sized for ~50 minutes on a 2-core CPU.
+#: Steps of each phase for a model trained from scratch, sized for ~50 minutes on a 2-core CPU.
 DEFAULT_STEPS = {"autoencoder": 1500, "diffusion": 5500, "evaluator": 1000}
+#: Recipe changes when training continues from other weights (``--init-from``): a lower peak
+#: learning rate, a short warm-up and an EMA horizon (~200 steps) short enough to leave the start behind.
+FINETUNE = {"lr": 5e-4, "warmup": 50, "ema_decay": 0.995}
+#: Prompt slots of a regional training row: the caption, then one per regional object.
+_REGION_SLOTS = 3
 _PHASES = ("autoencoder", "diffusion", "evaluator")
 CHECKPOINT = "checkpoint.pt"
 STATS = "training_stats.json"
@@ -84,10 +89,12 @@ class TrainConfig:
     samples: bool = True
     progress: bool = True
     restart: bool = False
+    region_probability: float = 0.5  # of a multi-object scene: trained with per-object prompts in boxes
+    init_from: Path | None = None  # start from these weights (another version's): autoencoder kept, no phase 1
 
 
 _RECIPE = ("seed", "ae_batch", "ae_lr", "ae_kl_weight", "batch", "lr", "warmup", "caption_dropout", "min_snr_gamma",
-           "ema_decay", "evaluator_batch")  # fmt: skip
+           "ema_decay", "evaluator_batch", "region_probability", "init_fingerprint")  # fmt: skip
 
 
 class _Stop(Exception):
@@ -170,6 +177,62 @@ def _curve(values: list[float], points: int = 50) -> list[float]:
     return [round(float(c.mean()), 5) for c in chunks]
 
 
+def _init_weights(components: dict, directory: Path) -> str:
+    """Load the text encoder, autoencoder and UNet saved in ``directory`` (:func:`~.model.save_weights`
+    layout, any model version) into ``components``; the text encoder's token embeddings are matched
+    by token string (words new to this vocabulary keep their fresh rows). Returns the weights'
+    fingerprint from their manifest, which the recipe records."""
+    from safetensors.torch import load_file
+
+    from .model import _weight_file, read_manifest
+
+    manifest = read_manifest(directory)
+    old_vocab = json.loads((directory / "tokenizer" / "vocab.json").read_text())
+    new_vocab = components["tokenizer"].get_vocab()
+    for name in ("text_encoder", "vae", "unet"):
+        state = {k: v.float() for k, v in load_file(_weight_file(directory, name)).items()}
+        model = components[name]
+        if name == "text_encoder":
+            key = "embeddings.token_embedding.weight"
+            rows = model.state_dict()[key].clone()
+            for token, i in new_vocab.items():
+                if token in old_vocab:
+                    rows[i] = state[key][old_vocab[token]]
+            state[key] = rows
+        if name == "vae":
+            config = json.loads((directory / "vae" / "config.json").read_text())
+            model.register_to_config(scaling_factor=config["scaling_factor"])
+        model.load_state_dict(state, strict=True)
+    return str(manifest.get("fingerprint"))
+
+
+def _region_boxes(rng: np.random.Generator, objects, chosen: Sequence[int]) -> list[tuple[float, float, float, float]]:
+    """Boxes for the ``chosen`` objects of a scene, as a user might draw them: each object's box
+    grown by up to 0.3 on each side, then cut at the midline between it and every other object on
+    the axis where they are farthest apart, so no box reaches another object."""
+    boxes = []
+    for i in chosen:
+        x0, y0, x1, y1 = object_box(objects[i])
+        grow = rng.uniform(0.0, 0.3, size=4)
+        box = [max(0.0, x0 - grow[0]), max(0.0, y0 - grow[1]), min(1.0, x1 + grow[2]), min(1.0, y1 + grow[3])]
+        for j, other in enumerate(objects):
+            if j == i:
+                continue
+            ox0, oy0, ox1, oy1 = object_box(other)
+            gaps = {"right": ox0 - x1, "left": x0 - ox1, "below": oy0 - y1, "above": y0 - oy1}
+            side = max(gaps, key=gaps.get)
+            if side == "right":
+                box[2] = min(box[2], (x1 + ox0) / 2)
+            elif side == "left":
+                box[0] = max(box[0], (x0 + ox1) / 2)
+            elif side == "below":
+                box[3] = min(box[3], (y1 + oy0) / 2)
+            else:
+                box[1] = max(box[1], (y0 + oy1) / 2)
+        boxes.append(tuple(box))
+    return boxes
+
+
 class _Run:
     """One call of :func:`train`: models, optimizer state, timing, checkpoints."""
 
@@ -179,10 +242,16 @@ class _Run:
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.components = tinyworld_components(config.seed)
-        _narrow_posterior(self.components["vae"])
+        self.init_fingerprint = None
+        if config.init_from is not None:
+            self.init_fingerprint = _init_weights(self.components, Path(config.init_from))
+        else:
+            _narrow_posterior(self.components["vae"])
+        self.layers = self._install_processors()
         for name in ("text_encoder", "vae", "unet"):
             self.components[name].to(self.device)
-        self.state: dict = {"phase": _PHASES[0], "step": 0, "stats": {}, "steps": None}
+        first = "diffusion" if config.init_from is not None else _PHASES[0]
+        self.state: dict = {"phase": first, "step": 0, "stats": {}, "steps": None}
         self.optimizer_state = None
         self.ema: list[torch.Tensor] | None = None
         self.start = time.perf_counter()
@@ -196,7 +265,43 @@ class _Run:
         return self.out / CHECKPOINT
 
     def recipe(self) -> dict:
-        return {k: getattr(self.config, k) for k in _RECIPE}
+        return {k: getattr(self.config, k) if k != "init_fingerprint" else self.init_fingerprint for k in _RECIPE}
+
+    def _install_processors(self) -> list[str]:
+        """The engine's :class:`~lifelong_engine.attention.CrossAttentionProcessor` on every ``attn2``
+        (plain attention without a context, regional with one); returns the layer names."""
+        from ..attention import CrossAttentionProcessor, PassThroughProcessor
+
+        unet = self.components["unet"]
+        processors = dict(unet.attn_processors)
+        layers = []
+        for name, processor in processors.items():
+            if name.endswith("attn2.processor"):
+                layer = name[: -len(".processor")]
+                processors[name] = CrossAttentionProcessor(layer)
+                layers.append(layer)
+            else:
+                processors[name] = PassThroughProcessor(processor)
+        unet.set_attn_processor(processors)
+        return layers
+
+    def _regional_context(self, hidden: torch.Tensor, paint: list):
+        """The :class:`~lifelong_engine.attention.GenerationContext` of a training batch: every
+        layer's K/V of the (B, P, T, D) prompt slots, and the boxes each row paints."""
+        from ..attention import GenerationContext
+        from ..regions import RegionPlan
+
+        unet, (B, P, T, D) = self.components["unet"], hidden.shape
+        kv = {}
+        flat = hidden.reshape(B * P, T, D)
+        for layer in self.layers:
+            attn = unet.get_submodule(layer)
+            k, v = attn.to_k(flat), attn.to_v(flat)
+            heads = attn.heads
+            kv[layer] = tuple(x.view(B, P, T, heads, -1).permute(0, 1, 3, 2, 4) for x in (k, v))
+        latent = self.components["unet"].config.sample_size
+        levels = len(unet.config.block_out_channels)
+        return GenerationContext(kv, RegionPlan(paint, (latent, latent), P, self.device, levels))
 
     def save_checkpoint(self, optimizer=None) -> None:
         c = self.components
@@ -282,6 +387,15 @@ class _Run:
         rng, g = _batch_rng(cfg.seed, "diffusion", step, self.device)
         scenes = [sample_scene(rng) for _ in range(cfg.batch)]
         texts = [caption(s) if rng.random() >= cfg.caption_dropout else "" for s in scenes]
+        # regional rows: two of the objects get their own prompt in a box (as regional synthesis does)
+        slots = [[t] * _REGION_SLOTS for t in texts]
+        paint: list[list] = [[] for _ in scenes]
+        for i, scene in enumerate(scenes):
+            if texts[i] and len(scene.objects) >= 2 and rng.random() < cfg.region_probability:
+                chosen = [int(j) for j in rng.permutation(len(scene.objects))[: _REGION_SLOTS - 1]]
+                for slot, (j, box) in enumerate(zip(chosen, _region_boxes(rng, scene.objects, chosen)), start=1):
+                    slots[i][slot] = object_prompt(scene.objects[j], scene.background, size=rng.random() < 0.5)
+                    paint[i].append((slot, box))
         with torch.no_grad():
             latents = c["vae"].encode(_images(scenes, self.device)).latent_dist.sample(generator=g)
             latents = latents * c["vae"].config.scaling_factor
@@ -289,11 +403,20 @@ class _Run:
         t = torch.randint(0, c["scheduler"].config.num_train_timesteps, (cfg.batch,), generator=g, device=self.device)
         alpha_bar = c["scheduler"].alphas_cumprod.to(self.device)[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-        ids = c["tokenizer"](texts, padding="max_length", max_length=c["tokenizer"].model_max_length,
+        unique = sorted({text for row in slots for text in row})
+        ids = c["tokenizer"](unique, padding="max_length", max_length=c["tokenizer"].model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
-        hidden = c["text_encoder"](ids)[0]
+        encoded = c["text_encoder"](ids)[0]
         v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
-        mse = (c["unet"](noisy, t, hidden).sample - v).pow(2).mean(dim=(1, 2, 3))
+        if any(paint):
+            index = torch.tensor([[unique.index(text) for text in row] for row in slots], device=self.device)
+            hidden = encoded[index]  # (B, P, T, D)
+            kwargs = {"cross_attention_kwargs": {"lifelong_context": self._regional_context(hidden, paint)}}
+            prediction = c["unet"](noisy, t, hidden[:, 0], **kwargs).sample
+        else:
+            hidden = encoded[torch.tensor([unique.index(row[0]) for row in slots], device=self.device)]
+            prediction = c["unet"](noisy, t, hidden).sample
+        mse = (prediction - v).pow(2).mean(dim=(1, 2, 3))
         snr = (alpha_bar / (1 - alpha_bar)).flatten()
         loss = (mse * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)).mean()  # Min-SNR for v-prediction
         loss.backward()
@@ -343,7 +466,10 @@ class _Run:
             missing = [p for p in _PHASES if p not in self.config.steps]
             if missing:
                 raise ValueError(f"steps {self.config.steps}: missing phases {missing}")
-            return {p: int(self.config.steps[p]) for p in _PHASES}
+            steps = {p: int(self.config.steps[p]) for p in _PHASES}
+            if self.config.init_from is not None:
+                steps["autoencoder"] = 0
+            return steps
         seconds = self.time_steps()
         estimate = sum(DEFAULT_STEPS[p] * seconds[p] for p in _PHASES)
         budget = 60 * self.config.minutes
@@ -492,10 +618,26 @@ def _sample_grid(pipe, evaluator, config: TrainConfig, device) -> dict:
     return {"prompts": len(scenes), "guidance_scale": 4.0, "steps": 30, "attribute_accuracy": accuracy}
 
 
+def _finished_evaluator(directory: Path, recorded: dict, device):
+    """The evaluator a previous call of this run already trained into ``directory`` (same steps,
+    batch and seed, this evaluator version), or None."""
+    from .evaluator import EVALUATOR_VERSION, Evaluator
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    training = config.get("training", {})
+    if config.get("version") != EVALUATOR_VERSION or any(training.get(k) != v for k, v in recorded.items()):
+        return None
+    print(f"[train_base] evaluator already trained in {directory}; reusing it")
+    return Evaluator.load(directory, device)
+
+
 def train(config: TrainConfig) -> dict:
     """Run (or resume) the whole training; returns the stats also written to ``training_stats.json``.
     Raises nothing on an early stop (``stop_after_*``): the stats then have ``"finished": False``."""
-    from .evaluator import held_out_accuracy, identity_separation, train_evaluator
+    from .evaluator import held_out_accuracy, identity_accuracy, identity_separation, train_evaluator
 
     config = dataclasses.replace(config, out=Path(config.out))
     run = _Run(config)
@@ -523,19 +665,28 @@ def train(config: TrainConfig) -> dict:
         return {"finished": False, "phase": run.state["phase"], "step": run.state["step"]}
 
     started = time.perf_counter()
-    evaluator = train_evaluator(
-        steps["evaluator"], config.evaluator_batch, config.seed, run.device, progress=config.progress
-    )
+    recorded = {"steps": steps["evaluator"], "batch": config.evaluator_batch, "seed": config.seed}
+    evaluator = _finished_evaluator(config.out / "evaluator", recorded, run.device)
+    if evaluator is None:
+        evaluator = train_evaluator(
+            steps["evaluator"], config.evaluator_batch, config.seed, run.device, progress=config.progress
+        )
+        evaluator.save(config.out / "evaluator", extra={"training": recorded})  # kept if a later step fails
     stats["evaluator"] = {
-        "steps": steps["evaluator"],
-        "batch": config.evaluator_batch,
+        **recorded,
         "seconds": round(time.perf_counter() - started, 1),
         "held_out_accuracy": held_out_accuracy(evaluator, n=200 if steps["evaluator"] < 50 else 1000),
+        "identity_accuracy": identity_accuracy(evaluator, per_class=5 if steps["evaluator"] < 50 else 40),
         "identity_alignment": identity_separation(evaluator),
     }
 
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    run.components["unet"].set_attn_processor(AttnProcessor2_0())  # diffusers' own again, as loading gives
     pipe = build_pipeline(run.components)
     for phase in ("autoencoder", "diffusion"):
+        if phase not in stats:  # started from other weights (init_from): no autoencoder phase
+            continue
         s = stats[phase]
         batch = config.ae_batch if phase == "autoencoder" else config.batch
         n = max(1, len(s["mse"]) // 20)
@@ -552,6 +703,8 @@ def train(config: TrainConfig) -> dict:
         stats["samples"] = _sample_grid(pipe, evaluator, config, run.device)
     evaluator.save(config.out / "evaluator", extra={"training": stats["evaluator"]})
     manifest_extra = {"seed": config.seed, "steps": steps, "scaling_factor": pipe.vae.config.scaling_factor}
+    if run.init_fingerprint is not None:
+        manifest_extra["init_fingerprint"] = run.init_fingerprint
     save_weights(pipe, config.out, extra=manifest_extra)
     report = {
         "finished": True,
@@ -582,6 +735,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stop-after-minutes", type=float, default=None, help="stop early with a checkpoint")
     parser.add_argument("--no-samples", action="store_true", help="skip samples.png and the prompt-following score")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the weights in this directory (e.g. the previous version): keeps its "
+                             "autoencoder and skips phase 1")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the recipe's)")
+    parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: the recipe's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -590,7 +749,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = {p: v if v is not None else DEFAULT_STEPS[p] for p, v in given.items()}
     else:
         steps = None
+    recipe = dict(FINETUNE) if args.init_from is not None else {}
+    overrides = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay}
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig(
+        **recipe,
         out=args.out,
         seed=args.seed,
         device=args.device,
@@ -600,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_after_minutes=args.stop_after_minutes,
         samples=not args.no_samples,
         restart=args.restart,
+        init_from=args.init_from,
     )
     report = train(config)
     if report["finished"]:

@@ -1,21 +1,30 @@
 """TinyWorld's procedural image world: scenes, renderer, captions, personal concepts.
 
-A scene is a plain background with one or two objects. An object has a shape, a colour, a
-texture, a size and a position, each named by English words, so every scene has one caption::
+A scene is a plain background with one to three objects. An object has a shape, a colour, a
+texture, a size and a position, each named by English words, or instead of a texture a two-colour
+split and an emblem, so every scene has one caption::
 
     a large red striped circle at the top left on a blue background
     a large red square on the left and a small blue dotted star on the right on a white background
+    a large teal and orange vertically split circle with a white cross at the top left on a gray background
+
+An object may stand up to 3 pixels (at 32×32) off its named position (``offset``; near the border
+it may then be cut by the image edge by up to 3 pixels), so that objects fill the image finely
+enough for any box a user draws.
 
 Images are 32×32 RGB by default (a tiny diffusion model is trained on them on a CPU). Rendering
 supersamples 4×4 per pixel and averages in integer arithmetic; geometry uses only + − × ÷ and
 comparisons on float64 and sampling only ``numpy.random.Generator`` (PCG64) with explicit seeds,
 so a seed gives the same pixels and captions on every run and machine.
 
-Personal concepts (:data:`CONCEPTS`) are objects with a unique identity, a two-colour split of
-their base shape and sometimes a white emblem (:class:`Identity`), which the generic sampler never
-produces. Each has a prompt token (``<tw-badge>``), a class word that is a generic shape word
-(``circle``), a handful of training images, held-out context prompts with the scene each describes,
-and two-concept layouts for regional synthesis.
+Personal concepts (:data:`CONCEPTS`) are objects with a unique identity: a two-colour split of
+their base shape and sometimes a white emblem (:class:`Identity`). The generic sampler renders
+every part a concept is made of (every colour, split and emblem, named in its captions), but never
+the exact combination of any concept (:func:`concept_of`), so a concept can be drawn by the base
+model from its full description, yet its identity must be learned. Each has a prompt token
+(``<tw-badge>``), a class word that is a generic shape word (``circle``), a handful of training
+images, held-out context prompts with the scene each describes, and two-concept layouts for
+regional synthesis.
 
 Coordinates are normalised: x to the right and y downwards in [0, 1], boxes ``(x0, y0, x1, y1)``.
 """
@@ -36,8 +45,8 @@ from PIL import Image
 # Vocabulary of the world
 # --------------------------------------------------------------------------------------------
 
-#: Every colour the renderer knows, sRGB 0–255. Generic objects use :data:`OBJECT_COLOURS`,
-#: backgrounds :data:`BACKGROUNDS`; the rest appear only in personal concepts' identities.
+#: Every colour the renderer knows, sRGB 0–255. Generic objects use all of them (:data:`OBJECT_COLOURS`),
+#: backgrounds :data:`BACKGROUNDS`.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (245, 140, 30),
@@ -57,7 +66,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 210, 230),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "ring", "cross", "heart")
-OBJECT_COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
+OBJECT_COLOURS: tuple[str, ...] = tuple(COLOURS)
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
 SIZES: tuple[str, ...] = ("small", "large")
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "blue", "green", "yellow")
@@ -90,9 +99,19 @@ POSITION_PHRASES: dict[str, str] = {
 #: objects are only placed at positions 0.5 apart, so even two large objects never touch.
 HALF_EXTENTS: dict[str, float] = {"small": 0.15625, "large": 0.234375}
 
-#: Ways a personal concept's base shape is split between its two colours.
+#: Ways an object's shape is split between its two colours, and how captions name each.
 SPLITS: tuple[str, ...] = ("vertical", "horizontal", "diagonal", "concentric")
+SPLIT_PHRASES: dict[str, str] = {
+    "vertical": "vertically split",
+    "horizontal": "horizontally split",
+    "diagonal": "diagonally split",
+    "concentric": "concentric",
+}
 EMBLEMS: tuple[str, ...] = ("cross", "dot")
+#: Largest offset of an object from its named position, per axis, normalised (3 pixels at 32×32).
+MAX_OFFSET = 3 / 32
+#: Most objects in a scene.
+MAX_OBJECTS = 3
 
 #: Textures draw their pattern in the object's colour darkened to this fraction (integer maths).
 _SHADE_PERCENT = 50
@@ -111,9 +130,10 @@ def _check(value: str, allowed: Sequence[str] | dict, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
-    """What makes a personal concept unique: its base shape split between ``colour`` (the
-    object's colour: left, top, upper-left or outer part) and ``accent`` (the other part), and an
-    optional emblem painted in ``emblem_colour`` at the centre. Generic objects have none."""
+    """A two-colour object: its shape split between ``colour`` (the object's colour: left, top,
+    upper-left or outer part) and ``accent`` (the other part), and an optional emblem painted in
+    ``emblem_colour`` at the centre. A personal concept is one exact such combination (with its
+    shape and colour); the generic world has all the others."""
 
     accent: str
     split: str
@@ -130,7 +150,9 @@ class Identity:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectSpec:
-    """One object of a scene. ``identity`` is None for every object the generic world samples."""
+    """One object of a scene: a one-colour object with a ``texture``, or (``identity`` set) a
+    solid two-colour one. ``offset`` (dx, dy), each within ±:data:`MAX_OFFSET`, moves its centre
+    off the named ``position`` (captions still name the position)."""
 
     shape: str
     colour: str
@@ -138,6 +160,7 @@ class ObjectSpec:
     size: str = "large"
     position: str = "center"
     identity: Identity | None = None
+    offset: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         _check(self.shape, SHAPES, "shape")
@@ -145,19 +168,31 @@ class ObjectSpec:
         _check(self.texture, TEXTURES, "texture")
         _check(self.size, SIZES, "size")
         _check(self.position, POSITIONS, "position")
+        if self.identity is not None and self.texture != "solid":
+            raise ValueError(
+                f"object texture {self.texture!r} with an identity: expected 'solid' (two-colour objects)"
+            )
+        if len(self.offset) != 2 or not all(abs(float(d)) <= MAX_OFFSET + 1e-12 for d in self.offset):
+            raise ValueError(f"object offset {self.offset!r}: expected (dx, dy) each within ±{MAX_OFFSET}")
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(x, y) of the object's centre, normalised: its position moved by its offset."""
+        cx, cy = POSITIONS[self.position]
+        return (cx + float(self.offset[0]), cy + float(self.offset[1]))
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """A plain ``background`` colour and one or two objects, described in this order by captions."""
+    """A plain ``background`` colour and one to :data:`MAX_OBJECTS` objects, described in this order by captions."""
 
     background: str
     objects: tuple[ObjectSpec, ...]
 
     def __post_init__(self):
         _check(self.background, COLOURS, "background")
-        if not isinstance(self.objects, tuple) or not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"scene objects {self.objects!r}: expected a tuple of 1 or 2 ObjectSpec")
+        if not isinstance(self.objects, tuple) or not 1 <= len(self.objects) <= MAX_OBJECTS:
+            raise ValueError(f"scene objects {self.objects!r}: expected a tuple of 1 to {MAX_OBJECTS} ObjectSpec")
 
 
 class Sample(NamedTuple):
@@ -253,7 +288,7 @@ def _shade(colour: str) -> tuple[int, int, int]:
 def object_box(obj: ObjectSpec) -> tuple[float, float, float, float]:
     """The object's tight bounding box ``(x0, y0, x1, y1)``, normalised to [0, 1]; every pixel it
     touches lies in ``[floor(x0·size), ceil(x1·size))`` × ``[floor(y0·size), ceil(y1·size))``."""
-    cx, cy = POSITIONS[obj.position]
+    cx, cy = obj.centre
     r = HALF_EXTENTS[obj.size]
     u0, v0, u1, v1 = _EXTENTS[obj.shape]
     return (cx + u0 * r, cy + v0 * r, cx + u1 * r, cy + v1 * r)
@@ -265,10 +300,10 @@ def _hires(size: int) -> int:
     return size * _SS
 
 
-@lru_cache(maxsize=4096)
-def _local_grid(obj_shape: str, obj_size: str, position: str, hi: int):
+@lru_cache(maxsize=16384)
+def _local_grid(obj_shape: str, obj_size: str, centre: tuple[float, float], hi: int):
     """Supersampled crop around an object: its slice of the canvas, local u/v grids and shape mask."""
-    cx, cy = POSITIONS[position]
+    cx, cy = centre
     r = HALF_EXTENTS[obj_size]
     u0, v0, u1, v1 = _EXTENTS[obj_shape]
     x_lo, x_hi = max(0, int(np.floor((cx + u0 * r) * hi))), min(hi, int(np.ceil((cx + u1 * r) * hi)))
@@ -310,7 +345,7 @@ def _fill(crop: np.ndarray, where: np.ndarray, colour: tuple[int, int, int]) -> 
 
 
 def _paint(canvas: np.ndarray, obj: ObjectSpec, hi: int) -> None:
-    window, u, v, mask = _local_grid(obj.shape, obj.size, obj.position, hi)
+    window, u, v, mask = _local_grid(obj.shape, obj.size, obj.centre, hi)
     crop = canvas[(slice(None), *window)]
     _fill(crop, mask, COLOURS[obj.colour])
     pattern = _texture_pattern(obj.texture, hi)
@@ -363,7 +398,7 @@ def object_coverage(obj: ObjectSpec, size: int = 32) -> np.ndarray:
     """Fraction of each pixel the object covers, ``(size, size)`` float32 in [0, 1] (threshold at
     0.5 for a mask): which pixels of an image of a scene show this object."""
     hi = _hires(size)
-    window, _, _, mask = _local_grid(obj.shape, obj.size, obj.position, hi)
+    window, _, _, mask = _local_grid(obj.shape, obj.size, obj.centre, hi)
     full = np.zeros((hi, hi), dtype=np.uint8)
     full[window] = mask
     return full.reshape(size, _SS, size, _SS).sum(axis=(1, 3)).astype(np.float32) / (_SS * _SS)
@@ -374,18 +409,21 @@ def object_coverage(obj: ObjectSpec, size: int = 32) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _object_phrase(obj: ObjectSpec, *, size: bool = True, position: bool = True) -> str:
-    if obj.identity is None:
-        words = ["a", obj.size, obj.colour] if size else ["a", obj.colour]
+def _object_phrase(obj: ObjectSpec, *, size: bool = True, position: bool = True, tokens: bool = True) -> str:
+    concept = concept_of(obj) if tokens else None
+    words = ["a", obj.size] if size else ["a"]
+    if concept is not None:
+        words += [concept.token, concept.class_word]
+    elif obj.identity is None:
+        words.append(obj.colour)
         if obj.texture != "solid":
             words.append(obj.texture)
         words.append(obj.shape)
     else:
-        concept = concept_of(obj)
-        if concept is None:
-            raise ValueError(f"object {obj!r} has an identity that is no registered concept's")
-        words = ["a", obj.size] if size else ["a"]
-        words += [concept.token, concept.class_word]
+        ident = obj.identity
+        words += [obj.colour, "and", ident.accent, SPLIT_PHRASES[ident.split], obj.shape]
+        if ident.emblem is not None:
+            words += ["with", "a", ident.emblem_colour, ident.emblem]
     if position:
         words.append(POSITION_PHRASES[obj.position])
     return " ".join(words)
@@ -395,18 +433,35 @@ def _background_phrase(background: str) -> str:
     return f"on a {background} background"
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, *, tokens: bool = True) -> str:
     """The scene in plain English: for each object ``a <size> <colour> [<texture>] <shape>
-    <position phrase>`` ("solid" is left out), joined by "and", then ``on a <colour> background``.
-    A personal concept's object reads ``a <size> <token> <class word>``."""
-    objects = " and ".join(_object_phrase(obj) for obj in scene.objects)
+    <position phrase>`` ("solid" is left out) or, two-colour, ``a <size> <colour> and <accent>
+    <split phrase> <shape> [with a <colour> <emblem>] <position phrase>``, joined by "and", then
+    ``on a <colour> background``. A personal concept's object reads ``a <size> <token> <class word>``
+    (``tokens=False``: in generic words, as any two-colour object)."""
+    objects = " and ".join(_object_phrase(obj, tokens=tokens) for obj in scene.objects)
     return f"{objects} {_background_phrase(scene.background)}"
+
+
+def object_prompt(obj: ObjectSpec, background: str, *, size: bool = True) -> str:
+    """The prompt of one object alone, without its position: what a region of a regional prompt
+    says (``a large red circle on a white background``; a concept: ``a <tw-badge> circle ...``)."""
+    return f"{_object_phrase(obj, size=size, position=False)} {_background_phrase(background)}"
+
+
+def describe(obj: ObjectSpec, background: str | None = None) -> str:
+    """The object in generic words only, even a personal concept (no token), without position:
+    ``a large teal and orange vertically split circle with a white cross[ on a gray background]``."""
+    text = _object_phrase(obj, position=False, tokens=False)
+    return text if background is None else f"{text} {_background_phrase(background)}"
 
 
 def vocabulary() -> tuple[str, ...]:
     """Every word that captions and prompts of the world use (concept tokens excepted), sorted."""
     words = {"a", "an", "the", "photo", "picture", "image", "of", "on", "at", "in", "and", "with", "background"}
-    words.update(SHAPES, COLOURS, TEXTURES, SIZES)
+    words.update(SHAPES, COLOURS, TEXTURES, SIZES, EMBLEMS)
+    for phrase in SPLIT_PHRASES.values():
+        words.update(phrase.split())
     for phrase in POSITION_PHRASES.values():
         words.update(phrase.split())
     return tuple(sorted(words))
@@ -416,15 +471,22 @@ def vocabulary() -> tuple[str, ...]:
 # Sampling the generic world
 # --------------------------------------------------------------------------------------------
 
-#: Position pairs of two-object scenes: centres at least 0.5 apart on some axis, so objects never
-#: overlap (large half extent 0.234 < 0.25).
-_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (a, b)
-    for a, b in itertools.combinations(POSITIONS, 2)
-    if max(abs(POSITIONS[a][0] - POSITIONS[b][0]), abs(POSITIONS[a][1] - POSITIONS[b][1])) >= 0.5
+
+def _apart(a: str, b: str) -> bool:
+    return max(abs(POSITIONS[a][0] - POSITIONS[b][0]), abs(POSITIONS[a][1] - POSITIONS[b][1])) >= 0.5
+
+
+#: Position pairs and triples of multi-object scenes: centres pairwise at least 0.5 apart on some
+#: axis, so objects at their named positions never overlap (large half extent 0.234 < 0.25).
+_PAIRS: tuple[tuple[str, str], ...] = tuple((a, b) for a, b in itertools.combinations(POSITIONS, 2) if _apart(a, b))
+_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
+    t for t in itertools.combinations(POSITIONS, 3) if all(_apart(a, b) for a, b in itertools.combinations(t, 2))
 )
-#: Probability that a sampled scene has two objects.
+#: Probabilities that a sampled scene has two and three objects.
 TWO_OBJECT_PROBABILITY = 0.4
+THREE_OBJECT_PROBABILITY = 0.15
+#: Probability that a generic object is two-colour (split, maybe an emblem) rather than textured.
+TWO_COLOUR_PROBABILITY = 0.4
 
 
 def _pick(rng: np.random.Generator, options: Sequence):
@@ -432,24 +494,60 @@ def _pick(rng: np.random.Generator, options: Sequence):
 
 
 def _sample_object(rng: np.random.Generator, background: str, position: str) -> ObjectSpec:
-    shape = _pick(rng, SHAPES)
-    colour = _pick(rng, tuple(c for c in OBJECT_COLOURS if c != background))
-    return ObjectSpec(shape, colour, _pick(rng, TEXTURES), _pick(rng, SIZES), position)
+    """One generic object; draws until it is no personal concept (so the stream stays seeded)."""
+    while True:
+        shape = _pick(rng, SHAPES)
+        colour = _pick(rng, tuple(c for c in OBJECT_COLOURS if c != background))
+        size = _pick(rng, SIZES)
+        if rng.random() >= TWO_COLOUR_PROBABILITY:
+            return ObjectSpec(shape, colour, _pick(rng, TEXTURES), size, position)
+        accent = _pick(rng, tuple(c for c in OBJECT_COLOURS if c not in (background, colour)))
+        split = _pick(rng, SPLITS)
+        emblem = _pick(rng, (None, *EMBLEMS))
+        if "white" in (colour, accent):
+            emblem = None  # a white emblem on a white part would not show
+        obj = ObjectSpec(shape, colour, "solid", size, position, Identity(accent, split, emblem))
+        if concept_of(obj) is None:
+            return obj
+
+
+def _overlap(a: ObjectSpec, b: ObjectSpec, gap: float = 1 / 32) -> bool:
+    ax0, ay0, ax1, ay1 = object_box(a)
+    bx0, by0, bx1, by1 = object_box(b)
+    return ax0 < bx1 + gap and bx0 < ax1 + gap and ay0 < by1 + gap and by0 < ay1 + gap
+
+
+def _sample_offsets(rng: np.random.Generator, objects: list[ObjectSpec]) -> tuple[ObjectSpec, ...]:
+    """Each object moved by a whole number of pixels (at 32×32) within ±3, redrawn (up to 8 times)
+    until no two objects come within a pixel of each other; else left at their positions."""
+    steps = np.arange(-3, 4) / 32
+    for _ in range(8):
+        moved = [dataclasses.replace(o, offset=(float(_pick(rng, steps)), float(_pick(rng, steps)))) for o in objects]
+        if not any(_overlap(a, b) for a, b in itertools.combinations(moved, 2)):
+            return tuple(moved)
+    return tuple(objects)
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
     """One random scene of the generic world: a background of :data:`BACKGROUNDS`; with probability
-    :data:`TWO_OBJECT_PROBABILITY` two objects at non-overlapping positions (in random order),
-    else one anywhere; each object's attributes uniform, its colour never the background's.
-    Never produces an :class:`Identity` (personal concepts stay unseen)."""
+    :data:`THREE_OBJECT_PROBABILITY` three objects, :data:`TWO_OBJECT_PROBABILITY` two, else one,
+    at non-overlapping positions (in random order), each moved off its position by a random
+    offset. Each object is of any shape, colour (never the background's) and size, and either
+    textured or (:data:`TWO_COLOUR_PROBABILITY`) two-colour with any split and emblem. The exact
+    object of a personal concept is never produced."""
     background = _pick(rng, BACKGROUNDS)
-    if rng.random() < TWO_OBJECT_PROBABILITY:
+    r = rng.random()
+    if r < THREE_OBJECT_PROBABILITY:
+        triple = _pick(rng, _TRIPLES)
+        positions = tuple(triple[i] for i in rng.permutation(3))
+    elif r < THREE_OBJECT_PROBABILITY + TWO_OBJECT_PROBABILITY:
         positions = _pick(rng, _PAIRS)
         if rng.random() < 0.5:
             positions = positions[::-1]
     else:
         positions = (_pick(rng, tuple(POSITIONS)),)
-    return Scene(background, tuple(_sample_object(rng, background, p) for p in positions))
+    objects = [_sample_object(rng, background, p) for p in positions]
+    return Scene(background, _sample_offsets(rng, objects))
 
 
 def sample_scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -483,7 +581,6 @@ class Concept:
     class_word: str
     colour: str
     identity: Identity
-    description: str
     train_backgrounds: tuple[str, ...]
 
     def __post_init__(self):
@@ -491,6 +588,12 @@ class Concept:
         _check(self.colour, COLOURS, f"concept {self.name!r} colour")
         for background in self.train_backgrounds:
             _check(background, BACKGROUNDS, f"concept {self.name!r} training background")
+
+    @property
+    def description(self) -> str:
+        """The concept in generic words (no token): ``a teal and orange vertically split circle
+        with a white cross``; what the oracle prompt says."""
+        return describe(self.spec(), None).replace("a large ", "a ", 1)
 
     @property
     def token(self) -> str:
@@ -532,33 +635,22 @@ class Concept:
         return samples
 
 
-def _concept(name, class_word, colour, accent, split, emblem, description, train_backgrounds) -> Concept:
-    return Concept(name, class_word, colour, Identity(accent, split, emblem), description, train_backgrounds)
+def _concept(name, class_word, colour, accent, split, emblem, train_backgrounds) -> Concept:
+    return Concept(name, class_word, colour, Identity(accent, split, emblem), train_backgrounds)
 
 
-#: The ten personal concepts. No generic object has an identity, so none of them is ever sampled.
+#: The ten personal concepts. The generic sampler never draws one of them exactly (:func:`sample_scene`).
 CONCEPTS: tuple[Concept, ...] = (
-    _concept("tw-badge", "circle", "teal", "orange", "vertical", "cross",
-             "a circle, teal left half and orange right half, with a white cross emblem",
-             ("white", "gray", "blue")),
-    _concept("tw-target", "circle", "navy", "lime", "concentric", "dot",
-             "a navy circle with a lime centre and a white dot", ("white", "gray", "yellow")),
-    _concept("tw-tile", "square", "magenta", "lime", "diagonal", "dot",
-             "a square, magenta above the diagonal and lime below, with a white dot", ("white", "black", "blue")),
-    _concept("tw-flag", "square", "navy", "yellow", "horizontal", None,
-             "a square, navy top half and yellow bottom half", ("white", "gray", "green")),
-    _concept("tw-kite", "diamond", "lime", "purple", "horizontal", None,
-             "a diamond, lime top half and purple bottom half", ("white", "black", "gray")),
-    _concept("tw-gem", "diamond", "cyan", "navy", "vertical", "dot",
-             "a diamond, cyan left half and navy right half, with a white dot", ("white", "yellow", "green")),
-    _concept("tw-sail", "triangle", "orange", "navy", "vertical", None,
-             "a triangle, orange left half and navy right half", ("white", "blue", "green")),
-    _concept("tw-locket", "heart", "magenta", "yellow", "horizontal", "dot",
-             "a heart, magenta top half and yellow bottom half, with a white dot", ("white", "black", "green")),
-    _concept("tw-frame", "square", "brown", "cyan", "concentric", None,
-             "a brown square with a cyan inner square", ("white", "gray", "yellow")),
-    _concept("tw-spark", "star", "teal", "yellow", "concentric", None,
-             "a teal star with a yellow inner star", ("black", "gray", "blue")),
+    _concept("tw-badge", "circle", "teal", "orange", "vertical", "cross", ("white", "gray", "blue")),
+    _concept("tw-target", "circle", "navy", "lime", "concentric", "dot", ("white", "gray", "yellow")),
+    _concept("tw-tile", "square", "magenta", "lime", "diagonal", "dot", ("white", "black", "blue")),
+    _concept("tw-flag", "square", "navy", "yellow", "horizontal", None, ("white", "gray", "green")),
+    _concept("tw-kite", "diamond", "lime", "purple", "horizontal", None, ("white", "black", "gray")),
+    _concept("tw-gem", "diamond", "cyan", "navy", "vertical", "dot", ("white", "yellow", "green")),
+    _concept("tw-sail", "triangle", "orange", "navy", "vertical", None, ("white", "blue", "green")),
+    _concept("tw-locket", "heart", "magenta", "yellow", "horizontal", "dot", ("white", "black", "green")),
+    _concept("tw-frame", "square", "brown", "cyan", "concentric", None, ("white", "gray", "yellow")),
+    _concept("tw-spark", "star", "teal", "yellow", "concentric", None, ("black", "gray", "blue")),
 )  # fmt: skip
 
 
