@@ -53,6 +53,33 @@ def test_shipped_model_follows_prompts(shipped):
     assert np.mean(found["colour"]) > 0.45, {k: np.mean(v) for k, v in found.items()}
 
 
+def test_shipped_model_draws_two_objects_in_two_regions(shipped):
+    """Two generic objects, each prompted in its own half through regional synthesis (the first 8
+    layouts of ``targets.regions``): each object is found in its own box far more often than in the
+    other object's box, which is where a model that ignored the regions would put it as often.
+    Measured on v3: 12 of 16 objects in their own box, both of a layout in 2 of 8 (README: 41 % of 32)."""
+    import dataclasses
+
+    from lifelong_engine.tinyworld import targets
+    from lifelong_engine.tinyworld.world import Scene, caption, object_prompt
+
+    lp, evaluator = shipped
+    own = other = 0
+    for i, scene in enumerate(targets.two_object_scenes(8, targets.SEED + 1)):
+        box_a, box_b, positions = targets.HALVES["horizontal" if i % 2 == 0 else "vertical"]
+        objs = [dataclasses.replace(o, position=p, offset=(0.0, 0.0)) for o, p in zip(scene.objects, positions)]
+        laid = Scene(scene.background, tuple(objs))
+        regions = [(object_prompt(o, scene.background, size=False), box) for o, box in zip(objs, (box_a, box_b))]
+        (image,) = targets._images(lp, [caption(laid)], targets.SEED + 500 + i, 20, 4.0, regions=regions)
+        own += (evaluator.object_presence(image, objs[0], box_a) > 0.5) + (
+            evaluator.object_presence(image, objs[1], box_b) > 0.5
+        )
+        other += (evaluator.object_presence(image, objs[0], box_b) > 0.5) + (
+            evaluator.object_presence(image, objs[1], box_a) > 0.5
+        )
+    assert own >= 8 and own >= other + 6, (own, other)
+
+
 def test_quick_demo_learns_concepts(tmp_path):
     """``lifelong-engine demo --quick`` on the shipped model, as the README runs it."""
     assert cli_main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
