@@ -272,8 +272,13 @@ def _layer_kv(
             k = k + attn.to_k.bias
         if attn.to_v.bias is not None:
             v = v + attn.to_v.bias
-    n, T, dout = k.shape
-    k, v = (x.view(n, T, attn.heads, dout // attn.heads).transpose(1, 2) for x in (k, v))
+    return _split_heads(attn, k, v)
+
+
+def _split_heads(attn, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's text K/V (n, T, Dout) → (n, H, T, d), with the layer's ``norm_k``."""
+    n, t_len, dout = k.shape
+    k, v = (x.view(n, t_len, attn.heads, dout // attn.heads).transpose(1, 2) for x in (k, v))
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     return k, v
@@ -388,9 +393,5 @@ def text_kv(
             k = k + m.to_k.bias
         if m.to_v.bias is not None:
             v = v + m.to_v.bias
-        n, t_len, dout = k.shape
-        k, v = (x.view(n, t_len, m.heads, dout // m.heads).transpose(1, 2) for x in (k, v))
-        if m.norm_k is not None:
-            k = m.norm_k(k)
-        kv[layer] = (k, v)
+        kv[layer] = _split_heads(m, k, v)
     return kv
