@@ -229,7 +229,6 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lifelong_engine import AttentionGuidance
-    from lifelong_engine.workflows import load_concepts
 
     d = _defaults(args)
     lp = _pipeline(args)
@@ -237,7 +236,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.store:
         wanted = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
         with _store(args) as store:
-            names = load_concepts(lp, store, args.namespace, wanted)
+            names = lp.load_concepts(store, args.namespace, wanted)
     elif args.concepts:
         raise ValueError("--concepts needs --store")
     guidance = None

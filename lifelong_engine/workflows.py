@@ -7,7 +7,7 @@ import dataclasses
 
 from .store import ConceptStore
 
-__all__ = ["MODEL_DEFAULTS", "model_defaults", "load_pipeline", "load_concepts", "learn_concept", "Learned"]
+__all__ = ["MODEL_DEFAULTS", "model_defaults", "load_pipeline", "learn_concept", "Learned"]
 
 # Defaults per base model: TinyWorld (the shipped toy model) and a diffusers SD / SDXL checkpoint.
 MODEL_DEFAULTS = {
@@ -42,19 +42,6 @@ def load_pipeline(model: str = "tinyworld", weights: str | None = None, device=N
             raise ValueError(f"{model} holds a {type(pipe).__name__}; expected a Stable Diffusion (XL) pipeline")
     pipe.set_progress_bar_config(disable=not progress)
     return LifelongPipeline.from_pipe(pipe)
-
-
-def load_concepts(lp, store: ConceptStore, namespace: str, names: list[str] | None) -> list[str]:
-    """Add the store's concepts of ``namespace`` learned on this base model (or only ``names``)."""
-    records = {r.name: r for r in store.list(namespace)}
-    if names is None:
-        names = [n for n, r in records.items() if r.base_fingerprint in ("", lp.fingerprint)]
-    missing = [n for n in names if n not in records]
-    if missing:
-        raise ValueError(f"no concept {missing} in namespace {namespace!r} of the store (it has {sorted(records)})")
-    for name in names:
-        lp.add_concept(store.load(name, namespace))
-    return names
 
 
 @dataclasses.dataclass
@@ -92,7 +79,7 @@ def learn_concept(
     from .training import ContinualTrainer
 
     d = model_defaults(model)
-    past = [n for n in load_concepts(lp, store, namespace, None) if n != name]
+    past = [n for n in lp.load_concepts(store, namespace) if n != name]
     if name in lp.concepts:
         lp.remove_concept(name)  # learning it again makes a new version
     trainer = ContinualTrainer(
