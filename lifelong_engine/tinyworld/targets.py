@@ -11,7 +11,9 @@
   is found inside its own box (``both_in_box``) — :meth:`~.evaluator.Evaluator.object_presence`;
 - ``oracle``: every concept's context-prompt scenes prompted in generic words only (no token:
   "a teal and orange vertically split circle with a white cross ..."): the fraction of images in
-  which the evaluator recognises the concept's identity at its slot (``recognised``), per concept.
+  which the evaluator recognises the concept's identity at its slot (``recognised``), per concept;
+- ``autoencoder``: the same scenes rendered exactly and passed through the model's VAE (encode,
+  decode): how often the identity survives, a ceiling on ``oracle``.
 
 Each image is counted at score > 0.5. The report is JSON (printed, and written to ``--out``).
 """
@@ -30,7 +32,7 @@ import torch
 
 from .world import CONCEPTS, Scene, caption, context_prompts, object_prompt, render_batch, sample_scenes
 
-__all__ = ["measure", "oracle", "regions", "two_object_scenes", "two_objects"]
+__all__ = ["autoencoder", "measure", "oracle", "regions", "two_object_scenes", "two_objects"]
 
 #: Seed of the measured prompts; the training streams use others.
 SEED = 4_040_404
@@ -126,22 +128,22 @@ def regions(lp, evaluator, n: int = 32, steps: int = 20, guidance: float = 4.0) 
     }
 
 
-def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
-    """Each concept's context scenes prompted in generic words only (see the module docstring)."""
+def _recognised(evaluator, images, scenes, concept) -> list[bool]:
+    """Per image: is ``concept`` recognised at its scene's (first) object slot."""
     from .evaluator import IDENTITIES, SLOTS
 
+    pred, k = evaluator.predict(images), IDENTITIES.index(concept.name)
+    slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
+    return [bool(pred.presence[i, s] > 0.5 and pred.attributes["identity"][i, s].argmax() == k) for i, s in enumerate(slots)]
+
+
+def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
+    """Each concept's context scenes prompted in generic words only (see the module docstring)."""
     per = {}
     for c_index, concept in enumerate(CONCEPTS):
-        scenes = [p.scene for p in context_prompts(concept)]
-        prompts = [caption(s, tokens=False) for s in scenes for _ in range(samples)]
-        images = _images(lp, prompts, SEED + 1000 * (c_index + 1), steps, guidance)
-        pred = evaluator.predict(images)
-        k = IDENTITIES.index(concept.name)
-        hits = []
-        for i, scene in enumerate(s for s in scenes for _ in range(samples)):
-            slot = SLOTS.index(scene.objects[0].position)
-            hits.append(bool(pred.presence[i, slot] > 0.5 and pred.attributes["identity"][i, slot].argmax() == k))
-        per[concept.name] = float(np.mean(hits))
+        scenes = [p.scene for p in context_prompts(concept) for _ in range(samples)]
+        images = _images(lp, [caption(s, tokens=False) for s in scenes], SEED + 1000 * (c_index + 1), steps, guidance)
+        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)))
     return {
         "images": samples * sum(len(context_prompts(c)) for c in CONCEPTS),
         "recognised": float(np.mean(list(per.values()))),
@@ -149,7 +151,29 @@ def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4
     }
 
 
-MEASURES = {"regions": regions, "two_objects": two_objects, "oracle": oracle}
+@torch.no_grad()
+def autoencoder(lp, evaluator) -> dict:
+    """Each concept's context scenes rendered exactly, then encoded and decoded by the model's VAE
+    (posterior mean): how often the identity survives the round trip. A ceiling on the oracle: the
+    UNet can only draw what the decoder can reproduce."""
+    vae = lp.pipe.vae
+    per, error = {}, []
+    for concept in CONCEPTS:
+        scenes = [p.scene for p in context_prompts(concept)]
+        x = torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        error.append(float((y - x).abs().mean()))
+        images = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)))
+    return {
+        "images": sum(len(context_prompts(c)) for c in CONCEPTS),
+        "recognised": float(np.mean(list(per.values()))),
+        "mean_abs_error": float(np.mean(error)),  # in [-1, 1] pixel units
+        "per_concept": per,
+    }
+
+
+MEASURES = {"regions": regions, "two_objects": two_objects, "oracle": oracle, "autoencoder": autoencoder}
 
 
 def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None) -> dict:
