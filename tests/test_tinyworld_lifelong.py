@@ -63,6 +63,10 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
     assert s["ia_final"] == pytest.approx(np.mean([report["concepts"][n]["final"]["ia"] for n in names]), abs=1e-4)
     (pair,) = report["pairs"]
     assert pair["concepts"] == names and all(0 <= p <= 1 for p in pair["presence"])
+    ewa = report["ewa"]  # ψ and the cosines it is made of, each a mean in its range
+    assert ewa["concepts"] == 2 and 0 <= ewa["argmax_rate"] <= 1 and 0 <= ewa["psi_named"] <= 1
+    for key in ("cosine_named", "cosine_largest_other", "cosine_no_concept", "cosine_between_concepts"):
+        assert -1 - 1e-5 <= ewa[key] <= 1 + 1e-5, (key, ewa[key])
 
     assert json.loads((tmp_path / "report.json").read_text())["summary"] == s
     md = (tmp_path / "report.md").read_text()

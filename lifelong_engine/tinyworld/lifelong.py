@@ -234,7 +234,13 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     """EWA on single-concept prompts (every context prompt that names one concept), with every
     learned concept in the library: the fraction of (prompt, layer) pairs in which the named
     concept gets the largest weight ψ (``argmax_rate``; chance 1/G), and the mean ψ of the named
-    concept and of the largest other one (paper settings: power 2, Frobenius norm)."""
+    concept and of the largest other one (paper settings: power 2, Frobenius norm).
+
+    What ψ is made of, to see what limits it: M = max over the prompt's words and EOS of the cosine
+    to a concept's ê (DESIGN §3.3), its mean for the named concept (``cosine_named``), for the
+    closest other concept (``cosine_largest_other``), over every concept for generic captions that
+    name none (``cosine_no_concept``), and the mean cosine between the ê of two concepts
+    (``cosine_between_concepts``)."""
     library = lp.library()
     index = {a.name: i for i, a in enumerate(library.adapters)}
     prompts, named = [], []
@@ -242,11 +248,20 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         for context in context_prompts(concept):
             prompts.append(context.prompt)
             named.append(index[concept.name])
-    encoded = lp.encode_prompt(prompts, library)
+    generic = [caption(s) for s in sample_scenes(16, seed=31)]
+    encoded = lp.encode_prompt(prompts + generic, library)
     _, psi = lp.concept_weights(encoded, library=library)  # (n, L, G), in library order
+    psi = psi[: len(prompts)]
     target = torch.tensor(named, device=psi.device)[:, None].expand(psi.shape[:2])
     own = psi.gather(-1, target[..., None]).squeeze(-1)
     others = psi.scatter(-1, target[..., None], float("-inf")).amax(-1)
+    e = torch.nn.functional.normalize(library.embeddings.float(), dim=-1)  # (L, G, D)
+    p = torch.nn.functional.normalize(encoded.per_layer.float(), dim=-1)  # (n, L, T, D)
+    cos = torch.einsum("nltd,lgd->nltg", p, e).masked_fill(~encoded.ewa_mask[:, None, :, None], -2.0)
+    m = cos.amax(2)  # (n, L, G)
+    m_prompts = m[: len(prompts)]
+    g = e.shape[1]
+    between = torch.einsum("lgd,lhd->lgh", e, e)[:, ~torch.eye(g, dtype=torch.bool, device=e.device)]
     return {
         "prompts": len(prompts),
         "layers": int(psi.shape[1]),
@@ -254,6 +269,10 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         "argmax_rate": float((psi.argmax(-1) == target).float().mean()),
         "psi_named": float(own.mean()),
         "psi_largest_other": float(others.mean()),
+        "cosine_named": float(m_prompts.gather(-1, target[..., None]).mean()),
+        "cosine_largest_other": float(m_prompts.scatter(-1, target[..., None], -2.0).amax(-1).mean()),
+        "cosine_no_concept": float(m[len(prompts) :].mean()),
+        "cosine_between_concepts": float(between.mean()) if between.numel() else None,
     }
 
 
