@@ -146,8 +146,8 @@ class _Namespace:
     """One namespace's concepts held by a replica (the multiplexed "model"): loaded once from the store,
     dropped when the replica's LRU of namespaces lets it go (Ray Serve calls ``__del__`` then)."""
 
-    def __init__(self, name: str, names: list[str], adapters: dict, held: dict):
-        self.name, self.names, self.adapters, self._held = name, names, adapters, held
+    def __init__(self, name: str, adapters: dict, versions: dict[str, int], held: dict):
+        self.name, self.adapters, self.versions, self._held = name, adapters, versions, held
         held[name] = self
 
     def __del__(self):
@@ -156,15 +156,20 @@ class _Namespace:
 
 
 class _ReplicaStore:
-    """The store as a replica's Engine sees it: concepts of the namespaces the replica holds come from
-    memory, anything else (a concept learned since, an explicit version) from the store."""
+    """The store as a replica's Engine sees it: a concept version the replica holds in memory comes from
+    there, any other (a concept learned since, or learned again: a newer version) from the store. The
+    Engine asks the store's index for the newest version of every concept of a request."""
 
     def __init__(self, store: ConceptStore, held: dict[str, _Namespace]):
         self.store, self.held = store, held
 
+    def record(self, name: str, namespace: str = "default", version: int | None = None):
+        return self.store.record(name, namespace, version)
+
     def load(self, name: str, namespace: str = "default", version: int | None = None):
+        version = self.store.record(name, namespace).version if version is None else version
         namespace_ = self.held.get(namespace)
-        if version is None and namespace_ is not None and name in namespace_.adapters:
+        if namespace_ is not None and namespace_.versions.get(name) == version:
             return namespace_.adapters[name]
         return self.store.load(name, namespace, version)
 
@@ -196,22 +201,23 @@ class EngineReplica:
         # The namespace is the multiplexed model id: Serve's router prefers replicas holding it.
         self.namespace = serve.multiplexed(max_num_models_per_replica=config.namespaces_per_replica)(load)
 
+    def _records(self, namespace: str) -> list:
+        """The namespace's newest concept versions learned on this model (the store's index)."""
+        fingerprint = self.pipeline.fingerprint
+        return [r for r in self.store.list(namespace) if r.base_fingerprint in ("", fingerprint)]
+
     def _load_namespace(self, namespace: str) -> _Namespace:
         """The namespace's newest concepts learned on this model, from the store. One that does not load
         or does not fit the model is left out of memory, so that it fails alone: a request naming it (or
         all of the namespace) gets its error from the Engine, the others are served."""
-        fingerprint = self.pipeline.fingerprint
-        names, adapters = [], {}
-        for record in self.store.list(namespace):
-            if record.base_fingerprint not in ("", fingerprint):
-                continue
-            names.append(record.name)
+        adapters, versions = {}, {}
+        for record in self._records(namespace):
             with contextlib.suppress(ValueError, ConceptStoreError):
                 adapter = self.store.load(record.name, namespace, record.version)
                 self.pipeline.check_adapter(adapter)
-                adapters[record.name] = adapter
+                adapters[record.name], versions[record.name] = adapter, record.version
         self.namespace_loads += 1
-        return _Namespace(namespace, names, adapters, self.held)
+        return _Namespace(namespace, adapters, versions, self.held)
 
     async def generate(self, namespace: str, options: dict[str, Any]) -> dict[str, Any]:
         """Render one request: ``{"status": 200, "png", "timings", "seed", "replica", "cached"}``, or
@@ -221,10 +227,10 @@ class EngineReplica:
         cached = namespace in self.held
         future = None
         try:
-            held = await self.namespace(namespace)
+            await self.namespace(namespace)
             options = dict(options)
-            if options.get("concepts") is None:
-                options["concepts"] = held.names
+            if options.get("concepts") is None:  # all of the namespace as it is now, concepts learned since too
+                options["concepts"] = [r.name for r in await asyncio.to_thread(self._records, namespace)]
             request = GenerationRequest(namespace=namespace, **options)
             future = await asyncio.to_thread(self.engine.submit, request)
             result = await asyncio.wrap_future(future)

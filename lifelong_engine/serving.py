@@ -82,7 +82,12 @@ class GenerationResult:
 
 
 class ConceptCache:
-    """Concepts by (namespace, name): device pool ← host LRU ← store.
+    """Concepts by (namespace, name, version): device pool ← host LRU ← store.
+
+    Callers name a concept by (namespace, name); :meth:`resolve` turns that into the store's newest
+    version at that moment (one index read per concept), so a concept learned again while the engine
+    runs is served at its new version from the next request on, and the old version ages out of the
+    caches. Namespace "" is the pipeline's own library (version 0).
 
     The device pool is one :class:`~lifelong_engine.pool.AdapterPool` whose capacity is what
     ``device_bytes`` holds (at least one entry), with LRU eviction on top. Every entry has the pool's
@@ -98,7 +103,7 @@ class ConceptCache:
     ):
         self.pipeline, self.store = pipeline, store
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
-        self._host: collections.OrderedDict[tuple[str, str], ConceptAdapter] = collections.OrderedDict()
+        self._host: collections.OrderedDict[tuple[str, str, int], ConceptAdapter] = collections.OrderedDict()
         own = list(pipeline.concepts.values())
         self.rank = max([4, *(c.rank for c in own)])
         self.projections = tuple(p for p in PROJECTIONS if p in KV or any(p in c.projections for c in own))
@@ -116,8 +121,8 @@ class ConceptCache:
 
         self.entry_bytes = self._entry_bytes(shape)
         self.pool = pool(max(1, self.device_bytes // self.entry_bytes))
-        self._entry: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()  # LRU order
-        self._device: dict[tuple[str, str], ConceptAdapter] = {}
+        self._entry: collections.OrderedDict[tuple[str, str, int], int] = collections.OrderedDict()  # LRU order
+        self._device: dict[tuple[str, str, int], ConceptAdapter] = {}
         self._pins: collections.Counter = collections.Counter()
 
     def _entry_bytes(self, embedding_shape: tuple[int, int]) -> int:
@@ -130,21 +135,34 @@ class ConceptCache:
         return self.pool.capacity
 
     @property
-    def resident(self) -> list[tuple[str, str]]:
-        """(namespace, name) of the concepts in the device pool, least recently used first."""
+    def resident(self) -> list[tuple[str, str, int]]:
+        """(namespace, name, version) of the concepts in the device pool, least recently used first."""
         return list(self._entry)
 
-    def host(self, key: tuple[str, str]) -> ConceptAdapter:
+    def resolve(self, keys: list[tuple]) -> list[tuple[str, str, int]]:
+        """(namespace, name) → (namespace, name, newest version in the store); resolved keys pass through."""
+        out = []
+        for key in keys:
+            if len(key) == 3:
+                out.append(tuple(key))
+            elif key[0] == "":
+                out.append((key[0], key[1], 0))
+            elif self.store is None:
+                raise ConceptNotFoundError(f"concept {key[1]!r}: not in the pipeline and the engine has no store")
+            else:
+                out.append((key[0], key[1], self.store.record(key[1], key[0]).version))
+        return out
+
+    def host(self, key: tuple) -> ConceptAdapter:
         """The concept on the host: namespace "" is the pipeline's own library, others come from the store."""
+        (key,) = self.resolve([key])
         if key[0] == "":
             return self.pipeline.concepts[key[1]]
         if key in self._host:
             self._host.move_to_end(key)
             self.stats["host_hits"] += 1
             return self._host[key]
-        if self.store is None:
-            raise ConceptNotFoundError(f"concept {key[1]!r}: not in the pipeline and the engine has no store")
-        adapter = self.store.load(key[1], key[0] or "default")
+        adapter = self.store.load(key[1], key[0], key[2])
         self.pipeline.check_adapter(adapter)
         self.stats["store_loads"] += 1
         self._host[key] = adapter
@@ -152,8 +170,10 @@ class ConceptCache:
             self._host.popitem(last=False)
         return adapter
 
-    def acquire(self, keys: list[tuple[str, str]]) -> Library:
-        """Place the concepts in the device pool (evicting unpinned LRU ones), pin them, and return the library."""
+    def acquire(self, keys: list[tuple]) -> Library:
+        """Place the concepts in the device pool (evicting unpinned LRU ones), pin them, and return the library.
+        Release them with the same keys, resolved (:meth:`resolve`) when a re-learn may land in between."""
+        keys = self.resolve(keys)
         hosts = {key: self.host(key) for key in keys if key not in self._entry}
         rank = max((a.rank for a in hosts.values()), default=0)
         wanted = {p for a in hosts.values() for p in a.projections}
@@ -185,13 +205,13 @@ class ConceptCache:
             ids.append(self._entry[key])
         return Library(adapters, self.pool, torch.tensor(ids, dtype=torch.long, device=self.pipeline.device))
 
-    def release(self, keys: list[tuple[str, str]]) -> None:
-        for key in keys:
+    def release(self, keys: list[tuple]) -> None:
+        for key in self.resolve(keys):
             self._pins[key] -= 1
             if self._pins[key] <= 0:
                 del self._pins[key]
 
-    def _place(self, key: tuple[str, str], adapter: ConceptAdapter) -> None:
+    def _place(self, key: tuple[str, str, int], adapter: ConceptAdapter) -> None:
         used = set(self._entry.values())
         free = next((i for i in range(self.capacity) if i not in used), None)
         if free is None:
@@ -450,7 +470,7 @@ class Engine:
         and return False."""
         lp, req = self.pipeline, item.request
         t0 = time.perf_counter()
-        keys: list[tuple[str, str]] = []
+        keys: list[tuple[str, str, int]] = []  # resolved: what finally releases
         try:
             regions = check_regions(req.regions, lp.max_regions)
             if req.attention_guidance is not None and regions:
@@ -463,9 +483,10 @@ class Engine:
             if plan.rows > self.max_batch_rows:
                 raise ValueError(f"the request needs {plan.rows} UNet rows; max_batch_rows is {self.max_batch_rows}")
             if req.concepts is None:
-                keys = [("", name) for name in lp.concepts]
+                named = [("", name) for name in lp.concepts]
             else:
-                keys = [(req.namespace or "default", name) for name in req.concepts]
+                named = [(req.namespace or "default", name) for name in req.concepts]
+            keys = self.cache.resolve(named)  # the versions this request uses, pinned and released as such
             library = self.cache.acquire(keys)
             with torch.no_grad():
                 cond = generation.condition(

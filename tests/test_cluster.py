@@ -253,6 +253,34 @@ def _wait(url, job, states=("done", "failed"), timeout=600.0):
     raise AssertionError(f"job {job} still {record['state']} after {timeout} s")
 
 
+def test_a_concept_learned_again_is_served_at_its_new_version(cluster, lp):
+    """A replica that holds a namespace serves a newer version of one of its concepts (and a concept new
+    to it) from the next request on, not the copy it loaded with the namespace."""
+    url, config = cluster
+
+    def concept(name, seed):
+        return concept_for_unet(
+            lp.unet, name, lp.text.token_width, seed=seed, lora_std=1.0, base_fingerprint=lp.fingerprint
+        )
+
+    body = dict(prompt="a pet on grass", namespace="relearn", seed=3, steps=2, guidance_scale=2.0)
+    with config.open_store() as store:
+        store.save(concept("pet", 40), "relearn")
+        first = generate(url, **body)  # a replica now holds namespace relearn with pet v1
+        assert first.status_code == 200, first.text
+        store.save(concept("pet", 41), "relearn")  # learned again: v2
+        store.save(concept("toy", 42), "relearn")  # and a concept new to the namespace
+        again = [generate(url, **body) for _ in range(3)]
+        with Engine(lp, store) as engine:
+            request = GenerationRequest("a pet on grass", concepts=["pet", "toy"], namespace="relearn", seed=3,
+                                        num_inference_steps=2, guidance_scale=2.0)  # fmt: skip
+            local = np.asarray(engine.generate([request])[0].images[0], dtype=np.int16)
+    assert all(r.status_code == 200 for r in again), [r.text for r in again]
+    for response in again:  # whichever replica answers, it renders v2 with the new concept
+        np.testing.assert_allclose(png_pixels(response.content), local, atol=2)
+    assert np.abs(png_pixels(first.content) - local).max() > 10
+
+
 def test_learn_jobs_run_in_order_per_namespace_and_in_parallel_across(cluster, tmp_path, capsys):
     import PIL.Image
 

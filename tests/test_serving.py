@@ -106,10 +106,13 @@ def test_many_threads_each_request_answered_once(lp, store):
 
 
 def test_a_bad_request_fails_alone(lp, store, monkeypatch):
+    store.save(concept_for_unet(lp.unet, "bad9", lp.text.token_width, seed=9))
     nan = concept_for_unet(lp.unet, "bad9", lp.text.token_width, seed=9)
     nan.lora[next(iter(nan.lora))][0, 0] = float("nan")  # the store refuses such files: slip it in
     real_load = store.load
-    monkeypatch.setattr(store, "load", lambda name, ns="default": nan if name == "bad9" else real_load(name, ns))
+    monkeypatch.setattr(
+        store, "load", lambda name, ns="default", v=None: nan if name == "bad9" else real_load(name, ns, v)
+    )
     with Engine(lp, store) as engine:
         good = [engine.submit(request(seed=s)) for s in range(2)]
         unknown = engine.submit(request("a <zzz>", ("zzz",)))
@@ -137,6 +140,21 @@ def test_eviction_under_a_tiny_budget_still_answers_correctly(lp, store):
         assert tight.cache.stats["evictions"] >= 4
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=2)
+
+
+def test_a_concept_learned_again_is_served_at_its_new_version(lp, store):
+    """The caches hold (namespace, name, version): a new version saved while the engine runs is what
+    the next request gets (the same pixels as a fresh engine), and the old one ages out."""
+    width = lp.text.token_width
+    with Engine(lp, store) as engine:
+        old = pixels(engine.generate([request()])[0])
+        assert engine.cache.resident == [("default", "dog1", 1)]
+        store.save(concept_for_unet(lp.unet, "dog1", width, seed=11, method="cidm"))  # version 2
+        new = pixels(engine.generate([request()])[0])
+        assert ("default", "dog1", 2) in engine.cache.resident and engine.cache.stats["store_loads"] == 2
+    with Engine(lp, store) as fresh:
+        np.testing.assert_allclose(new, pixels(fresh.generate([request()])[0]), atol=2)
+    assert np.abs(new - old).max() > 2  # the new version renders differently
 
 
 def test_a_higher_rank_concept_regrows_the_pool_within_its_budget(lp, store):

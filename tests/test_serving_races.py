@@ -41,16 +41,16 @@ def test_cancelling_a_request_that_fails_late_in_prepare_fails_only_that_request
     fails: the running request and one set aside (another image size) still finish, the bad one is cancelled."""
     preparing, cancelled = threading.Event(), threading.Event()
     with Engine(lp, store) as engine:
-        real_acquire = engine.cache.acquire
+        real_resolve = engine.cache.resolve
 
-        def acquire(keys):
+        def resolve(keys):  # the concept stage of a preparation starts with it
             if ("default", "late") in keys:  # the bad request: fail after the client cancelled it
                 preparing.set()
                 assert cancelled.wait(WAIT)
                 raise ValueError("fails late in prepare")
-            return real_acquire(keys)
+            return real_resolve(keys)
 
-        engine.cache.acquire = acquire
+        engine.cache.resolve = resolve
         running = engine.submit(request(steps=30))
         wait_until(running.running, "the first request to run")
         size = lp.default_size() * 2
@@ -67,15 +67,15 @@ def test_cancel_at_every_stage(lp, store):  # noqa: F811
     resolves as cancelled; a request submitted afterwards is served; cancelling a done one is refused."""
     gate, in_prepare = threading.Event(), threading.Event()
     with Engine(lp, store) as engine:
-        real_acquire = engine.cache.acquire
+        real_resolve = engine.cache.resolve
 
-        def acquire(keys):
+        def resolve(keys):
             if ("default", "mug2") in keys:  # hold the worker inside this request's preparation
                 in_prepare.set()
                 assert gate.wait(WAIT)
-            return real_acquire(keys)
+            return real_resolve(keys)
 
-        engine.cache.acquire = acquire
+        engine.cache.resolve = resolve
         running = engine.submit(request(steps=30))
         wait_until(running.running, "the first request to run")
         size = lp.default_size() * 2

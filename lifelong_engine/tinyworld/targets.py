@@ -134,7 +134,10 @@ def _recognised(evaluator, images, scenes, concept) -> list[bool]:
 
     pred, k = evaluator.predict(images), IDENTITIES.index(concept.name)
     slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
-    return [bool(pred.presence[i, s] > 0.5 and pred.attributes["identity"][i, s].argmax() == k) for i, s in enumerate(slots)]
+    return [
+        bool(pred.presence[i, s] > 0.5 and pred.attributes["identity"][i, s].argmax() == k)
+        for i, s in enumerate(slots)
+    ]
 
 
 def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
