@@ -267,19 +267,23 @@ def _grouped_save(ctx, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale) -> 
     ctx.need_w = (any(t.requires_grad for t in w_k), any(t.requires_grad for t in w_v))
 
 
-def _grouped_grads(ctx, grad_k, grad_v):
+def _grouped_grads(ctx, grad_k, grad_v, direct: bool = False):
     """(dc, [dw_k_l] or None, [dw_v_l] or None, [da_k_l], [db_k_l], [da_v_l], [db_v_l], dweights), None
-    where not needed."""
+    where not needed. ``direct``: the backend's backward called as a function (the trusted training
+    entry, outside torch.compile), not through the registered backward op."""
     c, *saved = ctx.saved_tensors
     n = ctx.n_layers
-    w_k, w_v, a_k, b_k, a_v, b_v = (saved[i * n : (i + 1) * n] for i in range(6))
+    w_k, w_v, a_k, b_k, a_v, b_v = (list(saved[i * n : (i + 1) * n]) for i in range(6))
     ids, weights = saved[6 * n :]
     size = c.shape[1] * c.shape[2] * sum(w.shape[0] for w in w_k)
     grad_k = c.new_zeros(size) if grad_k is None else grad_k
     grad_v = c.new_zeros(size) if grad_v is None else grad_v
-    dc, da_k, db_k, da_v, db_v, dweights = torch.ops.lifelong._lora_kv_projection_grouped_backward(
-        grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale, ctx.needs, ctx.backend
-    )
+    args = (grad_k, grad_v, c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, ctx.scale)
+    if direct:
+        grads = _run_backward("lora_kv_projection_grouped_backward", *args, needs=ctx.needs, backend=ctx.backend)
+    else:
+        grads = torch.ops.lifelong._lora_kv_projection_grouped_backward(*args, ctx.needs, ctx.backend)
+    dc, da_k, db_k, da_v, db_v, dweights = grads
     douts = [w.shape[0] for w in w_k]
     dws = []  # base weights are usually frozen: their gradient, a plain GEMM per layer, only when asked
     for grad, need in zip((grad_k, grad_v), ctx.need_w):
@@ -353,6 +357,27 @@ def _packed_backward(ctx, grad_k, grad_v):
 
 
 _lora_kv_projection_grouped_packed.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+class _GroupedPackedFunction(torch.autograd.Function):
+    """The trusted grouped call with autograd outside torch.compile (a training step's text side): the same
+    forward and backward implementations as the registered op, called as functions, so a step pays no
+    torch.library dispatch, argument normalisation or pytree work (issue 18: op overhead out of the hot
+    path). Factors come flattened (a_k, b_k, a_v, b_v, n_layers each) since autograd.Function takes tensors
+    positionally."""
+
+    @staticmethod
+    def forward(ctx, c, w_k, w_v, douts, ids, weights, scale, *factors):
+        n = len(douts)
+        a_k, b_k, a_v, b_v = (list(factors[i * n : (i + 1) * n]) for i in range(4))
+        _grouped_save(ctx, c, *_layer_weights(w_k, w_v, douts), a_k, b_k, a_v, b_v, ids, weights, scale)
+        return _run("lora_kv_projection_grouped_packed", c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        dc, dw_k, dw_v, *lists, dweights = _grouped_grads(ctx, grad_k, grad_v, direct=True)
+        dw_k, dw_v = (torch.cat(dw) if dw is not None else None for dw in (dw_k, dw_v))
+        return dc, dw_k, dw_v, None, None, dweights, None, *(g for lst in lists for g in lst)
 
 
 # ------------------------------------------------------------------------------ lora_term
@@ -767,8 +792,10 @@ def lora_kv_projection_grouped_trusted(
     directly; with it, through the registered op and its backward (gradients of c, a, b and weights, only
     those needed). Returns ([k_l], [v_l]), each (B, T, Dout_l)."""
     douts = list(douts)
-    if _needs_graph(c, weights, *a_k, *b_k, *a_v, *b_v, w_k, w_v):
+    if torch.compiler.is_compiling():  # the registered op: traceable, with its fake and backward ops
         k, v = _lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+    elif _needs_graph(c, weights, *a_k, *b_k, *a_v, *b_v, w_k, w_v):
+        k, v = _GroupedPackedFunction.apply(c, w_k, w_v, douts, ids, weights, scale, *a_k, *b_k, *a_v, *b_v)
     else:
         layers_k, layers_v = _layer_weights(w_k, w_v, douts)
         checks.lora_kv_projection_grouped(c, layers_k, layers_v, a_k, b_k, a_v, b_v, ids, weights, scale, values=False)

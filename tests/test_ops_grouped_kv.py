@@ -142,13 +142,13 @@ def test_the_trusted_packed_entry_equals_the_public_op_with_gradients(backend):
         got = ops.lora_kv_projection_grouped_trusted(c, pk, pv, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
         torch.testing.assert_close(_flat(*got), _flat(*want), rtol=1e-12, atol=1e-12)
 
-        def f(c, a2, wts):
+        def f(c, a2, wts, packed_k):  # with autograd: the trusted entry's autograd.Function (no op dispatch)
             return _flat(*ops.lora_kv_projection_grouped_trusted(
-                c, pk, pv, douts, a_k, b_k, [*a_v[:2], a2], b_v, ids, wts, scale
+                c, packed_k, pv, douts, a_k, b_k, [*a_v[:2], a2], b_v, ids, wts, scale
             ))  # fmt: skip
 
         assert torch.autograd.gradcheck(
-            f, tuple(t.clone().requires_grad_() for t in (c, a_v[2], weights)), fast_mode=True
+            f, tuple(t.clone().requires_grad_() for t in (c, a_v[2], weights, pk)), fast_mode=True
         )
         args = (c.requires_grad_(), pk, pv, douts, [a.requires_grad_() for a in a_k], b_k, a_v, b_v, ids, weights,
                 scale)  # fmt: skip

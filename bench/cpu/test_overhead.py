@@ -60,3 +60,47 @@ def test_call_overhead(benchmark, op, provider):
     torch.testing.assert_close(fn(*args), getattr(reference, op)(*args), atol=1e-5, rtol=1e-5)
     benchmark.group = f"overhead-{op}"
     benchmark(fn, *args)
+
+
+def _train_case(layers: int = 2):
+    """The trainer's text side on tiny inputs: one trained adapter shared by the batch (a training step),
+    base K/V of ``layers`` attn2 layers packed, forward + backward to the adapter's factors."""
+    torch.manual_seed(0)
+    c = torch.randn(layers, 1, 4, 8)  # each layer its own text (layer-wise tokens)
+    w_k, w_v = torch.randn(8 * layers, 8) / 8, torch.randn(8 * layers, 8) / 8
+    factors = [[torch.randn(1, *shape, requires_grad=True) for _ in range(layers)] for shape in ((2, 8), (8, 2))] * 2
+    return c, w_k, w_v, (8,) * layers, *factors, torch.zeros(layers, 1, 1, dtype=torch.long), torch.ones(layers, 1, 1)
+
+
+def _plain_text_side(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    """The same K/V written as plain PyTorch autograd, layer by layer (what a peft LoRA layer computes)."""
+    out, start = ([], []), 0
+    for layer, dout in enumerate(douts):
+        for o, w, a, b in zip(out, (w_k, w_v), (a_k, a_v), (b_k, b_v)):
+            x = c[layer]
+            o.append(x @ w[start : start + dout].T + ((x @ a[layer][0].T) @ b[layer][0].T) * scale)
+        start += dout
+    return out
+
+
+@pytest.mark.parametrize("provider", ("trusted", "impl"))
+def test_training_text_side_overhead(benchmark, provider):
+    """Group ``overhead-train-text-side``: the trainer's one grouped call per step (issue 15) through its
+    autograd op, against the same math in plain autograd; forward + backward of two layers on tiny inputs,
+    so the difference is what the op adds to each training step."""
+    args = _train_case()
+    fn = ops.lora_kv_projection_grouped_trusted if provider == "trusted" else _plain_text_side
+    for got, want in zip(fn(*args), _plain_text_side(*args)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    factors = [t for group in args[4:8] for t in group]
+
+    def step():
+        k, v = fn(*args)
+        torch.autograd.backward([*k, *v], [torch.ones_like(t) for t in (*k, *v)])
+        for t in factors:
+            t.grad = None
+
+    step()
+    assert all(t.grad is None for t in factors)
+    benchmark.group = "overhead-train-text-side"
+    benchmark(step)
