@@ -269,16 +269,11 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
             out[row : row + 1] = F.scaled_dot_product_attention(q[row : row + 1], kk, vv, scale=scale)
             continue
         qs = q[row].index_select(1, order[row])  # (H, N, d), grouped by slot
-        parts = [
-            F.scaled_dot_product_attention(
-                qs[None, :, start : start + n].contiguous(),
-                k[row, slot, None, :, :keys],
-                v[row, slot, None, :, :keys],
-                scale=scale,
-            )[0]
-            for slot, start, n, keys in row_groups
-        ]
-        out[row].index_copy_(1, order[row], torch.cat(parts, dim=1))
+        for slot, start, n, keys in row_groups:  # each slot's queries (a strided view) against its keys
+            part = F.scaled_dot_product_attention(
+                qs[None, :, start : start + n], k[row, slot, None, :, :keys], v[row, slot, None, :, :keys], scale=scale
+            )
+            out[row].index_copy_(1, order[row, start : start + n], part[0])
     return out
 
 
