@@ -141,6 +141,27 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert CONCEPTS[1] not in lp.concepts
 
 
+def test_a_step_with_a_finite_loss_but_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
+    """sqrt at 0 has a finite value and an infinite slope: the loss stays finite, one gradient is NaN; the
+    step is skipped and nothing non-finite reaches the learned factors."""
+    tr = trainer(new_pipeline(), tmp_path, "lora-m", max_steps=6, max_bad_steps=3)
+    real, calls = tr._regulariser, []
+
+    def nan_gradient_once(task, state, batch, gen):
+        calls.append(1)
+        out = real(task, state, batch, gen)
+        if len(calls) == 2:
+            out = out + torch.sqrt((next(iter(state.params.values())) * 0).sum())
+        return out
+
+    monkeypatch.setattr(tr, "_regulariser", nan_gradient_once)
+    with pytest.warns(UserWarning, match="non-finite"):
+        adapter = tr.learn(CONCEPTS[0], images(CONCEPTS[0]), "circle")
+    stats = tr.stats[CONCEPTS[0]]
+    assert stats.skipped_steps == 1 and stats.steps == 5
+    assert all(bool(torch.isfinite(v).all()) for v in adapter.lora.values())
+
+
 def test_saves_to_the_store_and_checkpoints_in_its_staging(tmp_path, monkeypatch):
     lp = new_pipeline()
     with ConceptStore(tmp_path / "store") as store:

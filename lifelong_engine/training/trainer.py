@@ -455,7 +455,10 @@ class ContinualTrainer:
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        if not all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None):
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        # one fused norm over every gradient and one host sync (not one per parameter): inf / NaN anywhere
+        # makes it non-finite
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             opt.zero_grad(set_to_none=True)
             return None
         opt.step()
