@@ -105,7 +105,7 @@ def run_engine(lp, store, requests, max_batch_rows: int) -> dict:
         results = [f.result() for f in tqdm(futures, desc="engine")]
         wall = time.perf_counter() - t0
         cache = engine.cache
-        key = (NAMESPACE, requests[0].concepts[0])
+        (key,) = cache.resolve([(NAMESPACE, requests[0].concepts[0])])
         switch_resident = common.median_ms(lambda: (cache.acquire([key]), cache.release([key])), 20)
         per_concept = cache.host(key).nbytes
     return {

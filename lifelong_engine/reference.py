@@ -24,6 +24,7 @@ __all__ = [
     "regional_cross_attention_backward",
     "ewa_weights",
     "ewa_weights_backward",
+    "ewa_similarity",
     "ewa_merge",
     "ewa_merge_backward",
     "ewa_weights_rows",
@@ -317,6 +318,12 @@ def _ewa_similarity(prompt: Tensor, concepts: Tensor, prompt_mask: Tensor | None
     return cos.max(dim=2)
 
 
+def ewa_similarity(prompt: Tensor, concepts: Tensor, prompt_mask: Tensor | None = None) -> Tensor:
+    """M of :func:`ewa_weights`, (B, L, G): max over the allowed tokens t of cos(prompt[b,l,t], concepts[l,g])
+    (-inf where no token is allowed); what ψ is made of, for diagnostics."""
+    return _ewa_similarity(_unmasked(prompt, prompt_mask), concepts, prompt_mask)[0]
+
+
 def _ewa_normaliser(m_pow: Tensor, norm: str) -> Tensor:
     n = m_pow.norm(dim=-1, keepdim=True) if norm == "fro" else m_pow.abs().sum(-1, keepdim=True)
     return n.clamp_min(NORM_EPS)
@@ -340,8 +347,7 @@ def ewa_weights(
     whose M are all ≤ 0 is all zeros (no concept applies). Cosines use max(‖x‖, NORM_EPS) as each
     norm, and the normaliser is floored at NORM_EPS, so zero vectors give ψ = 0. Returns psi (B, L, G).
     """
-    m, _ = _ewa_similarity(_unmasked(prompt, prompt_mask), concepts, prompt_mask)
-    m_pow = m.clamp_min(0).pow(power)
+    m_pow = ewa_similarity(prompt, concepts, prompt_mask).clamp_min(0).pow(power)
     return m_pow / _ewa_normaliser(m_pow, norm)
 
 

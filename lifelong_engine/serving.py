@@ -170,10 +170,18 @@ class ConceptCache:
             self._host.popitem(last=False)
         return adapter
 
-    def acquire(self, keys: list[tuple]) -> Library:
+    @staticmethod
+    def _resolved(keys: list[tuple]) -> list[tuple[str, str, int]]:
+        bad = [k for k in keys if len(k) != 3]
+        if bad:
+            raise ValueError(f"concept keys {bad}: expected (namespace, name, version) from ConceptCache.resolve")
+        return [tuple(k) for k in keys]
+
+    def acquire(self, keys: list[tuple[str, str, int]]) -> Library:
         """Place the concepts in the device pool (evicting unpinned LRU ones), pin them, and return the library.
-        Release them with the same keys, resolved (:meth:`resolve`) when a re-learn may land in between."""
-        keys = self.resolve(keys)
+        ``keys`` come from :meth:`resolve`, so that :meth:`release` unpins exactly the versions pinned here
+        even when a newer version lands in between."""
+        keys = self._resolved(keys)
         hosts = {key: self.host(key) for key in keys if key not in self._entry}
         rank = max((a.rank for a in hosts.values()), default=0)
         wanted = {p for a in hosts.values() for p in a.projections}
@@ -205,8 +213,8 @@ class ConceptCache:
             ids.append(self._entry[key])
         return Library(adapters, self.pool, torch.tensor(ids, dtype=torch.long, device=self.pipeline.device))
 
-    def release(self, keys: list[tuple]) -> None:
-        for key in self.resolve(keys):
+    def release(self, keys: list[tuple[str, str, int]]) -> None:
+        for key in self._resolved(keys):
             self._pins[key] -= 1
             if self._pins[key] <= 0:
                 del self._pins[key]

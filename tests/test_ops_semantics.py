@@ -114,6 +114,21 @@ def test_ewa_weights(impl, shape, masked, norm, power, dtype):
     torch.testing.assert_close(psi, naive_ops.ewa_weights(prompt, concepts, mask, power, norm), **TOL[dtype])
 
 
+def test_ewa_similarity_is_the_max_cosine_over_allowed_tokens():
+    """reference.ewa_similarity (M, the diagnostics' view of EWA) against a loop over tokens in the test."""
+    prompt, concepts, mask = inputs.ewa(B=2, L=3, T=6, D=5, G=4)
+    m = reference.ewa_similarity(prompt, concepts, mask)
+    for b in range(2):
+        for layer in range(3):
+            for g in range(4):
+                want = max(
+                    float(torch.nn.functional.cosine_similarity(prompt[b, layer, t], concepts[layer, g], dim=0))
+                    for t in range(6)
+                    if mask[b, t]
+                )
+                assert float(m[b, layer, g]) == pytest.approx(want, abs=1e-9)
+
+
 def test_ewa_weights_padding_is_ignored():
     """Tokens outside prompt_mask cannot raise M, however similar they are to a concept."""
     prompt, concepts, _ = inputs.ewa(B=1, L=1, T=4, G=2, masked=False)

@@ -157,6 +157,21 @@ def test_a_concept_learned_again_is_served_at_its_new_version(lp, store):
     assert np.abs(new - old).max() > 2  # the new version renders differently
 
 
+def test_the_cache_pins_and_unpins_the_resolved_version(lp, store):
+    """acquire / release take the keys resolve() gave: a version saved in between does not make release
+    unpin the wrong entry, and an unresolved key is refused by name."""
+    with Engine(lp, store) as engine:
+        cache = engine.cache
+        keys = cache.resolve([("default", "dog1")])
+        assert keys == [("default", "dog1", 1)]
+        cache.acquire(keys)
+        store.save(concept_for_unet(lp.unet, "dog1", lp.text.token_width, seed=11, method="cidm"))  # version 2
+        cache.release(keys)
+        assert not cache._pins  # the pinned version 1 is free again
+        with pytest.raises(ValueError, match="ConceptCache.resolve"):
+            cache.acquire([("default", "dog1")])
+
+
 def test_a_higher_rank_concept_regrows_the_pool_within_its_budget(lp, store):
     """A Custom Diffusion concept (full-rank factors) among rank-2 LoRAs: the pool's rank grows and its
     capacity shrinks so the pool stays inside device_bytes; a request may name the wide one last."""

@@ -53,7 +53,7 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
     assert report["status"] == "finished" and list(report["concepts"]) == names
     for task, name in enumerate(names, 1):
         e = report["concepts"][name]
-        assert e["task"] == task and isinstance(e["train_seconds"], float)  # timings belong to bench/
+        assert e["task"] == task
         for stage in ("base", "after_learning", "final"):
             assert -1 <= e[stage]["ia"] <= 1 and 0 <= e[stage]["ta"] <= 1
         assert e["forgetting"] == pytest.approx(e["after_learning"]["ia"] - e["final"]["ia"])

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import reference
 from .world import CONCEPTS, Concept, caption, context_prompts, get_concept, sample_scenes, two_concept_layout
 
 __all__ = ["SequenceConfig", "ewa_argmax", "image_grid", "report_markdown", "run_sequence", "save_grid"]
@@ -255,12 +256,11 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     target = torch.tensor(named, device=psi.device)[:, None].expand(psi.shape[:2])
     own = psi.gather(-1, target[..., None]).squeeze(-1)
     others = psi.scatter(-1, target[..., None], float("-inf")).amax(-1)
-    e = torch.nn.functional.normalize(library.embeddings.float(), dim=-1)  # (L, G, D)
-    p = torch.nn.functional.normalize(encoded.per_layer.float(), dim=-1)  # (n, L, T, D)
-    cos = torch.einsum("nltd,lgd->nltg", p, e).masked_fill(~encoded.ewa_mask[:, None, :, None], -2.0)
-    m = cos.amax(2)  # (n, L, G)
+    e = library.embeddings.float()  # (L, G, D)
+    m = reference.ewa_similarity(encoded.per_layer.float(), e, encoded.ewa_mask)  # (n, L, G)
     m_prompts = m[: len(prompts)]
     g = e.shape[1]
+    e = torch.nn.functional.normalize(e, dim=-1)
     between = torch.einsum("lgd,lhd->lgh", e, e)[:, ~torch.eye(g, dtype=torch.bool, device=e.device)]
     return {
         "prompts": len(prompts),
