@@ -347,7 +347,8 @@ def text_kv(
     attention: dict, base: BaseKV, c: Tensor, pool: AdapterPool | None, ids: Tensor, weights: Tensor
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Text K/V of every ``attn2`` layer (``attention``: layer → module, in the order of c's layers) with
-    concepts, in one grouped op call: c (n, L, T, Din), ids / weights (n, L, S) → layer → (k, v), each
+    concepts, in one grouped op call: c (n, L, T, Din), or (n, T, Din) when every layer reads the same
+    text, ids / weights (n, L, S) → layer → (k, v), each
     (n, H, T, d). ids were made and checked by the caller (no value check here). Differentiable in c, the
     pool's factors and weights; K/V weights that require grad get their gradients too (then, or when the
     layers could not be packed, the public grouped op runs on the layers' own weights)."""
@@ -355,14 +356,17 @@ def text_kv(
     if any(type(m.to_k) is not torch.nn.Linear or type(m.to_v) is not torch.nn.Linear for m in mods):
         # a projection that is not a plain nn.Linear (a peft LoRA layer, a quantized linear) runs its own forward
         return {
-            layer: _layer_kv(m, c[:, i], pool, layer, ids[:, i], weights[:, i])
+            layer: _layer_kv(m, c if c.dim() == 3 else c[:, i], pool, layer, ids[:, i], weights[:, i])
             for i, (layer, m) in enumerate(zip(layers, mods))
         }
     if any(m.norm_cross for m in mods):
         c = torch.stack(
-            [m.norm_encoder_hidden_states(c[:, l]) if m.norm_cross else c[:, l] for l, m in enumerate(mods)]
+            [
+                (m.norm_encoder_hidden_states(text) if m.norm_cross else text)
+                for m, text in zip(mods, [c] * len(mods) if c.dim() == 3 else c.unbind(1))
+            ]
         )
-    else:
+    elif c.dim() == 4:
         c = c.transpose(0, 1)
     dtype = compute_dtype(c.device, mods[0].to_k.weight.dtype)  # under autocast, the autocast dtype
     c = c.to(dtype).contiguous()
@@ -384,6 +388,7 @@ def text_kv(
     if packed is None:  # base weights that train, or that could not be packed: the layers' own, by the public op
         w_k = [m.to_k.weight.to(dtype) for m in mods]
         w_v = [m.to_v.weight.to(dtype) for m in mods]
+        c = c.expand(len(mods), *c.shape) if c.dim() == 3 else c
         ks, vs = ops.lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, 1.0)
     else:
         ks, vs = ops.lora_kv_projection_grouped_trusted(c, *packed, base.douts, a_k, b_k, a_v, b_v, ids, weights)

@@ -8,7 +8,10 @@ None when it can.
 A ``*_backward`` implementation whose function has the attribute ``takes_needs = True`` is
 also given ``needs=`` (one bool per gradient it returns) and skips the gradients not needed. A
 forward implementation with ``differentiable = True`` is built from differentiable PyTorch ops:
-the trusted hot-path entries of :mod:`lifelong_engine.ops` may run it under autograd directly.
+the trusted hot-path entries of :mod:`lifelong_engine.ops` may run it under autograd directly. A
+``lora_kv_projection_grouped_packed`` implementation with a ``layers`` attribute offers that
+function, differentiable and returning per-layer ([k_l], [v_l]) without the flat buffer, to
+``ops.lora_kv_projection_grouped_trusted``.
 
 The requested backend is, in order: the innermost :func:`use_backend` context, else the
 ``LIFELONG_BACKEND`` environment variable, else ``auto``. ``auto`` takes the first backend

@@ -788,10 +788,19 @@ def lora_kv_projection_grouped_trusted(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`lora_kv_projection_grouped` for callers that packed the frozen base weights once (w_k, w_v
     (ΣDout_l, Din), layer l's rows after those of layers < l; douts: each layer's Dout) and checked ids when
-    they made them: no value checks (no host sync), no weight copy. Without autograd the backend runs
-    directly; with it, through the registered op and its backward (gradients of c, a, b and weights, only
-    those needed). Returns ([k_l], [v_l]), each (B, T, Dout_l)."""
+    they made them: no value checks (no host sync), no weight copy. c: (L, B, T, Din), or (B, T, Din) when
+    every layer reads the same text. A backend that computes the layers with differentiable PyTorch ops
+    (CPU: the torch backend) runs directly, under autograd too; the others run through the registered op
+    and its backward (gradients of c, a, b and weights, only those needed) when autograd needs a graph.
+    Returns ([k_l], [v_l]), each (B, T, Dout_l)."""
     douts = list(douts)
+    args = (c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+    impl = None if torch.compiler.is_compiling() else backends.select("lora_kv_projection_grouped_packed", args)
+    layers = getattr(impl, "layers", None)
+    if layers is not None:
+        return layers(*args)
+    if c.dim() == 3:  # one text for every layer: the layer-major operand the other backends read
+        c = c.expand(len(douts), *c.shape).contiguous()
     if torch.compiler.is_compiling():  # the registered op: traceable, with its fake and backward ops
         k, v = _lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
     elif _needs_graph(c, weights, *a_k, *b_k, *a_v, *b_v, w_k, w_v):

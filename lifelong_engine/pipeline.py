@@ -393,7 +393,8 @@ class LifelongPipeline:
     def text_kv(
         self, per_layer: Tensor, pool: AdapterPool | None, ids: Tensor, weights: Tensor, slots: Tensor | None = None
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """K/V of every ``attn2`` layer for texts per_layer (n, L, T, D), concepts of ``pool`` mixed in
+        """K/V of every ``attn2`` layer for texts per_layer (n, L, T, D) (or (n, T, D): one text for every
+        layer, as :attr:`EncodedPrompts.shared` gives it), concepts of ``pool`` mixed in
         per text and layer by ids/weights (n, L, S). Returns layer → (k, v), each (n, 1, H, T, d), or
         (rows, P, H, T, d) gathered by ``slots`` (rows, P) text indices. All layers in one grouped op call;
         ids are the caller's, made and checked once (:func:`~lifelong_engine.checks.adapter_ids`).

@@ -41,7 +41,9 @@ class EncodedPrompts:
     """per_layer: (n, L, T, D) ĉ^l of each prompt; pooled: (n, Dp) or None (SDXL's text_embeds);
     word_mask: (n, T) the prompt's own tokens (no BOS, EOS or padding); eos: (n,) EOS positions;
     concept_mask: (n, T) positions holding concept token rows; positions[i]: the token positions of each
-    concept named in prompt i (one list per concept, in order of first appearance; first tokenizer)."""
+    concept named in prompt i (one list per concept, in order of first appearance; first tokenizer);
+    shared: (n, T, D) when every layer reads the same text (no layer-wise token rows), per_layer then being
+    its expanded view (the text side runs it once for all layers), else None."""
 
     per_layer: Tensor
     pooled: Tensor | None
@@ -49,6 +51,12 @@ class EncodedPrompts:
     eos: Tensor
     concept_mask: Tensor
     positions: list[list[list[int]]] = dataclasses.field(default_factory=list)
+    shared: Tensor | None = None
+
+    @property
+    def text(self) -> Tensor:
+        """What :meth:`LifelongPipeline.text_kv` reads: :attr:`shared` when there is one, else per_layer."""
+        return self.per_layer if self.shared is None else self.shared
 
     @property
     def ewa_mask(self) -> Tensor:
@@ -180,11 +188,13 @@ class PromptEncoder:
             offset += self.widths[e]
         rows = torch.cat(hidden, dim=-1)  # (sum(variants), T, D)
 
-        index = torch.tensor(
-            [[row_of[p] + min(v, variants[p] - 1) for v in range(self.num_layers)] for p in range(len(prompts))],
-            device=device,
-        )
-        per_layer = rows[index]  # (n, L, T, D)
+        shared = None
+        if all(v == 1 for v in variants):  # one row per prompt, the same for every layer: a view, no copy
+            shared = rows
+            per_layer = rows[:, None].expand(-1, self.num_layers, -1, -1)
+        else:
+            index = [[row_of[p] + min(v, n - 1) for v in range(self.num_layers)] for p, n in enumerate(variants)]
+            per_layer = rows[torch.tensor(index, device=device)]  # (n, L, T, D)
         T = rows.shape[1]
         eos = torch.tensor([t.eos for t in first], device=device)
         pos = torch.arange(T, device=device)
@@ -197,7 +207,7 @@ class PromptEncoder:
                 by_concept.setdefault(concept.token, []).append(position)
             positions.append(list(by_concept.values()))
             concept_mask[p, [position for position, _, _ in t.concept_rows]] = True
-        return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions)
+        return EncodedPrompts(per_layer, pooled, word_mask, eos, concept_mask, positions, shared)
 
     def _run_encoder(
         self, encoder, ids: Tensor, subs: list, offset: int, width: int, clip_skip: int | None = None

@@ -114,10 +114,17 @@ class _Shared:
         return torch.zeros_like(pool).index_add_(0, torch.tensor(self.idx, device=pool.device), grad)
 
 
+def _tracked(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     if ids.numel() == 0 or a_k.shape[0] == 0:
         return c @ w_k.T, c @ w_v.T
-    shared = _Shared.of(ids, weights, scale)
+    # Folding reads the weights as host values and, under autograd, would form a Dout × Din gradient of the
+    # folded weight: only for factors and weights that nothing trains.
+    fold = not _tracked(w_k, w_v, a_k, b_k, a_v, b_v, weights)
+    shared = _Shared.of(ids, weights, scale) if fold else None
     if shared is not None:  # one GEMM per projection for base + adapters
         return c @ shared.folded(w_k, a_k, b_k).T, c @ shared.folded(w_v, a_v, b_v).T
     k, v = c @ w_k.T, c @ w_v.T
@@ -125,6 +132,56 @@ def lora_kv_projection(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0)
         down, up, omega = _row_adapters(a, b, ids, weights, scale, c.dtype)
         out.baddbmm_(torch.bmm(c, down.transpose(1, 2)) * omega, up)
     return k, v
+
+
+def _shared_projection(shared: _Shared, c: Tensor, w: Tensor, douts, a: list, b: list) -> list[Tensor]:
+    """One projection (K or V) of every layer, [x_l] (B, T, Dout_l), when every row of every layer uses the
+    same adapters with the same weights (a training step) and the factors train: x_l = c_l·W_lᵀ +
+    (ω·c_l·A_lᵀ)·B_lᵀ, unfolded, so that autograd never forms a Dout × Din gradient. With one text for
+    every layer (c (B, T, Din)) the base projections of all layers are one GEMM against the packed
+    weights, and the down projections one more."""
+    bsz, t_len, din = c.shape[-3:]
+    if c.dim() == 3:
+        c2 = c.reshape(-1, din)
+        base = (c2 @ w.T).split(list(douts), dim=1)
+    else:
+        c2 = [c_l.reshape(-1, din) for c_l in c]
+        base = [x @ w_l.T for x, w_l in zip(c2, w.split(list(douts)))]
+    if not shared.idx:
+        return [x.view(bsz, t_len, -1) for x in base]
+    downs, ups = zip(*(shared.stack(a_l, b_l) for a_l, b_l in zip(a, b)))
+    if c.dim() == 3:
+        us = (c2 @ torch.cat(downs).T).split([d.shape[0] for d in downs], dim=1)
+    else:
+        us = [x @ down.T for x, down in zip(c2, downs)]
+    om = shared.rank_weights(a[0].shape[1], c)
+    return [torch.addmm(x, u if om is None else u * om, up.T).view(bsz, t_len, -1) for x, u, up in zip(base, us, ups)]
+
+
+def lora_kv_projection_grouped_layers(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
+    """:func:`lora_kv_projection_grouped_packed` layer by layer, ([k_l], [v_l]) each (B, T, Dout_l), with no
+    flat buffer in between, built from differentiable PyTorch ops: the trusted entry runs it under autograd
+    directly (no custom backward). c: (L, B, T, Din), or (B, T, Din) when every layer reads the same text.
+    Factors that train, shared by every row and layer with weights that do not: the unfolded, layer-batched
+    :func:`_shared_projection`; otherwise :func:`lora_kv_projection` per layer."""
+    n_layers = len(douts)
+    if _tracked(*a_k, *b_k, *a_v, *b_v) and not _tracked(weights):
+        shared = _Shared.of(ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, ids.shape[-1]), scale)
+        if shared is not None:
+            return _shared_projection(shared, c, w_k, douts, a_k, b_k), _shared_projection(
+                shared, c, w_v, douts, a_v, b_v
+            )
+    texts = [c] * n_layers if c.dim() == 3 else c
+    ws_k, ws_v = w_k.split(list(douts)), w_v.split(list(douts))
+    ks, vs = [], []
+    for layer in range(n_layers):
+        k, v = lora_kv_projection(
+            texts[layer], ws_k[layer], ws_v[layer], a_k[layer], b_k[layer], a_v[layer], b_v[layer], ids[layer],
+            weights[layer], scale,
+        )  # fmt: skip
+        ks.append(k)
+        vs.append(v)
+    return ks, vs
 
 
 def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
@@ -136,9 +193,13 @@ def lora_kv_projection_grouped(c, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, sc
 
 def lora_kv_projection_grouped_packed(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale=1.0):
     """Packed base weights split into per-layer views (no copy), then the per-layer fast path."""
-    return reference.lora_kv_projection_grouped_packed(
-        c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale, lora_kv_projection
-    )
+    ks, vs = lora_kv_projection_grouped_layers(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale)
+    if not ks:
+        return c.new_empty(0), c.new_empty(0)
+    return torch.cat([k.reshape(-1) for k in ks]), torch.cat([v.reshape(-1) for v in vs])
+
+
+lora_kv_projection_grouped_packed.layers = lora_kv_projection_grouped_layers
 
 
 @_takes_needs

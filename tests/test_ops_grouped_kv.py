@@ -156,6 +156,37 @@ def test_the_trusted_packed_entry_equals_the_public_op_with_gradients(backend):
                               test_utils=GRAD_UTILS)  # fmt: skip
 
 
+@pytest.mark.parametrize("one_text", [False, True], ids=["per-layer-text", "one-text"])
+@pytest.mark.parametrize("ids_row", [[2, 0, -1], [1, 3, 1], [-1, -1, -1]], ids=["slots", "repeated", "none"])
+def test_the_trusted_entry_of_a_training_step_runs_under_plain_autograd(one_text, ids_row):
+    """A training step's text side: every row and layer uses the same adapters with the same weights (an
+    empty slot, a repeated adapter, none at all), the factors train, the weights do not. On the torch backend
+    autograd runs through its PyTorch ops (no custom backward node), also with one text for every layer
+    (c (B, T, Din)), and values and gradients equal the per-layer reference."""
+    c, w_k, w_v, a_k, b_k, a_v, b_v, _, _, scale = grouped_args()
+    pk, pv, douts = _packed(w_k, w_v)
+    ids = torch.tensor(ids_row).expand(len(DOUTS), B, S)
+    weights = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64).expand(len(DOUTS), B, S)
+    text = c[0] if one_text else c
+
+    def trusted(text, a0, b2, bv1):
+        ks, vs = ops.lora_kv_projection_grouped_trusted(
+            text, pk, pv, douts, [a0, *a_k[1:]], [*b_k[:2], b2], a_v, [b_v[0], bv1, b_v[2]], ids, weights, scale
+        )
+        return ks, vs
+
+    inputs = tuple(t.clone().requires_grad_() for t in (text, a_k[0], b_k[2], b_v[1]))
+    with ops.use_backend("torch"):
+        ks, vs = trusted(*inputs)
+        assert all("GroupedPacked" not in type(t.grad_fn).__name__ for t in (*ks, *vs))
+        full = text.expand(len(DOUTS), *text.shape) if one_text else text
+        want = per_layer_reference((full, w_k, w_v, a_k, b_k, a_v, b_v, ids, weights, scale))
+        for k, v, (k_want, v_want) in zip(ks, vs, want):
+            torch.testing.assert_close(k, k_want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(v, v_want, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *t: _flat(*trusted(*t)), inputs, fast_mode=True)
+
+
 def test_the_backward_computes_only_what_is_needed():
     """A frozen pool and weights (the text side of a step that trains only tokens): the per-layer backward
     is asked for dc alone, and a trained pool without trained weights does not compute dweights."""

@@ -109,3 +109,31 @@ def test_text_kv_gradients_equal_the_per_layer_op():
         a.grad = b.grad = None
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_text_for_every_layer_is_run_once_and_equals_the_per_layer_texts():
+    """Prompts without layer-wise token rows: the encoder's text is shared by every layer (per_layer its
+    expanded view, no copy); text_kv of the shared (n, T, D) text equals text_kv of the materialised
+    (n, L, T, D) texts, gradients included (a training step: one adapter shared by every row and layer)."""
+    lp = LifelongPipeline.from_pipe(tiny_sd_pipeline())
+    lp.add_concept(concept_for_unet(lp.unet, "dog1", lp.text.token_width, seed=1, method="lora-m", layerwise=False))
+    lp.unet.requires_grad_(False)
+    enc = lp.encode_prompt(["a <dog1> dog", "a <dog1> dog on a table"])
+    assert enc.shared is not None and enc.text is enc.shared
+    assert enc.per_layer.stride(1) == 0 and enc.per_layer.data_ptr() == enc.shared.data_ptr()
+    n, L = enc.per_layer.shape[:2]
+    ids, weights = torch.zeros(n, L, 1, dtype=torch.long), torch.ones(n, L, 1)
+    pool = lp.pool()
+    a, b = pool.get(lp.layers[1], "to_v")
+    results = []
+    for shared in (True, False):
+        text = enc.shared.detach().clone().requires_grad_()
+        a.requires_grad_(), b.requires_grad_()
+        kv = lp.text_kv(text if shared else text[:, None].expand(-1, L, -1, -1).contiguous(), pool, ids, weights)
+        sum((k.square().sum() + v.sum()) for k, v in kv.values()).backward()
+        results.append([*(t for kv_l in kv.values() for t in kv_l), text.grad, a.grad, b.grad])
+        a.grad = b.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layerwise = _lp().encode_prompt(["a <dog1> dog"])  # layer-wise token rows: a text per layer
+    assert layerwise.shared is None and layerwise.text is layerwise.per_layer

@@ -85,9 +85,10 @@ def _plain_text_side(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, ids, weights, scale
 
 @pytest.mark.parametrize("provider", ("trusted", "impl"))
 def test_training_text_side_overhead(benchmark, provider):
-    """Group ``overhead-train-text-side``: the trainer's one grouped call per step (issue 15) through its
-    autograd op, against the same math in plain autograd; forward + backward of two layers on tiny inputs,
-    so the difference is what the op adds to each training step."""
+    """Group ``overhead-train-text-side``: the trainer's one grouped call per step (issue 15) through the
+    trusted entry (on CPU the torch backend's per-layer PyTorch ops under autograd, no custom backward),
+    against the same math in plain autograd; forward + backward of two layers on tiny inputs, so the
+    difference is what the entry adds to each training step."""
     args = _train_case()
     fn = ops.lora_kv_projection_grouped_trusted if provider == "trusted" else _plain_text_side
     for got, want in zip(fn(*args), _plain_text_side(*args)):

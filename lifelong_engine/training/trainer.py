@@ -403,12 +403,16 @@ class ContinualTrainer:
         lp = self.pipeline
         concepts = {c.token: c for c in state.past}
         concepts[task.token] = _TokenOnly(task.token, task.words, state.params["tokens"])
-        enc = lp.text.encode(captions, concepts)
+        # The text side runs once per distinct caption (a concept's captions are often all the same); each
+        # sample then reads its caption's K/V.
+        unique = list(dict.fromkeys(captions))
+        rows = torch.tensor([unique.index(caption) for caption in captions], device=lp.device)
+        enc = lp.text.encode(unique, concepts)
         pool, g = self._pool(state, teacher)
-        n, L = enc.per_layer.shape[:2]
+        n, L = len(captions), len(lp.layers)
         ids = torch.arange(g, device=lp.device).expand(n, L, g)
         ones = torch.ones(n, L, g, device=lp.device)
-        kv = lp.text_kv(enc.per_layer, pool, ids, ones)
+        kv = lp.text_kv(enc.text, pool, ids[: len(unique)], ones[: len(unique)], rows[:, None])
         ctx = GenerationContext(kv)
         if any(p not in KV for p in self.strategy.projections):  # image-side LoRA (to_q, to_out.0)
             ctx.image_lora = ImageLora(
@@ -419,8 +423,11 @@ class ContinualTrainer:
         added = None
         if lp.is_sdxl:
             time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
-            added = {"text_embeds": enc.pooled.to(lp.dtype), "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1)}
-        hidden = enc.per_layer[:, 0].to(lp.dtype)
+            added = {
+                "text_embeds": enc.pooled[rows].to(lp.dtype),
+                "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1),
+            }
+        hidden = (enc.per_layer[:, 0] if enc.shared is None else enc.shared)[rows].to(lp.dtype)
         return unet_forward(lp.unet, noisy.to(lp.dtype), t, ctx, hidden, added)
 
     def noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
