@@ -253,3 +253,30 @@ def test_without_a_run_dir_each_trainer_has_its_own():
     lp = new_pipeline()
     first, second = (ContinualTrainer(lp, progress=False) for _ in range(2))
     assert first.run_dir != second.run_dir and first.run_dir.is_dir()
+
+
+@pytest.mark.parametrize("method", ["lora-m", "cidm"])
+def test_a_step_encodes_each_distinct_caption_once_and_equals_one_sample_at_a_time(method, tmp_path, monkeypatch):
+    """A batch whose captions repeat (a concept's default captions are all the same): the text side runs
+    once per distinct caption, and each sample's prediction equals the prediction of it alone."""
+    lp = new_pipeline()
+    tr = trainer(lp, tmp_path, method)
+    token = f"<{CONCEPTS[0]}>"
+    captions = [f"a photo of a {token} circle", f"a {token} circle on grass"]
+    pixels = tr._load_images(images(CONCEPTS[0], n=2))
+    task = tr._encode_task(CONCEPTS[0], token, "circle", pixels, captions, None)
+    gen = torch.Generator().manual_seed(0)
+    state = tr._init_task(task, gen)
+    for p in state.params.values():  # a trained-looking adapter: no factor left at zero
+        p.data += 0.05 * torch.randn(p.shape, generator=gen)
+    batch = [captions[0], captions[1], captions[0], captions[0]]
+    noisy, t, _ = tr.noised(task.latents_mean[[0, 1, 0, 0]], gen)
+    encoded, real = [], lp.text.encode
+    monkeypatch.setattr(
+        lp.text, "encode", lambda prompts, *a, **k: encoded.append(len(prompts)) or real(prompts, *a, **k)
+    )
+    with torch.no_grad():
+        together = tr.predict(state, task, batch, noisy, t)
+        assert encoded == [2]
+        alone = torch.cat([tr.predict(state, task, [c], noisy[i : i + 1], t[i : i + 1]) for i, c in enumerate(batch)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)

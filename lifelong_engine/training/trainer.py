@@ -412,7 +412,8 @@ class ContinualTrainer:
         n, L = len(captions), len(lp.layers)
         ids = torch.arange(g, device=lp.device).expand(n, L, g)
         ones = torch.ones(n, L, g, device=lp.device)
-        kv = lp.text_kv(enc.text, pool, ids[: len(unique)], ones[: len(unique)], rows[:, None])
+        slots = rows[:, None] if len(unique) < n else None  # no gather when every caption differs
+        kv = lp.text_kv(enc.text, pool, ids[: len(unique)], ones[: len(unique)], slots)
         ctx = GenerationContext(kv)
         if any(p not in KV for p in self.strategy.projections):  # image-side LoRA (to_q, to_out.0)
             ctx.image_lora = ImageLora(
@@ -424,10 +425,11 @@ class ContinualTrainer:
         if lp.is_sdxl:
             time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
             added = {
-                "text_embeds": enc.pooled[rows].to(lp.dtype),
+                "text_embeds": (enc.pooled if slots is None else enc.pooled[rows]).to(lp.dtype),
                 "time_ids": time_ids.to(lp.device, lp.dtype).repeat(n, 1),
             }
-        hidden = (enc.per_layer[:, 0] if enc.shared is None else enc.shared)[rows].to(lp.dtype)
+        hidden = enc.per_layer[:, 0] if enc.shared is None else enc.shared
+        hidden = (hidden if slots is None else hidden[rows]).to(lp.dtype)
         return unet_forward(lp.unet, noisy.to(lp.dtype), t, ctx, hidden, added)
 
     def noised(self, latents: Tensor, gen: torch.Generator, t: Tensor | None = None):
