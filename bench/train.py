@@ -1,8 +1,9 @@
 """Training benchmark: steps/s and peak memory of learning one concept, the engine's ContinualTrainer
 against a plain diffusers + peft LoRA training loop with the same settings, side by side in one run.
 
-    python bench/train.py [--quick] [--model sd15|tiny|tinyworld] [--batch 1,4] [--steps 20] [--device cuda]
-                          [--dtype bf16] [--autocast] [--providers peft,peft+ti,engine:cidm,...] [--out DIR]
+    python bench/train.py [--quick] [--model sd15|tiny|tinyworld] [--batch 1,4] [--steps 20] [--rounds 1]
+                          [--device cuda] [--dtype bf16] [--autocast] [--providers peft,peft+ti,engine:cidm,...]
+                          [--out DIR]
 
 The model is the SD-1.5 architecture (UNet, CLIP ViT-L/14 text encoder, VAE) built from its
 configs with random weights (no download); ``--quick`` and ``--model tiny`` use a tiny one,
@@ -24,7 +25,9 @@ Providers (see bench/README.md for the fairness decisions):
 
 Timing: a wall-clock mark (after a device sync) at the start of every optimizer step and at the
 end of the loop; the first ``--warmup`` steps are excluded. steps/s = measured steps / their
-time; ms/step: median and p20/p80 of the per-step intervals. Peak memory of the training loop:
+time; ms/step: median and p20/p80 of the per-step intervals. With ``--rounds R`` every provider runs
+R times (fresh builds, providers interleaved round by round, so a slow spell of the machine hits all
+of them) and its steps are pooled; ``round_ms`` keeps each round's median. Peak memory of the training loop:
 torch.cuda.max_memory_allocated on CUDA; on CPU the process's resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs at the loop start), "n/a" where that is unavailable.
 Results: JSON lines in bench/results/<device-slug>/train.jsonl (…/quick/ with --quick).
@@ -338,16 +341,36 @@ class StepClock:
         intervals = [b - a for a, b in zip(self.marks, self.marks[1:])][self.warmup :]
         if not intervals:
             raise RuntimeError(f"no measured steps: {len(self.marks) - 1} steps, {self.warmup} of them warm-up")
-        ms = [x * 1e3 for x in intervals]
-        q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
-        return {
-            "steps_per_second": len(intervals) / sum(intervals),
-            "ms": statistics.median(ms),
-            "ms_p20": q[1],
-            "ms_p80": q[7],
-            "measured_steps": len(intervals),
-            "measured_seconds": sum(intervals),
-        }
+        return step_stats([x * 1e3 for x in intervals])
+
+
+def step_stats(ms: list[float]) -> dict:
+    """steps/s, median and p20/p80 of per-step intervals (ms), and the intervals themselves."""
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return {
+        "steps_per_second": len(ms) / (sum(ms) / 1e3),
+        "ms": statistics.median(ms),
+        "ms_p20": q[1],
+        "ms_p80": q[7],
+        "measured_steps": len(ms),
+        "measured_seconds": sum(ms) / 1e3,
+        "step_ms": [round(x, 3) for x in ms],
+    }
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One record from a provider's rounds (each a fresh build, the providers interleaved): the statistics
+    of every round's steps pooled, each round's median (``round_ms``, the spread between rounds) and the
+    highest peak memory."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if len(ok) < len(rounds):
+        return next(r for r in rounds if r["status"] != "ok")
+    rec = {**ok[0], **step_stats([x for r in ok for x in r["step_ms"]]), "rounds": len(ok)}
+    rec["round_ms"] = [r["ms"] for r in ok]
+    peaks = [r["peak_memory_bytes"] for r in ok]
+    if all(p is not None for p in peaks):
+        rec["peak_memory_bytes"] = max(peaks)
+    return rec
 
 
 @dataclass
@@ -688,6 +711,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,4; --quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 20; --quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; --quick 1)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every provider, interleaved; their steps pooled (default 1)"
+    )
     parser.add_argument("--images", type=int, default=4, help="instance images of the concept")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of LoRA and token rows")
@@ -721,8 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in _csv(args.batch or ("1" if args.quick else "1,4"))]
     steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    if steps < 1 or warmup < 0 or min(batches) < 1 or args.images < 1:
-        raise SystemExit("--steps, --batch and --images must be at least 1, --warmup at least 0")
+    if steps < 1 or warmup < 0 or min(batches) < 1 or args.images < 1 or args.rounds < 1:
+        raise SystemExit("--steps, --batch, --images and --rounds must be at least 1, --warmup at least 0")
     providers = _csv(args.providers)
     runners = {name: provider_runner(name, args.backend) for name in providers}
 
@@ -746,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     bar = None
     if tqdm is not None:
-        bar = tqdm(total=len(batches) * len(providers), desc="train", unit="run", file=sys.stderr, dynamic_ncols=True)
+        runs = len(batches) * len(providers) * args.rounds
+        bar = tqdm(total=runs, desc="train", unit="run", file=sys.stderr, dynamic_ncols=True)
     for batch in batches:
         s = Settings(
             spec=spec,
@@ -762,20 +789,22 @@ def main(argv: list[str] | None = None) -> int:
             dtype=dtype,
             autocast=args.autocast,
         )
-        records = []
-        for name in providers:
-            if bar is not None:
-                bar.set_postfix_str(f"b{batch} {name}")
-            records.append(measure(name, s, runners[name], base))
-            writer.write(records[-1])  # at once: a run cut short keeps what it measured
-            if bar is not None:
-                bar.update()
+        rounds = {name: [] for name in providers}
+        for r in range(args.rounds):
+            for name in providers:
+                if bar is not None:
+                    bar.set_postfix_str(f"b{batch} {name} round {r + 1}")
+                rounds[name].append(measure(name, s, runners[name], base))
+                writer.write(combine_rounds(rounds[name]))  # at once: a run cut short keeps what it measured
+                if bar is not None:
+                    bar.update()
+        records = [combine_rounds(rounds[name]) for name in providers]
         add_ratios(records)
         for rec in records:
             writer.write(rec)  # again, with the ratios
         failures += sum(r["status"] != "ok" for r in records)
         title = f"{spec.name} {resolution}px, batch {batch}, {dtype_name}{' + bf16 autocast' if args.autocast else ''}"
-        title += f", {steps} steps after {warmup} warm-up"
+        title += f", {steps} steps after {warmup} warm-up" + (f", {args.rounds} rounds" if args.rounds > 1 else "")
         table = f"\n{title} [{info.name}; peak: {records[0].get('memory_metric') or 'n/a'}]\n{format_table(records)}"
         if bar is not None:
             bar.write(table, file=sys.stdout)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,19 @@ def test_train_quick_run_records_every_provider(tmp_path):
         ratio = by[name]["speed_vs_peft"]
         assert ratio == pytest.approx(by[name]["steps_per_second"] / by["peft"]["steps_per_second"])
     assert "speed vs peft" in stdout and "engine:cidm" in stdout
+
+
+def test_train_rounds_pool_every_round_of_every_provider(tmp_path):
+    """--rounds 2: each provider runs twice, interleaved; its record pools both rounds' steps and keeps each
+    round's median."""
+    records, stdout = _run_train(tmp_path, "--rounds", "2", "--providers", "peft,engine:lora-m:frozen")
+    assert [r["provider"] for r in records] == ["peft", "engine:lora-m:frozen"] and "2 rounds" in stdout
+    for rec in records:
+        assert rec["status"] == "ok" and rec["rounds"] == 2 and len(rec["round_ms"]) == 2
+        assert rec["measured_steps"] == len(rec["step_ms"]) == 2 * rec["steps"]
+        assert rec["ms"] == pytest.approx(statistics.median(rec["step_ms"]))
+    engine = records[1]
+    assert engine["speed_vs_peft"] == pytest.approx(engine["steps_per_second"] / records[0]["steps_per_second"])
 
 
 @pytest.mark.slow
