@@ -13,6 +13,11 @@ the test oracle). Same semantics as :mod:`lifelong_engine.reference`, computed a
   slots, and a backward through the rank-r factors. Otherwise each row's adapters are gathered once as
   one (S·r, Din) down and (S·r, Dout) up matrix (one batched GEMM down and one up per projection,
   added in place onto the base GEMM). The backward computes only the gradients asked for (``needs``).
+  All layers at once (``lora_kv_projection_grouped_layers``, what the trusted entry calls, under
+  autograd too): per-layer outputs with no flat buffer; when the factors train (a training step) the
+  projection is unfolded, c·Wᵀ + (ω·c·Aᵀ)·Bᵀ, so autograd forms no Dout × Din gradient, and a text
+  shared by every layer is projected by one GEMM for all layers' base weights and one for their
+  down factors.
 
 ``lora_term`` (image-side LoRA) is the reference's (one gather and two einsums per call). The EWA ops
 are the reference's: its einsums already run as batched GEMMs (bench/cpu/test_ewa.py: a
@@ -165,7 +170,7 @@ def lora_kv_projection_grouped_layers(c, w_k, w_v, douts, a_k, b_k, a_v, b_v, id
     Factors that train, shared by every row and layer with weights that do not: the unfolded, layer-batched
     :func:`_shared_projection`; otherwise :func:`lora_kv_projection` per layer."""
     n_layers = len(douts)
-    if _tracked(*a_k, *b_k, *a_v, *b_v) and not _tracked(weights):
+    if n_layers and _tracked(*a_k, *b_k, *a_v, *b_v) and not _tracked(weights):
         shared = _Shared.of(ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, ids.shape[-1]), scale)
         if shared is not None:
             return _shared_projection(shared, c, w_k, douts, a_k, b_k), _shared_projection(
