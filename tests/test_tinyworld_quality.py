@@ -36,9 +36,8 @@ def test_shipped_model_follows_prompts(shipped):
 
     Chance: backgrounds 1/6. An object's colour (shape) is "found" when any object the evaluator
     detects has it; a model that ignored the prompt would hit that with probability about
-    1 − (1 − 1/16)^k for colours, k ≈ 1.7 detected objects: ≈ 0.1. Shapes are not asserted: the
-    v3 model draws the prompted shape among its objects 30 % of the time here, near chance (≈ 0.2;
-    see README)."""
+    1 − (1 − 1/16)^k for colours, k ≈ 1.7 detected objects: ≈ 0.1; shapes ≈ 0.2. Measured on the
+    shipped model: colour 85 %, shape 87 % (the previous v3 model drew the prompted shape 30 % of the time)."""
     lp, evaluator = shipped
     scenes = sample_scenes(32, seed=4242)
     images = lp([caption(s) for s in scenes], num_inference_steps=20, guidance_scale=4.0,
@@ -50,34 +49,36 @@ def test_shipped_model_follows_prompts(shipped):
         seen = evaluator.describe(image)["objects"]
         for attribute, hits in found.items():
             hits += [getattr(obj, attribute) in {o[attribute] for o in seen} for obj in scene.objects]
-    assert np.mean(found["colour"]) > 0.45, {k: np.mean(v) for k, v in found.items()}
+    rates = {k: np.mean(v) for k, v in found.items()}
+    assert rates["colour"] > 0.7 and rates["shape"] > 0.7, rates
 
 
 def test_shipped_model_draws_two_objects_in_two_regions(shipped):
     """Two generic objects, each prompted in its own half through regional synthesis (the first 8
     layouts of ``targets.regions``): each object is found in its own box far more often than in the
     other object's box, which is where a model that ignored the regions would put it as often.
-    Measured on v3: 12 of 16 objects in their own box, both of a layout in 2 of 8 (README: 41 % of 32)."""
+    Measured on the shipped model: 14 of 16 objects in their own box, none in the other's, both of a
+    layout in 6 of 8 (README: 84 % of 32; the previous v3 model 12 of 16, and 2 of 8)."""
     import dataclasses
 
     from lifelong_engine.tinyworld import targets
     from lifelong_engine.tinyworld.world import Scene, caption, object_prompt
 
     lp, evaluator = shipped
-    own = other = 0
+    own = other = both = 0
     for i, scene in enumerate(targets.two_object_scenes(8, targets.SEED + 1)):
         box_a, box_b, positions = targets.HALVES["horizontal" if i % 2 == 0 else "vertical"]
         objs = [dataclasses.replace(o, position=p, offset=(0.0, 0.0)) for o, p in zip(scene.objects, positions)]
         laid = Scene(scene.background, tuple(objs))
         regions = [(object_prompt(o, scene.background, size=False), box) for o, box in zip(objs, (box_a, box_b))]
         (image,) = targets._images(lp, [caption(laid)], targets.SEED + 500 + i, 20, 4.0, regions=regions)
-        own += (evaluator.object_presence(image, objs[0], box_a) > 0.5) + (
-            evaluator.object_presence(image, objs[1], box_b) > 0.5
-        )
+        first = evaluator.object_presence(image, objs[0], box_a) > 0.5
+        second = evaluator.object_presence(image, objs[1], box_b) > 0.5
+        own, both = own + first + second, both + (first and second)
         other += (evaluator.object_presence(image, objs[0], box_b) > 0.5) + (
             evaluator.object_presence(image, objs[1], box_a) > 0.5
         )
-    assert own >= 8 and own >= other + 6, (own, other)
+    assert own >= 12 and other <= 2 and both >= 4, (own, other, both)
 
 
 def test_quick_demo_learns_concepts(tmp_path):
@@ -92,13 +93,14 @@ def test_quick_demo_learns_concepts(tmp_path):
 
 def test_autoencoder_ceiling_is_measured_per_concept(shipped):
     """``targets.autoencoder``: exact renders of every concept's context scenes through the shipped
-    VAE. The v3 VAE (kept from v2, whose world never showed splits and emblems) keeps the identity in
-    61 % of them (README); a VAE that lost every detail would keep none."""
+    VAE. The shipped VAE (trained on the v3 world) keeps the identity in 94 % of them; the previous
+    v3 model's (kept from v2, whose world never showed splits and emblems) in 61 % (README); a VAE
+    that lost every detail would keep none."""
     from lifelong_engine.tinyworld import CONCEPTS, targets
 
     lp, evaluator = shipped
     report = targets.autoencoder(lp, evaluator)
     assert set(report["per_concept"]) == {c.name for c in CONCEPTS}
     assert all(0.0 <= v <= 1.0 for v in report["per_concept"].values())
-    assert report["recognised"] > 0.4, report
+    assert report["recognised"] > 0.85, report
     assert 0.0 < report["mean_abs_error"] < 0.2
