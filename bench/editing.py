@@ -33,6 +33,7 @@ from pathlib import Path
 
 import common
 import numpy as np
+import PIL.Image
 import torch
 
 common.ensure_engine_importable()
@@ -124,20 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale)
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[:, :16] = 255  # BOX
+    mask = PIL.Image.fromarray(mask)
     report: dict = {"concepts": {}}
     rows = []
     for c in concepts:
         references = np.stack([np.asarray(s.image) for s in c.images(5)])
         source = render_array(Scene("white", (ObjectSpec(c.class_word, c.colour),)))
         prompt, plain = c.prompt("white"), c.prompt("white").replace(f"{c.token} ", "")
-        restyled = generate(img2img, prompt, args.seeds, image=source, strength=args.strength, **options)
-        control = generate(img2img, plain, args.seeds, image=source, strength=args.strength, **options)
+        restyled = generate(
+            img2img, prompt, args.seeds, image=PIL.Image.fromarray(source), strength=args.strength, **options
+        )
+        control = generate(
+            img2img, plain, args.seeds, image=PIL.Image.fromarray(source), strength=args.strength, **options
+        )
 
         scene = render_array(Scene("white", (ObjectSpec("square" if c.class_word != "square" else "circle", "gray",
                                                          position="right"),)))  # fmt: skip
         regions = [(prompt, BOX)]
-        filled = generate(inpaint, prompt, args.seeds, image=scene, mask_image=mask, regions=regions, **options)
-        filled_control = generate(inpaint, plain, args.seeds, image=scene, mask_image=mask,
+        filled = generate(
+            inpaint, prompt, args.seeds, image=PIL.Image.fromarray(scene), mask_image=mask, regions=regions, **options
+        )
+        filled_control = generate(inpaint, plain, args.seeds, image=PIL.Image.fromarray(scene), mask_image=mask,
                                   regions=[(plain, BOX)], **options)  # fmt: skip
 
         restyle = {

@@ -634,6 +634,7 @@ class LifelongPipeline:
             raise ValueError(f"{type(self.pipe).__name__} needs image= (a PIL image, an array or a tensor)")
         if not _is_real(strength) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength!r}: expected a number in [0, 1]")
+        _check_pixels(image)
         if "mask_image" not in call:
             return generation.ImageInput(
                 self.pipe.image_processor.preprocess(image), strength, call.get("denoising_start")
@@ -835,6 +836,23 @@ def _is_int(x) -> bool:
 
 def _shape(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_pixels(image) -> None:
+    """Refuse integer arrays and tensors as ``image``: diffusers' image processor reads their values as
+    colours in [0, 1] without scaling, so 0–255 pixels (which diffusers takes silently) would start the edit
+    from colours far out of range."""
+    for item in image if isinstance(image, list | tuple) else [image]:
+        dtype = getattr(item, "dtype", None)
+        if dtype is None:
+            continue
+        integer = np.issubdtype(dtype, np.integer) if isinstance(item, np.ndarray) else not (
+            dtype.is_floating_point or dtype.is_complex)  # fmt: skip
+        if integer:
+            raise ValueError(
+                f"image: an array of {dtype} pixels; pass a PIL image, or floats in [0, 1] "
+                "(diffusers' image processor reads arrays and tensors as such, without scaling)"
+            )
 
 
 def _is_real(x) -> bool:

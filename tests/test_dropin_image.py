@@ -126,6 +126,20 @@ def test_sdxl_refiner_run_equals_diffusers():
     assert float(np.abs(got - expected).max()) <= TOL
 
 
+@pytest.mark.parametrize("kind", ["sd-img2img", "sd-inpaint"])
+def test_integer_pixel_arrays_are_refused(kind):
+    """Before: a uint8 array (0–255) went to diffusers' image processor, which reads arrays as [0, 1]; the
+    edit started from colours ~250× out of range (bench/editing.py did this). PIL images and float arrays
+    in [0, 1] still run."""
+    lp = LifelongPipeline.from_pipe(make(kind))
+    pixels = np.array(picture())
+    for bad in (pixels, [pixels], torch.from_numpy(pixels).permute(2, 0, 1)[None]):
+        with pytest.raises(ValueError, match="image: an array of .*uint8.*PIL image"):
+            call(lp, kind, image=bad, strength=0.6)
+    as_floats = call(lp, kind, image=pixels[None].astype(np.float32) / 255, strength=0.6)
+    np.testing.assert_allclose(as_floats, call(lp, kind, strength=0.6), atol=TOL)
+
+
 def test_pipelines_it_does_not_drive_are_refused():
     """Before: a ControlNet pipeline and an IP-Adapter UNet wrapped silently (the ControlNet unused)."""
     sd = tiny_sd_pipeline()
