@@ -2,8 +2,9 @@
 
 Run once from the code the outputs must be kept equal to (it was run before issue 15's rewrite):
 ``python tests/golden/record.py``. Re-running it on later code would make test_golden.py check nothing.
-The ``tinyworld`` entry depends on the shipped weights: when TinyWorld v3's weights replaced v2's, that
-entry alone was re-recorded (same code, right after the old entry had passed on it).
+The ``tinyworld`` entry depends on the shipped weights: when TinyWorld v3's weights replaced v2's, and again
+when the from-scratch model replaced the first v3 model, that entry alone was re-recorded (same code, right
+after the old entry had passed on it).
 """
 
 import sys
