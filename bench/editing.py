@@ -132,20 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         references = np.stack([np.asarray(s.image) for s in c.images(5)])
         source = render_array(Scene("white", (ObjectSpec(c.class_word, c.colour),)))
         prompt, plain = c.prompt("white"), c.prompt("white").replace(f"{c.token} ", "")
-        restyled = generate(
-            img2img, prompt, args.seeds, image=PIL.Image.fromarray(source), strength=args.strength, **options
-        )
-        control = generate(
-            img2img, plain, args.seeds, image=PIL.Image.fromarray(source), strength=args.strength, **options
-        )
+        source_image = PIL.Image.fromarray(source)  # diffusers reads arrays as [0, 1]: pass images
+        restyled = generate(img2img, prompt, args.seeds, image=source_image, strength=args.strength, **options)
+        control = generate(img2img, plain, args.seeds, image=source_image, strength=args.strength, **options)
 
         scene = render_array(Scene("white", (ObjectSpec("square" if c.class_word != "square" else "circle", "gray",
                                                          position="right"),)))  # fmt: skip
         regions = [(prompt, BOX)]
-        filled = generate(
-            inpaint, prompt, args.seeds, image=PIL.Image.fromarray(scene), mask_image=mask, regions=regions, **options
-        )
-        filled_control = generate(inpaint, plain, args.seeds, image=PIL.Image.fromarray(scene), mask_image=mask,
+        scene_image = PIL.Image.fromarray(scene)
+        filled = generate(inpaint, prompt, args.seeds, image=scene_image, mask_image=mask, regions=regions, **options)
+        filled_control = generate(inpaint, plain, args.seeds, image=scene_image, mask_image=mask,
                                   regions=[(plain, BOX)], **options)  # fmt: skip
 
         restyle = {
