@@ -10,7 +10,8 @@
 #   aot      bench/aot_sm90.py --jobs 16: every kernel compiled in parallel into the shared
 #            Triton cache (same keys as the real launches: the target is sm_90 both ways) and
 #            the machine's own resource table (its Triton, its ptxas)
-#   kernels  pytest -m gpu -n 8 --timeout 120 tests/test_kernels_*.py
+#   kernels  pytest -n 8 --timeout 120 tests/test_kernels_*.py: every kernel test, compiled: the tiny odd
+#            shapes CI runs under the interpreter and the SD-sized ones marked gpu
 #   bench    the kernel benchmarks cut: batch 2 and 8, no compile / flex / xformers providers,
 #            --rep-ms 20, one script per subject (bench/regional.py / lora_kv.py / ewa.py,
 #            75 / 60 / 40 s); every op, and the peft /
@@ -129,10 +130,13 @@ gpu_stage() {  # like stage, but skipped (its log says so) without CUDA
     fi
 }
 
-tests_stage() {  # tests_stage NAME LIMIT_S WORKERS PYTEST-ARGS...: the GPU tests; without CUDA, collect them only
-    local name=$1 limit=$2 workers=$3
-    shift 3
-    local base=("$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors -rfE)
+tests_stage() {  # tests_stage NAME LIMIT_S WORKERS MARK PYTEST-ARGS...: tests on CUDA (MARK "" for all, else a -m
+    # expression), one line per test so that a stage cut at its limit still says what passed; without CUDA,
+    # collect them only
+    local name=$1 limit=$2 workers=$3 mark=$4
+    shift 4
+    local base=("$PY" -m pytest -v -p no:cacheprovider --continue-on-collection-errors -rfE)
+    [ -n "$mark" ] && base+=(-m "$mark")
     if has_cuda; then
         stage "$name" "$limit" "${base[@]}" -n "$workers" --timeout 120 "$@"
     else
@@ -153,9 +157,9 @@ bench_cut() {
 
 run_main() {
     gpu_stage aot 60 "$PY" bench/aot_sm90.py --jobs 16 --cache-dir "$TRITON_CACHE_DIR" --json "$OUT/aot_sm90.json"
-    tests_stage kernels 180 8 tests/test_kernels_*.py
+    tests_stage kernels 180 8 "" tests/test_kernels_*.py
     gpu_stage bench 180 bash -c "$(declare -f bench_cut); bench_cut"
-    tests_stage engine 120 4 tests --ignore-glob='tests/test_kernels_*'
+    tests_stage engine 120 4 gpu tests --ignore-glob='tests/test_kernels_*'
 }
 
 run_extra() {
