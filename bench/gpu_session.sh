@@ -3,7 +3,9 @@
 # all, each call ≤ 10 minutes, 1-2 of them spent starting the machine. Two calls at most:
 #
 #     bash bench/gpu_session.sh main     # ≤ 9.5 min: the numbers that matter most, first
-#     bash bench/gpu_session.sh extra    # optional second call: train + serve (≤ 9.5 min)
+#     bash bench/gpu_session.sh extra    # optional second call: train + serve + a profiled train step
+#     bash bench/gpu_session.sh main extra   # both in one call: on an H200 main took 222 s and extra
+#                                            # (without trainprof) 246 s, inside the 570 s budget
 #
 # main, in order, each stage under its own time limit so the call ends by BUDGET_S (570 s):
 #   install  carried wheels (.whl/, diffusers among them) into $SITE, the project editable
@@ -17,7 +19,9 @@
 #            75 / 60 / 40 s); every op, and the peft /
 #            SDPA / per-region baselines
 #   engine   pytest -m gpu (the engine's end-to-end tests on CUDA), kernels' tests excluded
-# extra: train (bench/train.py, SD-1.5 bf16, batch 1 and 4, 10 steps), serve (bench/serve.py sd15).
+# extra: train (bench/train.py, SD-1.5 bf16, batch 1 and 4, 10 steps), serve (bench/serve.py sd15),
+#        trainprof (bench/train.py --profile, batch 1, 5 steps: where a training step's time goes,
+#        profile-b1-<provider>.txt per provider in bench/results/<device>/profile/).
 #
 # $OUT gets at most 8 files, all top level, rewritten after EACH stage (a call killed at its
 # limit still brings back every finished stage): versions.log, summary.txt, aot_sm90.json,
@@ -165,6 +169,7 @@ run_main() {
 run_extra() {
     gpu_stage train 300 "$PY" bench/train.py --device cuda --dtype bf16 --batch 1,4 --steps 10
     gpu_stage serve 200 "$PY" bench/serve.py --model sd15 --device cuda
+    gpu_stage trainprof 120 "$PY" bench/train.py --device cuda --dtype bf16 --batch 1 --steps 5 --profile
 }
 
 : >"$SUMMARY"

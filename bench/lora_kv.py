@@ -260,6 +260,23 @@ def _u_grouped(i, ctx):
     return Prepared(call, canonical=canonical, interpreted=ctx.interpreted)
 
 
+def _u_trusted(i, ctx):
+    """ops.lora_kv_projection_grouped_trusted: the one call per denoising step of the engine (weights packed
+    once, ids checked when made: no host sync)."""
+    ctx.require_triton()
+    n_layers = i["c"].shape[0]
+    w_k, w_v = (torch.cat(list(i[key])) for key in ("w_k", "w_v"))
+    douts = tuple(w.shape[0] for w in i["w_k"])
+    ids, weights = (i[key].expand(n_layers, *i[key].shape) for key in ("ids", "weights"))
+    args = (i["c"], w_k, w_v, douts, *(list(i[key]) for key in ("a_k", "b_k", "a_v", "b_v")), ids, weights, i["scale"])
+
+    def call():
+        with ops.use_backend("triton"):
+            return ops.lora_kv_projection_grouped_trusted(*args)
+
+    return Prepared(call, canonical=lambda out: list(zip(*out)), interpreted=ctx.interpreted)
+
+
 def _u_ours(i, ctx):
     ctx.require_triton()
 
@@ -285,6 +302,7 @@ def _u_peft(i, ctx):
 
 UNET_PROVIDERS = [
     Provider("ours_grouped", _u_grouped),
+    Provider("ours_trusted", _u_trusted),
     Provider("ours", _u_ours),
     Provider("reference", _u_reference),
     Provider("compile", _u_compile),

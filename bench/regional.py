@@ -96,6 +96,10 @@ def _p_ours(i, ctx):
     return ours(ops.regional_cross_attention, *_regional_args(i), ctx=ctx)
 
 
+def _p_trusted(i, ctx):
+    return ours(ops.regional_cross_attention_trusted, *_regional_args(i), ctx=ctx)
+
+
 def _p_cpu(i, ctx):
     return ours_cpu(ops.regional_cross_attention, *_regional_args(i), ctx=ctx)
 
@@ -213,6 +217,7 @@ def _p_xformers(i, ctx):
 
 REGIONAL_PROVIDERS = [
     Provider("ours", _p_ours),
+    Provider("ours_trusted", _p_trusted),
     Provider("ours_cpu", _p_cpu),
     Provider("ours_kernel", _p_kernel),
     Provider("reference", _p_reference),

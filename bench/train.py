@@ -3,7 +3,7 @@ against a plain diffusers + peft LoRA training loop with the same settings, side
 
     python bench/train.py [--quick] [--model sd15|tiny|tinyworld] [--batch 1,4] [--steps 20] [--rounds 1]
                           [--device cuda] [--dtype bf16] [--autocast] [--providers peft,peft+ti,engine:cidm,...]
-                          [--out DIR]
+                          [--out DIR] [--profile]
 
 The model is the SD-1.5 architecture (UNet, CLIP ViT-L/14 text encoder, VAE) built from its
 configs with random weights (no download); ``--quick`` and ``--model tiny`` use a tiny one,
@@ -31,6 +31,12 @@ of them) and its steps are pooled; ``round_ms`` keeps each round's median. Peak 
 torch.cuda.max_memory_allocated on CUDA; on CPU the process's resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs at the loop start), "n/a" where that is unavailable.
 Results: JSON lines in bench/results/<device-slug>/train.jsonl (…/quick/ with --quick).
+
+``--profile`` runs the measured steps under torch.profiler (CPU, and CUDA on a GPU) to find where a
+step's time goes. Per run it writes ``profile-b<batch>-<provider>.txt``: ATen ops, kernel launches,
+host-device synchronisations and memcpy calls per step, the device's busy time per step against the
+wall time, and the ops by self CPU time. Times taken under the profiler are inflated, so those
+records go to …/profile/train.jsonl, away from the clean ones.
 """
 
 from __future__ import annotations
@@ -319,22 +325,28 @@ class MemoryMeter:
 @dataclass
 class StepClock:
     """Marks at the start of every step and at the end of the loop; the first ``warmup`` intervals are
-    not counted. The memory meter starts with the first step (the optimizer state is allocated in it)."""
+    not counted. The memory meter starts with the first step (the optimizer state is allocated in it).
+    A ``profiler`` (not yet entered) records the measured steps: from the first one's mark to the end."""
 
     device: torch.device
     warmup: int
     meter: MemoryMeter
     marks: list[float] = field(default_factory=list)
+    profiler: torch.profiler.profile | None = None
 
     def step(self) -> None:
         common.synchronize(self.device)
         if not self.marks:
             self.meter.begin()
+        if self.profiler is not None and len(self.marks) == self.warmup:
+            self.profiler.__enter__()
         self.marks.append(time.perf_counter())
 
     def stop(self) -> None:
         common.synchronize(self.device)
         self.marks.append(time.perf_counter())
+        if self.profiler is not None and len(self.marks) > self.warmup + 1:
+            self.profiler.__exit__(None, None, None)
         self.meter.end()
 
     def summary(self) -> dict:
@@ -342,6 +354,36 @@ class StepClock:
         if not intervals:
             raise RuntimeError(f"no measured steps: {len(self.marks) - 1} steps, {self.warmup} of them warm-up")
         return step_stats([x * 1e3 for x in intervals])
+
+
+_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+_SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def profile_summary(prof: torch.profiler.profile, steps: int, wall_ms: float) -> str:
+    """Per step: ATen ops, kernel launches, synchronisations (one of them the clock's own), memcpy
+    calls and the device's busy time; then the ops by self CPU time."""
+    events = prof.key_averages()
+
+    def per_step(match) -> float:
+        return sum(e.count for e in events if match(e.key)) / steps
+
+    def device_us(e) -> float:  # renamed from self_cuda_time_total in torch 2.4
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(device_us(e) for e in kernels) / 1e3 / steps
+    lines = [
+        f"{steps} measured steps under the profiler, {wall_ms:.1f} ms per step (inflated by the profiler)",
+        f"ATen ops per step: {per_step(lambda k: k.startswith('aten::')):.0f}",
+        f"kernel launches per step: {per_step(lambda k: k in _LAUNCHES):.0f}",
+        f"synchronisations per step: {per_step(lambda k: k in _SYNCS):.1f} (one is the clock's)",
+        f"memcpy calls per step: {per_step(lambda k: k.startswith('cudaMemcpy')):.1f}",
+        f"device busy per step: {busy_ms:.1f} ms (kernels' self time; 0 on a CPU)",
+        "",
+        events.table(sort_by="self_cpu_time_total", row_limit=40),
+    ]
+    return "\n".join(lines)
 
 
 def step_stats(ms: list[float]) -> dict:
@@ -387,6 +429,16 @@ class Settings:
     device: torch.device
     dtype: torch.dtype  # of the base weights
     autocast: bool  # forward under torch.autocast(bf16), as accelerate's --mixed_precision bf16 runs it
+    profile: bool = False  # the measured steps under torch.profiler (see profile_summary)
+
+    def clock(self) -> StepClock:
+        profiler = None
+        if self.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+        return StepClock(self.device, self.warmup, MemoryMeter(self.device), profiler=profiler)
 
 
 @dataclass
@@ -457,7 +509,7 @@ def run_baseline(s: Settings, textual_inversion: bool) -> Outcome:
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     unet.train()
 
-    clock = StepClock(s.device, s.warmup, MemoryMeter(s.device))
+    clock = s.clock()
     gen = torch.Generator().manual_seed(s.seed)
     losses = []
     try:
@@ -499,7 +551,7 @@ def run_engine(s: Settings, method: str, freeze: bool, backend: str) -> Outcome:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
     expected = lora_parameter_count(pipe.unet, s.rank)
-    clock = StepClock(s.device, s.warmup, MemoryMeter(s.device))
+    clock = s.clock()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
         max_steps = s.warmup + s.steps
         trainer = ContinualTrainer(
@@ -588,7 +640,7 @@ def check(out: Outcome) -> str | None:
     return None
 
 
-def measure(name: str, s: Settings, runner, base: dict) -> dict:
+def measure(name: str, s: Settings, runner, base: dict, profile_dir: Path | None = None) -> dict:
     shape = {
         "model": s.spec.name,
         "resolution": s.resolution,
@@ -628,11 +680,18 @@ def measure(name: str, s: Settings, runner, base: dict) -> dict:
             torch.cuda.empty_cache()
     meter = out.clock.meter
     reason = check(out)
+    summary = out.clock.summary()
+    if out.clock.profiler is not None and profile_dir is not None:
+        text = profile_summary(out.clock.profiler, summary["measured_steps"], summary["ms"])
+        path = profile_dir / f"profile-b{s.batch}-{name.replace(':', '-')}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
     return {
         **rec,
         "status": "incorrect" if reason else "ok",
         "reason": reason,
-        **out.clock.summary(),
+        **summary,
+        "profiled": s.profile,
         "peak_memory_bytes": meter.peak,
         "start_memory_bytes": meter.start,
         "peak_delta_bytes": meter.peak - meter.start if meter.peak is not None and meter.start is not None else None,
@@ -730,6 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", default=None, help="results folder (default bench/results/<device-slug>/, with --quick …/quick/)"
     )
     parser.add_argument("--fresh", action="store_true", help="empty train.jsonl first (default: replace same cases)")
+    parser.add_argument(
+        "--profile", action="store_true", help="measured steps under torch.profiler: per-run summaries in …/profile/"
+    )
     return parser.parse_args(argv)
 
 
@@ -755,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     info = common.describe_device(device)
     default_out = common.BENCH_DIR / "results" / info.slug / ("quick" if args.quick else "")
     out_dir = Path(args.out) if args.out else default_out
+    if args.profile:  # inflated times: never beside the clean records
+        out_dir = out_dir / "profile"
     env = common.environment(sys.argv[1:] if argv is None else argv)
     base = {
         **info.as_record(),
@@ -788,13 +852,14 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             dtype=dtype,
             autocast=args.autocast,
+            profile=args.profile,
         )
         rounds = {name: [] for name in providers}
         for r in range(args.rounds):
             for name in providers:
                 if bar is not None:
                     bar.set_postfix_str(f"b{batch} {name} round {r + 1}")
-                rounds[name].append(measure(name, s, runners[name], base))
+                rounds[name].append(measure(name, s, runners[name], base, out_dir if args.profile else None))
                 writer.write(combine_rounds(rounds[name]))  # at once: a run cut short keeps what it measured
                 if bar is not None:
                     bar.update()

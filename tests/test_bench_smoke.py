@@ -191,6 +191,28 @@ def test_train_rounds_pool_every_round_of_every_provider(tmp_path):
     assert engine["speed_vs_peft"] == pytest.approx(engine["steps_per_second"] / records[0]["steps_per_second"])
 
 
+def test_train_profile_writes_a_summary_per_run_away_from_the_clean_records(tmp_path):
+    """--profile: the measured steps run under torch.profiler; each run gets a summary (ops per step and
+    the op table), and the inflated records go to profile/, never beside the clean ones."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
+    cmd += ["--profile", "--providers", "peft,engine:lora-m:frozen"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["profile"]
+    names = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert names == ["profile-b1-engine-lora-m-frozen.txt", "profile-b1-peft.txt", "train.jsonl"]
+    records = [json.loads(line) for line in (tmp_path / "profile" / "train.jsonl").read_text().splitlines()]
+    assert [(r["provider"], r["status"], r["profiled"]) for r in records] == [
+        ("peft", "ok", True),
+        ("engine:lora-m:frozen", "ok", True),
+    ]
+    for name in names[:2]:
+        text = (tmp_path / "profile" / name).read_text()
+        ops = int(text.split("ATen ops per step: ")[1].split()[0])
+        assert ops > 100, text[:500]  # a UNet step is hundreds of ops: the steps were recorded
+        assert "aten::" in text and "Self CPU" in text
+
+
 @pytest.mark.slow
 def test_train_quick_run_bf16_autocast(tmp_path):
     """bf16 base weights with every forward under bf16 autocast (the engine's mixed_precision="bf16")."""
