@@ -128,7 +128,9 @@ def ewa_weights_rows(prompt, concepts, concept_rows, prompt_mask=None, power=4.0
         BLOCK_T=block_size(t_len, hi=32),
         BLOCK_G=block_size(n_concepts, hi=32),
         BLOCK_D=block_size(dim, hi=64),
-        num_warps=4,
+        # fp16/bf16 with 4 warps spilled 32 B under Triton 3.6's ptxas (the H200 machine's; 3.9 did not):
+        # 8 warps hold the tiles without spills under both; fp32 spills with 8 and not with 4 (aot_sm90)
+        num_warps=4 if prompt.dtype == torch.float32 else 8,
     )
     return psi
 
