@@ -54,7 +54,7 @@ def _impl(op: str):
             return module.lora_kv_projection_grouped(c, None, None, *rest, packed=packed, flat=True)
         if op == "lora_kv_projection_grouped_backward":  # no grouped backward kernel: the per-layer one per layer
             return reference.lora_kv_projection_grouped_backward(*args, module.lora_kv_projection_backward)
-        if op == "regional_cross_attention" and plain_attention(*args[1:3], args[4]):
+        if op == "regional_cross_attention" and plain_attention(args[1], args[4]):
             q, k, v, _, _, scale = args
             return F.scaled_dot_product_attention(q, k[:, 0], v[:, 0], scale=scale)
         return getattr(module, op)(*args)
@@ -63,7 +63,7 @@ def _impl(op: str):
     return run
 
 
-def plain_attention(k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None) -> bool:
+def plain_attention(k: torch.Tensor, kv_len: torch.Tensor | None) -> bool:
     """Whether a regional attention call is plain cross-attention that SDPA serves faster (module
     docstring): one slot, every key valid, not under the interpreter (there the kernel is what is tested)."""
     return k.shape[1] == 1 and kv_len is None and not interpreting()
