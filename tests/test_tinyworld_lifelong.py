@@ -56,6 +56,7 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
         assert e["task"] == task
         for stage in ("base", "after_learning", "final"):
             assert -1 <= e[stage]["ia"] <= 1 and 0 <= e[stage]["ta"] <= 1
+            assert 0 <= e[stage]["recognised"] <= e[stage]["recognised_anywhere"] <= 1  # its place is one place
         assert e["forgetting"] == pytest.approx(e["after_learning"]["ia"] - e["final"]["ia"])
     s = report["summary"]
     assert s["forgetting"] == pytest.approx(report["concepts"][names[0]]["forgetting"], abs=1e-4)  # not the last

@@ -2,6 +2,16 @@
 
     python -m lifelong_engine.tinyworld.targets [--weights DIR] [--n N] [--only NAMES] [--out FILE]
 
+- ``layout``: what the model predicts at the first sampling step (t = T, pure noise) for "a large
+  red circle at the <position> on a white background", at each of the nine positions: where the
+  red of the predicted x0 is centred. ``spread`` is the mean distance of those nine centres from
+  their mean (in image widths; 0 when the model ignores position words, ``named_spread`` when the
+  centres sit on the named positions), ``centre_error`` their mean distance from the named
+  positions. This is where a layout is decided: later steps refine what this one starts;
+- ``position``: generic one-object captions ("a small red striped circle at the top left on a
+  white background"), no regions: the fraction of images in which the object is found with its
+  prompted shape and colour (and accent) anywhere (``drawn``) and at its named position
+  (``at_position``; chance about 1 in 9) — whether the model reads position words at all;
 - ``two_objects``: generic two-object captions (a seed the training never used), no regions:
   the fraction of images in which both objects are found with their prompted shape and colour
   (and accent, two-colour), at two different slots (``both_drawn``), and also each at its named
@@ -11,7 +21,8 @@
   is found inside its own box (``both_in_box``) — :meth:`~.evaluator.Evaluator.object_presence`;
 - ``oracle``: every concept's context-prompt scenes prompted in generic words only (no token:
   "a teal and orange vertically split circle with a white cross ..."): the fraction of images in
-  which the evaluator recognises the concept's identity at its slot (``recognised``), per concept;
+  which the evaluator recognises the concept's identity at its slot (``recognised``), per concept,
+  and at any slot (``recognised_anywhere``: the identity drawn, but maybe in the wrong place);
 - ``autoencoder``: the same scenes rendered exactly and passed through the model's VAE (encode,
   decode): how often the identity survives, a ceiling on ``oracle``.
 
@@ -30,9 +41,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .world import CONCEPTS, Scene, caption, context_prompts, object_prompt, render_batch, sample_scenes
+from .world import (
+    CONCEPTS,
+    POSITIONS,
+    ObjectSpec,
+    Scene,
+    caption,
+    context_prompts,
+    object_prompt,
+    render_batch,
+    sample_scenes,
+)
 
-__all__ = ["autoencoder", "measure", "oracle", "regions", "two_object_scenes", "two_objects"]
+__all__ = ["autoencoder", "layout", "measure", "oracle", "position", "red_centre", "regions", "two_object_scenes",
+           "two_objects"]  # fmt: skip
 
 #: Seed of the measured prompts; the training streams use others.
 SEED = 4_040_404
@@ -42,14 +64,19 @@ HALVES = {
 }
 
 
-def two_object_scenes(n: int, seed: int = SEED) -> list[Scene]:
-    """The first ``n`` two-object scenes of the generic world drawn from ``seed``."""
+def _scenes_with(objects: int, n: int, seed: int) -> list[Scene]:
+    """The first ``n`` scenes with ``objects`` objects of the generic world drawn from ``seed``."""
     out, k = [], 0
     while len(out) < n:
         batch = sample_scenes(8 * n + k, seed)[k:]
         k += len(batch)
-        out += [s for s in batch if len(s.objects) == 2]
+        out += [s for s in batch if len(s.objects) == objects]
     return out[:n]
+
+
+def two_object_scenes(n: int, seed: int = SEED) -> list[Scene]:
+    """The first ``n`` two-object scenes of the generic world drawn from ``seed``."""
+    return _scenes_with(2, n, seed)
 
 
 def _images(lp, prompts: Sequence[str], seed: int, steps: int, guidance: float, regions=None) -> np.ndarray:
@@ -64,6 +91,73 @@ def _distinct_slots(a: torch.Tensor, b: torch.Tensor) -> float:
     pair = torch.minimum(a[:, None], b[None, :])
     pair.fill_diagonal_(0.0)
     return float(pair.max())
+
+
+def red_centre(images: torch.Tensor) -> torch.Tensor:
+    """(x, y) in image widths: the centre of the red (R − (G + B) / 2, 0 on white or gray) of a batch
+    of (N, 3, H, W) images in [-1, 1], summed over the batch."""
+    x = images.clamp(-1, 1)
+    red = (x[:, 0] - 0.5 * (x[:, 1] + x[:, 2])).clamp(min=0).sum(0)  # (H, W)
+    h, w = red.shape
+    mass = red.sum().clamp(min=1e-8)
+    gx = (torch.arange(w, dtype=red.dtype, device=red.device) + 0.5) / w
+    gy = (torch.arange(h, dtype=red.dtype, device=red.device) + 0.5) / h
+    return torch.stack([(red.sum(0) * gx).sum() / mass, (red.sum(1) * gy).sum() / mass])
+
+
+@torch.no_grad()
+def layout(lp, evaluator, n: int = 16) -> dict:
+    """Where the x0 predicted at t = T puts a prompted object (see the module docstring)."""
+    pipe = lp.pipe
+    device, t = pipe.unet.device, int(pipe.scheduler.config.num_train_timesteps) - 1
+    alpha_bar = pipe.scheduler.alphas_cumprod[t].to(device)
+    shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device)
+    centres, named = [], []
+    for name, xy in POSITIONS.items():
+        prompt = caption(Scene("white", (ObjectSpec("circle", "red", "solid", "large", name),)))
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)  # fmt: skip
+        hidden = pipe.text_encoder(ids)[0].expand(n, -1, -1)
+        v = pipe.unet(noise, t, encoder_hidden_states=hidden).sample
+        x0 = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
+        centres.append(red_centre(pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample).cpu())
+        named.append(torch.tensor(xy, dtype=torch.float32))
+    centres, named = torch.stack(centres), torch.stack(named)
+    return {
+        "prompts": len(POSITIONS),
+        "noise_samples": n,
+        "spread": round(float((centres - centres.mean(0)).norm(dim=1).mean()), 4),
+        "named_spread": round(float((named - named.mean(0)).norm(dim=1).mean()), 4),
+        "centre_error": round(float((centres - named).norm(dim=1).mean()), 4),
+    }
+
+
+def position(lp, evaluator, n: int = 64, steps: int = 20, guidance: float = 4.0, batch: int = 16) -> dict:
+    """Generic one-object captions without regions (see the module docstring)."""
+    from .evaluator import SLOTS
+
+    scenes = _scenes_with(1, n, SEED + 2)
+
+    def score(images, chunk, drawn, placed):
+        for image, scene in zip(images, chunk):
+            (obj,) = scene.objects
+            found = evaluator.object_scores(image, obj)
+            drawn.append(bool(found.max() > 0.5))
+            placed.append(bool(found[SLOTS.index(obj.position)] > 0.5))
+
+    drawn, placed, render_drawn, render_placed = [], [], [], []
+    for i in range(0, n, batch):
+        chunk = scenes[i : i + batch]
+        score(_images(lp, [caption(s) for s in chunk], SEED + 2000 + i, steps, guidance), chunk, drawn, placed)
+        score(render_batch(chunk), chunk, render_drawn, render_placed)
+    return {
+        "images": n,
+        "drawn": float(np.mean(drawn)),
+        "at_position": float(np.mean(placed)),
+        "renders_drawn": float(np.mean(render_drawn)),
+        "renders_at_position": float(np.mean(render_placed)),
+    }
 
 
 def two_objects(lp, evaluator, n: int = 64, steps: int = 20, guidance: float = 4.0, batch: int = 16) -> dict:
@@ -128,28 +222,28 @@ def regions(lp, evaluator, n: int = 32, steps: int = 20, guidance: float = 4.0) 
     }
 
 
-def _recognised(evaluator, images, scenes, concept) -> list[bool]:
-    """Per image: is ``concept`` recognised at its scene's (first) object slot."""
+def _recognised(evaluator, images, scenes, concept) -> tuple[list[bool], list[bool]]:
+    """Per image: is ``concept`` recognised at its scene's (first) object slot; and at any slot."""
     from .evaluator import IDENTITIES, SLOTS
 
     pred, k = evaluator.predict(images), IDENTITIES.index(concept.name)
+    found = (pred.presence > 0.5) & (pred.attributes["identity"].argmax(-1) == k)  # (N, slots)
     slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
-    return [
-        bool(pred.presence[i, s] > 0.5 and pred.attributes["identity"][i, s].argmax() == k)
-        for i, s in enumerate(slots)
-    ]
+    return [bool(found[i, s]) for i, s in enumerate(slots)], [bool(row.any()) for row in found]
 
 
 def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
     """Each concept's context scenes prompted in generic words only (see the module docstring)."""
-    per = {}
+    per, anywhere = {}, {}
     for c_index, concept in enumerate(CONCEPTS):
         scenes = [p.scene for p in context_prompts(concept) for _ in range(samples)]
         images = _images(lp, [caption(s, tokens=False) for s in scenes], SEED + 1000 * (c_index + 1), steps, guidance)
-        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)))
+        at_slot, at_any = _recognised(evaluator, images, scenes, concept)
+        per[concept.name], anywhere[concept.name] = float(np.mean(at_slot)), float(np.mean(at_any))
     return {
         "images": samples * sum(len(context_prompts(c)) for c in CONCEPTS),
         "recognised": float(np.mean(list(per.values()))),
+        "recognised_anywhere": float(np.mean(list(anywhere.values()))),
         "per_concept": per,
     }
 
@@ -167,7 +261,7 @@ def autoencoder(lp, evaluator) -> dict:
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         error.append(float((y - x).abs().mean()))
         images = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)))
+        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)[0]))
     return {
         "images": sum(len(context_prompts(c)) for c in CONCEPTS),
         "recognised": float(np.mean(list(per.values()))),
@@ -176,7 +270,8 @@ def autoencoder(lp, evaluator) -> dict:
     }
 
 
-MEASURES = {"regions": regions, "two_objects": two_objects, "oracle": oracle, "autoencoder": autoencoder}
+MEASURES = {"layout": layout, "position": position, "regions": regions, "two_objects": two_objects, "oracle": oracle,
+            "autoencoder": autoencoder}  # fmt: skip
 
 
 def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None) -> dict:
@@ -185,7 +280,8 @@ def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = 
     unknown = [m for m in only if m not in MEASURES]
     if unknown:
         raise ValueError(f"measures {unknown}: expected some of {list(MEASURES)}")
-    sizes = {"two_objects": {"n": 8}, "regions": {"n": 4}, "oracle": {"samples": 1}} if quick else {}
+    sizes = {"layout": {"n": 2}, "position": {"n": 8}, "two_objects": {"n": 8}, "regions": {"n": 4},
+             "oracle": {"samples": 1}} if quick else {}  # fmt: skip
     report = {}
     for name in only:
         started = time.perf_counter()
