@@ -24,7 +24,7 @@ from lifelong_engine.tinyworld import (
 from lifelong_engine.tinyworld import evaluator as ev
 from lifelong_engine.tinyworld import model as tm
 from lifelong_engine.tinyworld.targets import two_object_scenes
-from lifelong_engine.tinyworld.train_base import TrainConfig, _region_boxes, train
+from lifelong_engine.tinyworld.train_base import TrainConfig, _region_boxes, train, v_loss_weight
 
 PROMPT = "a large red striped circle at the top left on a blue background"
 
@@ -333,6 +333,20 @@ def test_train_base_continues_from_other_weights_with_regional_rows(tmp_path):
     assert tm.read_manifest(tmp_path / "b")["init_fingerprint"] == tm.read_manifest(tmp_path / "a")["fingerprint"]
     loaded = tm.load_tinyworld_pipeline("cpu", tmp_path / "b")
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in loaded.unet.attn_processors.values())
+
+
+def test_v_loss_weight_floors_high_noise_and_caps_low_noise():
+    """x0-loss weight clamp(SNR, floor, γ) as a v-loss weight: Min-SNR with a floor of 0 (a
+    high-noise step weighs ~SNR), the plain v-loss (≈ 1) there with a floor of 1, and the same
+    γ / (SNR + 1) for low noise either way."""
+    snr = torch.tensor([1e-4, 0.5, 1.0, 3.0, 100.0])
+    plain = v_loss_weight(snr, 0.0, 5.0)
+    floored = v_loss_weight(snr, 1.0, 5.0)
+    torch.testing.assert_close(plain, snr.clamp(max=5.0) / (snr + 1))
+    assert plain[0] < 1e-3 and floored[0] > 0.99  # t ≈ T: all but ignored by Min-SNR, kept by the floor
+    torch.testing.assert_close(floored[1], torch.tensor(1 / 1.5))
+    torch.testing.assert_close(floored[2:], plain[2:])  # SNR ≥ 1: unchanged
+    assert TrainConfig().snr_floor == 0.0  # the shipped model's recipe
 
 
 def test_region_boxes_hold_their_object_and_reach_no_other():

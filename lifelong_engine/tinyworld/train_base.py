@@ -13,7 +13,8 @@ draws from; batch ``k`` of a phase comes from ``numpy.random.default_rng([seed, 
    standardised per channel (:func:`_standardise_latents`), then ``scaling_factor`` = 1 / std of
    the latents, as in SD (≈ 1).
 2. ``diffusion``: the text encoder and the UNet together on the v-prediction loss over latents, with
-   Min-SNR-5 weighting (Hang et al. 2023) and 10 % empty captions (so classifier-free guidance
+   Min-SNR-5 weighting (Hang et al. 2023; ``--snr-floor`` keeps high-noise steps at a weight, see
+   :func:`v_loss_weight`) and 10 % empty captions (so classifier-free guidance
    works); AdamW, warm-up then cosine decay, gradient clipping, an EMA of both models (the EMA is
    what ships). Every ``probe_every`` steps ``text_gain`` (:meth:`_Run.text_gain`) measures how
    much the captions help; it stays near 0 until the model starts to follow prompts.
@@ -49,7 +50,7 @@ from ..store import atomic_torch_save as _atomic_save
 from .model import MODEL_VERSION, WEIGHTS_DIR, build_pipeline, save_weights, tinyworld_components
 from .world import caption, object_box, object_prompt, render_batch, sample_scene, sample_scenes
 
-__all__ = ["DEFAULT_STEPS", "TrainConfig", "main", "train"]
+__all__ = ["DEFAULT_STEPS", "TrainConfig", "main", "train", "v_loss_weight"]
 
 #: Steps of each phase for a model trained from scratch, sized for ~50 minutes on a 2-core CPU.
 DEFAULT_STEPS = {"autoencoder": 1500, "diffusion": 5500, "evaluator": 1000}
@@ -80,6 +81,7 @@ class TrainConfig:
     warmup: int = 200
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    snr_floor: float = 0.0  # x0-loss weight = clamp(SNR, snr_floor, min_snr_gamma): see v_loss_weight
     ema_decay: float = 0.999
     evaluator_batch: int = 64
     probe_every: int = 500  # diffusion steps between text_gain measurements
@@ -94,7 +96,16 @@ class TrainConfig:
 
 
 _RECIPE = ("seed", "ae_batch", "ae_lr", "ae_kl_weight", "batch", "lr", "warmup", "caption_dropout", "min_snr_gamma",
-           "ema_decay", "evaluator_batch", "region_probability", "init_fingerprint")  # fmt: skip
+           "snr_floor", "ema_decay", "evaluator_batch", "region_probability", "init_fingerprint")  # fmt: skip
+
+
+def v_loss_weight(snr: torch.Tensor, floor: float, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the v-prediction MSE: an x0-loss weight of clamp(SNR, floor, γ), divided
+    by SNR + 1 (the v-loss is SNR + 1 times the x0-loss). With ``floor`` 0 (the recipe's default)
+    this is Min-SNR-γ (Hang et al. 2023), which weighs a high-noise step ~SNR ≈ 0 — and those are
+    the steps that decide where objects go: the shipped model predicts the same x0 at t = T whatever
+    the position words (``targets.layout``). A floor of 1 gives them the plain v-loss weight, ≈ 1."""
+    return snr.clamp(min=floor, max=gamma) / (snr + 1)
 
 
 class _Stop(Exception):
@@ -418,7 +429,7 @@ class _Run:
             prediction = c["unet"](noisy, t, hidden).sample
         mse = (prediction - v).pow(2).mean(dim=(1, 2, 3))
         snr = (alpha_bar / (1 - alpha_bar)).flatten()
-        loss = (mse * snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)).mean()  # Min-SNR for v-prediction
+        loss = (mse * v_loss_weight(snr, cfg.snr_floor, cfg.min_snr_gamma)).mean()
         loss.backward()
         params = [*c["unet"].parameters(), *c["text_encoder"].parameters()]
         if optimizer is not None:
@@ -741,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the recipe's)")
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: the recipe's)")
+    parser.add_argument("--snr-floor", type=float, default=None,
+                        help="least x0-loss weight of a timestep (default: the recipe's, 0: Min-SNR)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -750,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         steps = None
     recipe = dict(FINETUNE) if args.init_from is not None else {}
-    overrides = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay}
+    overrides = {"lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay, "snr_floor": args.snr_floor}
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig(
         **recipe,
