@@ -133,58 +133,52 @@ def layout(lp, evaluator, n: int = 16) -> dict:
     }
 
 
-def position(lp, evaluator, n: int = 64, steps: int = 20, guidance: float = 4.0, batch: int = 16) -> dict:
-    """Generic one-object captions without regions (see the module docstring)."""
+def _found(evaluator, image, scene: Scene) -> tuple[bool, bool]:
+    """Are the scene's objects found with their prompted shape and colour (and accent), at distinct
+    slots; and is each at its named position."""
     from .evaluator import SLOTS
 
-    scenes = _scenes_with(1, n, SEED + 2)
+    scores = [evaluator.object_scores(image, obj) for obj in scene.objects]
+    drawn = float(scores[0].max()) if len(scores) == 1 else _distinct_slots(*scores)
+    placed = all(float(s[SLOTS.index(obj.position)]) > 0.5 for s, obj in zip(scores, scene.objects))
+    return drawn > 0.5, placed
 
-    def score(images, chunk, drawn, placed):
-        for image, scene in zip(images, chunk):
-            (obj,) = scene.objects
-            found = evaluator.object_scores(image, obj)
-            drawn.append(bool(found.max() > 0.5))
-            placed.append(bool(found[SLOTS.index(obj.position)] > 0.5))
 
-    drawn, placed, render_drawn, render_placed = [], [], [], []
-    for i in range(0, n, batch):
+def _caption_following(lp, evaluator, scenes, seed: int, steps: int, guidance: float, batch: int):
+    """Per scene, (drawn, placed) of :func:`_found` on an image generated from its caption, and on
+    its exact render (what the evaluator itself allows): two (N, 2) arrays."""
+    generated, renders = [], []
+    for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
-        score(_images(lp, [caption(s) for s in chunk], SEED + 2000 + i, steps, guidance), chunk, drawn, placed)
-        score(render_batch(chunk), chunk, render_drawn, render_placed)
+        images = _images(lp, [caption(s) for s in chunk], seed + i, steps, guidance)
+        generated += [_found(evaluator, image, s) for image, s in zip(images, chunk)]
+        renders += [_found(evaluator, image, s) for image, s in zip(render_batch(chunk), chunk)]
+    return np.array(generated, dtype=float), np.array(renders, dtype=float)
+
+
+def position(lp, evaluator, n: int = 64, steps: int = 20, guidance: float = 4.0, batch: int = 16) -> dict:
+    """Generic one-object captions without regions (see the module docstring)."""
+    generated, renders = _caption_following(lp, evaluator, _scenes_with(1, n, SEED + 2), SEED + 2000, steps,
+                                            guidance, batch)  # fmt: skip
     return {
         "images": n,
-        "drawn": float(np.mean(drawn)),
-        "at_position": float(np.mean(placed)),
-        "renders_drawn": float(np.mean(render_drawn)),
-        "renders_at_position": float(np.mean(render_placed)),
+        "drawn": float(generated[:, 0].mean()),
+        "at_position": float(generated[:, 1].mean()),
+        "renders_drawn": float(renders[:, 0].mean()),
+        "renders_at_position": float(renders[:, 1].mean()),
     }
 
 
 def two_objects(lp, evaluator, n: int = 64, steps: int = 20, guidance: float = 4.0, batch: int = 16) -> dict:
     """Generic two-object captions without regions (see the module docstring)."""
-    from .evaluator import SLOTS
-
-    scenes = two_object_scenes(n)
-
-    def score(images, chunk, drawn, placed):
-        for image, scene in zip(images, chunk):
-            a, b = (evaluator.object_scores(image, obj) for obj in scene.objects)
-            drawn.append(_distinct_slots(a, b) > 0.5)
-            ia, ib = (SLOTS.index(obj.position) for obj in scene.objects)
-            placed.append(bool(a[ia] > 0.5 and b[ib] > 0.5))
-
-    drawn, placed, render_drawn, render_placed = [], [], [], []
-    for i in range(0, n, batch):
-        chunk = scenes[i : i + batch]
-        score(_images(lp, [caption(s) for s in chunk], SEED + i, steps, guidance), chunk, drawn, placed)
-        score(render_batch(chunk), chunk, render_drawn, render_placed)
+    generated, renders = _caption_following(lp, evaluator, two_object_scenes(n), SEED, steps, guidance, batch)
     return {
         "images": n,
-        "both_drawn": float(np.mean(drawn)),
-        "both_at_position": float(np.mean(placed)),
+        "both_drawn": float(generated[:, 0].mean()),
+        "both_at_position": float(generated[:, 1].mean()),
         # the same scoring on exact renders of the prompted scenes: what the evaluator itself allows
-        "renders_both_drawn": float(np.mean(render_drawn)),
-        "renders_both_at_position": float(np.mean(render_placed)),
+        "renders_both_drawn": float(renders[:, 0].mean()),
+        "renders_both_at_position": float(renders[:, 1].mean()),
     }
 
 
