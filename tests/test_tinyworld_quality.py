@@ -134,22 +134,23 @@ def test_layout_and_position_measures_on_the_shipped_model(shipped):
 
 
 def test_oracle_recognition_at_its_place_and_anywhere(shipped):
-    """``targets._recognised`` on exact renders of a concept's context scenes: recognised at the
-    scene's place and anywhere; moved to another place, recognised anywhere but not at its place."""
+    """``Prediction.recognised`` (what the oracle and the lifelong runs read) on exact renders of a
+    concept's context scenes: recognised at the scene's place and anywhere; moved to another place,
+    recognised anywhere but not at its place."""
     import dataclasses
 
-    from lifelong_engine.tinyworld import CONCEPTS, context_prompts, render_batch, targets
+    from lifelong_engine.tinyworld import CONCEPTS, context_prompts, render_batch
     from lifelong_engine.tinyworld.world import POSITIONS, Scene
 
     _, evaluator = shipped
     concept = CONCEPTS[0]
     scenes = [p.scene for p in context_prompts(concept) if len(p.scene.objects) == 1][:4]
-    at_slot, anywhere = targets._recognised(evaluator, render_batch(scenes), scenes, concept)
+    at_slot, anywhere = evaluator.predict(render_batch(scenes)).recognised(concept, scenes)
     assert all(at_slot) and all(anywhere)
     moved = []
     for scene in scenes:  # the object drawn at the position farthest from the one the scene names
         (obj,) = scene.objects
         far = max(POSITIONS, key=lambda p: sum((a - b) ** 2 for a, b in zip(POSITIONS[p], POSITIONS[obj.position])))
         moved.append(Scene(scene.background, (dataclasses.replace(obj, position=far, offset=(0.0, 0.0)),)))
-    at_slot, anywhere = targets._recognised(evaluator, render_batch(moved), scenes, concept)
+    at_slot, anywhere = evaluator.predict(render_batch(moved)).recognised(concept, scenes)
     assert not any(at_slot) and all(anywhere)

@@ -176,6 +176,13 @@ class Prediction:
     def background_label(self, i: int = 0) -> str:
         return BACKGROUND_CLASSES[int(self.background[i].argmax())]
 
+    def recognised(self, concept: Concept, scenes: Sequence[Scene]) -> tuple[list[bool], list[bool]]:
+        """Per image of ``scenes`` (one each, in order): is ``concept``'s identity read at the
+        slot of the scene's first object; and at any slot where an object is present."""
+        found = (self.presence > 0.5) & (self.attributes["identity"].argmax(-1) == IDENTITIES.index(concept.name))
+        slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
+        return [bool(found[i, s]) for i, s in enumerate(slots)], [bool(row.any()) for row in found]
+
 
 # --------------------------------------------------------------------------------------------
 # Scoring a prediction against a scene

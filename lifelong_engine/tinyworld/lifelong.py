@@ -108,19 +108,17 @@ def _strip_token(prompt: str, concept: Concept) -> str:
 
 
 def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarray, samples: int) -> dict:
-    from .evaluator import IDENTITIES, SLOTS, alignment_checks
+    from .evaluator import alignment_checks
 
     pred = evaluator.predict(images)  # one pass for every image's TA checks
     contexts = [p for p in context_prompts(concept) for _ in range(samples)]
     ta = [np.mean(list(alignment_checks(pred[i], p.scene, p.specified).values())) for i, p in enumerate(contexts)]
-    k = IDENTITIES.index(concept.name)
-    slots = [SLOTS.index(p.scene.objects[0].position) for p in contexts]
-    found = (pred.presence > 0.5) & (pred.attributes["identity"].argmax(-1) == k)  # (N, slots)
+    at_slot, anywhere = pred.recognised(concept, [p.scene for p in contexts])
     return {
         "ia": float(evaluator.image_alignment(images, references)),
         "ta": float(np.mean(ta)),
-        "recognised": float(np.mean([bool(found[i, s]) for i, s in enumerate(slots)])),
-        "recognised_anywhere": float(found.any(dim=1).float().mean()),
+        "recognised": float(np.mean(at_slot)),
+        "recognised_anywhere": float(np.mean(anywhere)),
     }
 
 

@@ -112,7 +112,7 @@ def layout(lp, evaluator, n: int = 16) -> dict:
     device, t = pipe.unet.device, int(pipe.scheduler.config.num_train_timesteps) - 1
     alpha_bar = pipe.scheduler.alphas_cumprod[t].to(device)
     shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device, pipe.unet.dtype)
     centres, named = [], []
     for name, xy in POSITIONS.items():
         prompt = caption(Scene("white", (ObjectSpec("circle", "red", "solid", "large", name),)))
@@ -121,7 +121,7 @@ def layout(lp, evaluator, n: int = 16) -> dict:
         hidden = pipe.text_encoder(ids)[0].expand(n, -1, -1)
         v = pipe.unet(noise, t, encoder_hidden_states=hidden).sample
         x0 = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
-        centres.append(red_centre(pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample).cpu())
+        centres.append(red_centre(pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample.float()).cpu())
         named.append(torch.tensor(xy, dtype=torch.float32))
     centres, named = torch.stack(centres), torch.stack(named)
     return {
@@ -216,23 +216,13 @@ def regions(lp, evaluator, n: int = 32, steps: int = 20, guidance: float = 4.0) 
     }
 
 
-def _recognised(evaluator, images, scenes, concept) -> tuple[list[bool], list[bool]]:
-    """Per image: is ``concept`` recognised at its scene's (first) object slot; and at any slot."""
-    from .evaluator import IDENTITIES, SLOTS
-
-    pred, k = evaluator.predict(images), IDENTITIES.index(concept.name)
-    found = (pred.presence > 0.5) & (pred.attributes["identity"].argmax(-1) == k)  # (N, slots)
-    slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
-    return [bool(found[i, s]) for i, s in enumerate(slots)], [bool(row.any()) for row in found]
-
-
 def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
     """Each concept's context scenes prompted in generic words only (see the module docstring)."""
     per, anywhere = {}, {}
     for c_index, concept in enumerate(CONCEPTS):
         scenes = [p.scene for p in context_prompts(concept) for _ in range(samples)]
         images = _images(lp, [caption(s, tokens=False) for s in scenes], SEED + 1000 * (c_index + 1), steps, guidance)
-        at_slot, at_any = _recognised(evaluator, images, scenes, concept)
+        at_slot, at_any = evaluator.predict(images).recognised(concept, scenes)
         per[concept.name], anywhere[concept.name] = float(np.mean(at_slot)), float(np.mean(at_any))
     return {
         "images": samples * sum(len(context_prompts(c)) for c in CONCEPTS),
@@ -255,7 +245,7 @@ def autoencoder(lp, evaluator) -> dict:
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         error.append(float((y - x).abs().mean()))
         images = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        per[concept.name] = float(np.mean(_recognised(evaluator, images, scenes, concept)[0]))
+        per[concept.name] = float(np.mean(evaluator.predict(images).recognised(concept, scenes)[0]))
     return {
         "images": sum(len(context_prompts(c)) for c in CONCEPTS),
         "recognised": float(np.mean(list(per.values()))),
