@@ -347,6 +347,8 @@ def test_v_loss_weight_floors_high_noise_and_caps_low_noise():
     torch.testing.assert_close(floored[1], torch.tensor(1 / 1.5))
     torch.testing.assert_close(floored[2:], plain[2:])  # SNR ≥ 1: unchanged
     assert TrainConfig().snr_floor == 0.0  # the shipped model's recipe
+    with pytest.raises(ValueError, match="snr_floor 6"):
+        TrainConfig(snr_floor=6.0)  # above γ = 5 the clamp would weigh every step γ / (SNR + 1)
 
 
 def test_region_boxes_hold_their_object_and_reach_no_other():

@@ -94,6 +94,10 @@ class TrainConfig:
     region_probability: float = 0.5  # of a multi-object scene: trained with per-object prompts in boxes
     init_from: Path | None = None  # start from these weights (another version's): autoencoder kept, no phase 1
 
+    def __post_init__(self):
+        if not 0 <= self.snr_floor <= self.min_snr_gamma:
+            raise ValueError(f"snr_floor {self.snr_floor}: expected 0 to min_snr_gamma ({self.min_snr_gamma})")
+
 
 _RECIPE = ("seed", "ae_batch", "ae_lr", "ae_kl_weight", "batch", "lr", "warmup", "caption_dropout", "min_snr_gamma",
            "snr_floor", "ema_decay", "evaluator_batch", "region_probability", "init_fingerprint")  # fmt: skip
