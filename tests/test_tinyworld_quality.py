@@ -154,3 +154,41 @@ def test_oracle_recognition_at_its_place_and_anywhere(shipped):
         moved.append(Scene(scene.background, (dataclasses.replace(obj, position=far, offset=(0.0, 0.0)),)))
     at_slot, anywhere = evaluator.predict(render_batch(moved)).recognised(concept, scenes)
     assert not any(at_slot) and all(anywhere)
+
+
+def test_parts_read_names_a_concept_only_with_every_part_right(shipped):
+    """``Prediction.parts_read`` (the oracle's and ``targets.learning``'s part-by-part reading) on
+    exact renders: every concept is read in its own context scenes; the same objects with one part
+    changed (split, emblem, accent or shape) are not."""
+    import dataclasses
+
+    from lifelong_engine.tinyworld import CONCEPTS, context_prompts, render_batch
+    from lifelong_engine.tinyworld.world import EMBLEMS, SHAPES, SPLITS, Scene
+
+    _, evaluator = shipped
+    for concept in CONCEPTS:
+        scenes = [p.scene for p in context_prompts(concept) if len(p.scene.objects) == 1][:3]
+        assert all(evaluator.predict(render_batch(scenes)).parts_read(concept)), concept.name
+        (obj,) = scenes[0].objects
+        ident = obj.identity
+        split = next(s for s in SPLITS if s != ident.split)
+        emblem = next(e for e in (None, *EMBLEMS) if e != ident.emblem)
+        accent = "red" if ident.accent != "red" else "blue"
+        misses = [dataclasses.replace(obj, identity=dataclasses.replace(ident, **change))
+                  for change in ({"split": split}, {"emblem": emblem}, {"accent": accent})]  # fmt: skip
+        misses.append(dataclasses.replace(obj, shape=next(s for s in SHAPES if s != obj.shape)))
+        read = evaluator.predict(render_batch([Scene(scenes[0].background, (m,)) for m in misses])).parts_read(concept)
+        assert not any(read), (concept.name, read)
+
+
+def test_learning_measure_reads_three_prompt_sets_and_leaves_the_pipeline_clean(shipped):
+    """``targets.learning`` at a test size: one concept learned 5 steps, every prompt set read, rates
+    in [0, 1], and the pipeline has no concept afterwards (the next measure starts from the base)."""
+    from lifelong_engine.tinyworld import targets
+
+    lp, evaluator = shipped
+    report = targets.learning(lp, evaluator, concepts=("tw-target",), samples=1, train_steps=5)
+    assert report["train_steps"] == 5 and not lp.concepts
+    assert {k: report[k]["images"] for k in targets.PROMPT_SETS} == {"training": 5, "training_plain": 5, "contexts": 9}
+    for key in targets.PROMPT_SETS:
+        assert 0 <= report[key]["recognised_anywhere"] <= 1 and 0 <= report[key]["parts_anywhere"] <= 1

@@ -75,6 +75,7 @@ from .world import (
 
 __all__ = [
     "ATTRIBUTE_CLASSES",
+    "CONCEPT_PARTS",
     "EVALUATOR_VERSION",
     "IDENTITIES",
     "SLOTS",
@@ -108,6 +109,8 @@ BACKGROUND_CLASSES: tuple[str, ...] = tuple(COLOURS)
 COLOUR_TOLERANCE = 60.0  # RGB distance (0–255) within which a pixel counts as a concept colour
 MIN_COLOUR_PIXELS = 3
 EMBED_DIM = 64
+#: The parts every personal concept is one exact combination of (:class:`~.world.Identity`, shape, colour).
+CONCEPT_PARTS = ("shape", "colour", "accent", "split", "emblem")
 _SLOT_XY = torch.tensor([POSITIONS[s] for s in SLOTS], dtype=torch.float32)  # (9, 2) normalised x, y
 
 
@@ -182,6 +185,16 @@ class Prediction:
         found = (self.presence > 0.5) & (self.attributes["identity"].argmax(-1) == IDENTITIES.index(concept.name))
         slots = [SLOTS.index(scene.objects[0].position) for scene in scenes]
         return [bool(found[i, s]) for i, s in enumerate(slots)], [bool(row.any()) for row in found]
+
+    def parts_read(self, concept: Concept) -> list[bool]:
+        """Per image: is there a slot with an object whose every part (:data:`CONCEPT_PARTS`) is read
+        as ``concept``'s — the identity read part by part, as a person checks it, not by the identity
+        head (trained against near misses, it asks more of a blurred generated image)."""
+        labels = _labels(concept.spec())
+        found = self.presence > 0.5
+        for part in CONCEPT_PARTS:
+            found &= self.attributes[part].argmax(-1) == ATTRIBUTE_CLASSES[part].index(labels[part])
+        return [bool(row.any()) for row in found]
 
 
 # --------------------------------------------------------------------------------------------

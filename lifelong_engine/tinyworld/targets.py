@@ -23,8 +23,16 @@
   "a teal and orange vertically split circle with a white cross ..."): the fraction of images in
   which the evaluator recognises the concept's identity at its slot (``recognised``), per concept,
   and at any slot (``recognised_anywhere``: the identity drawn, but maybe in the wrong place);
+  ``parts_anywhere`` reads the identity part by part instead
+  (:meth:`~.evaluator.Prediction.parts_read`: shape, colour, accent, split and emblem all right);
 - ``autoencoder``: the same scenes rendered exactly and passed through the model's VAE (encode,
   decode): how often the identity survives, a ceiling on ``oracle``.
+- ``learning``: where a learned concept gets lost. Each of :data:`LEARNED` is learned alone by CIDM
+  at the lifelong runs' settings, then prompted with its token in three sets: its own training
+  captions (``training``: "a photo of a <tw-target> circle on a white background"), the same
+  without "a photo of" (``training_plain``: words the base model's captions never contain), and its
+  context prompts (``contexts``, as the lifelong runs score); each read anywhere in the image by the
+  identity head and part by part.
 
 Each image is counted at score > 0.5. The report is JSON (printed, and written to ``--out``).
 """
@@ -48,13 +56,14 @@ from .world import (
     Scene,
     caption,
     context_prompts,
+    get_concept,
     object_prompt,
     render_batch,
     sample_scenes,
 )
 
-__all__ = ["autoencoder", "layout", "measure", "oracle", "position", "red_centre", "regions", "two_object_scenes",
-           "two_objects"]  # fmt: skip
+__all__ = ["autoencoder", "layout", "learning", "measure", "oracle", "position", "red_centre", "regions",
+           "two_object_scenes", "two_objects"]  # fmt: skip
 
 #: Seed of the measured prompts; the training streams use others.
 SEED = 4_040_404
@@ -218,18 +227,65 @@ def regions(lp, evaluator, n: int = 32, steps: int = 20, guidance: float = 4.0) 
 
 def oracle(lp, evaluator, samples: int = 2, steps: int = 20, guidance: float = 4.0) -> dict:
     """Each concept's context scenes prompted in generic words only (see the module docstring)."""
-    per, anywhere = {}, {}
+    per, anywhere, parts = {}, {}, {}
     for c_index, concept in enumerate(CONCEPTS):
         scenes = [p.scene for p in context_prompts(concept) for _ in range(samples)]
         images = _images(lp, [caption(s, tokens=False) for s in scenes], SEED + 1000 * (c_index + 1), steps, guidance)
-        at_slot, at_any = evaluator.predict(images).recognised(concept, scenes)
+        pred = evaluator.predict(images)
+        at_slot, at_any = pred.recognised(concept, scenes)
         per[concept.name], anywhere[concept.name] = float(np.mean(at_slot)), float(np.mean(at_any))
+        parts[concept.name] = float(np.mean(pred.parts_read(concept)))
     return {
         "images": samples * sum(len(context_prompts(c)) for c in CONCEPTS),
         "recognised": float(np.mean(list(per.values()))),
         "recognised_anywhere": float(np.mean(list(anywhere.values()))),
+        "parts_anywhere": float(np.mean(list(parts.values()))),
         "per_concept": per,
     }
+
+
+#: The prompt sets :func:`learning` reads a learned concept in.
+PROMPT_SETS = ("training", "training_plain", "contexts")
+#: The concepts :func:`learning` teaches: two the oracle draws often, two it rarely draws.
+LEARNED = ("tw-target", "tw-tile", "tw-sail", "tw-badge")
+
+
+def learning(lp, evaluator, concepts: Sequence[str] = LEARNED, samples: int = 4, steps: int = 20,
+             guidance: float = 4.0, train_steps: int | None = None) -> dict:  # fmt: skip
+    """Each of ``concepts`` learned alone (CIDM at the lifelong runs' :class:`~.lifelong.SequenceConfig`
+    settings; ``train_steps`` replaces its steps), then read in three prompt sets (see the module
+    docstring). The pipeline is left without concepts."""
+    from ..training import ContinualTrainer, methods
+    from .lifelong import SequenceConfig
+
+    if lp.concepts:
+        raise ValueError(f"learning: the pipeline already has concepts {sorted(lp.concepts)}; start from the base")
+    cfg = SequenceConfig()
+    options = {"rank": cfg.rank, "max_steps": train_steps or cfg.steps, "learning_rate": cfg.learning_rate,
+               "batch_size": cfg.batch_size, "seed": cfg.seed, "progress": False}  # fmt: skip
+    reads: dict[str, dict[str, list]] = {key: {"recognised": [], "parts": []} for key in PROMPT_SETS}
+    for c_index, name in enumerate(concepts):
+        concept = get_concept(name)
+        trainer = ContinualTrainer(lp, method=methods.config(cfg.method), **options)
+        train = concept.images(cfg.images, seed=cfg.seed)
+        trainer.learn(concept.name, [s.image for s in train], concept.class_word, [s.caption for s in train])
+        try:
+            prompts = {"training": [(s.caption, s.scene) for s in train],
+                       "training_plain": [(concept.prompt(s.scene.background), s.scene) for s in train],
+                       "contexts": [(p.prompt, p.scene) for p in context_prompts(concept)]}  # fmt: skip
+            for key, pairs in prompts.items():
+                pairs = [pair for pair in pairs for _ in range(samples)]
+                images = _images(lp, [text for text, _ in pairs], SEED + 1000 * (c_index + 1), steps, guidance)
+                pred = evaluator.predict(images)
+                reads[key]["recognised"] += pred.recognised(concept, [scene for _, scene in pairs])[1]
+                reads[key]["parts"] += pred.parts_read(concept)
+        finally:
+            lp.remove_concept(concept.name)
+    report: dict = {"concepts": list(concepts), "train_steps": train_steps or cfg.steps}
+    for key, r in reads.items():
+        report[key] = {"images": len(r["parts"]), "recognised_anywhere": float(np.mean(r["recognised"])),
+                       "parts_anywhere": float(np.mean(r["parts"]))}  # fmt: skip
+    return report
 
 
 @torch.no_grad()
@@ -255,7 +311,7 @@ def autoencoder(lp, evaluator) -> dict:
 
 
 MEASURES = {"layout": layout, "position": position, "regions": regions, "two_objects": two_objects, "oracle": oracle,
-            "autoencoder": autoencoder}  # fmt: skip
+            "autoencoder": autoencoder, "learning": learning}  # fmt: skip
 
 
 def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None) -> dict:
@@ -264,8 +320,9 @@ def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = 
     unknown = [m for m in only if m not in MEASURES]
     if unknown:
         raise ValueError(f"measures {unknown}: expected some of {list(MEASURES)}")
-    sizes = {"layout": {"n": 2}, "position": {"n": 8}, "two_objects": {"n": 8}, "regions": {"n": 4},
-             "oracle": {"samples": 1}} if quick else {}  # fmt: skip
+    sizes = ({"layout": {"n": 2}, "position": {"n": 8}, "two_objects": {"n": 8}, "regions": {"n": 4},
+             "oracle": {"samples": 1}, "learning": {"concepts": LEARNED[:1], "samples": 1, "train_steps": 5}}
+             if quick else {})  # fmt: skip
     report = {}
     for name in only:
         started = time.perf_counter()
