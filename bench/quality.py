@@ -37,7 +37,7 @@ import torch
 
 common.ensure_engine_importable()
 from lifelong_engine import LifelongPipeline  # noqa: E402
-from lifelong_engine.tinyworld import CONCEPTS  # noqa: E402
+from lifelong_engine.tinyworld import CAPTION_STYLES, CONCEPTS  # noqa: E402
 from lifelong_engine.tinyworld.evaluator import Evaluator  # noqa: E402
 from lifelong_engine.tinyworld.lifelong import SequenceConfig, report_markdown, run_sequence, write_json  # noqa: E402
 from lifelong_engine.tinyworld.model import load_tinyworld_pipeline  # noqa: E402
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps per concept")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every method (default 5e-3)")
     parser.add_argument("--pairs", type=int, default=None, help="two-concept layouts (default: concepts // 2)")
+    parser.add_argument("--captions", choices=CAPTION_STYLES, default=None,
+                        help="training captions (Concept.images; default: SequenceConfig's)")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--weights", default=None, help="TinyWorld model directory (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>")
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         base = dataclasses.replace(base, learning_rate=args.lr)
     if args.pairs is not None:
         base = dataclasses.replace(base, pairs=args.pairs)
+    if args.captions is not None:
+        base = dataclasses.replace(base, captions=args.captions)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = common.describe_device(device)

@@ -45,6 +45,8 @@ def test_config_rejects_bad_input():
         SequenceConfig(concepts=("tw-badge", "tw-flag", "tw-kite"), pairs=2)
     with pytest.raises(ValueError, match="steps"):
         SequenceConfig(steps=0)
+    with pytest.raises(ValueError, match="captions 'dreambooth'"):
+        SequenceConfig(captions="dreambooth")
 
 
 def test_demo_writes_grid_and_reports(weights, tmp_path):

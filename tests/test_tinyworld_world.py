@@ -119,7 +119,7 @@ def test_world_is_pinned():
         digest.update(sample.caption.encode())
         digest.update(np.asarray(sample.image).tobytes())
     for concept in tw.CONCEPTS:
-        for sample in concept.images(5, seed=0):
+        for sample in concept.images(5, seed=0, captions="photo"):
             digest.update(sample.caption.encode())
             digest.update(np.asarray(sample.image).tobytes())
     assert digest.hexdigest() == "c2a34f3c5bbc7e26cac050a537ca332646cac373d6af79221c4202da3479ad0c"
@@ -341,7 +341,7 @@ def test_every_concept_is_held_out_of_the_generic_world():
 
 @pytest.mark.parametrize("concept", tw.CONCEPTS, ids=lambda c: c.name)
 def test_concept_images_show_the_identity(concept):
-    samples = concept.images(5, seed=3)
+    samples = concept.images(5, seed=3, captions="photo")
     assert len(samples) == 5
     contexts = {(s.scene.background, s.scene.objects[0].position, s.scene.objects[0].size) for s in samples}
     assert len(contexts) == 5
@@ -373,14 +373,22 @@ def test_concept_images_show_the_identity(concept):
             "concentric": -np.hypot(xs - cx, ys - cy),
         }[ident.split]
         assert key[first].mean() < key[second].mean(), obj
-    assert concept.images(5, seed=3)[0].caption == samples[0].caption
+    assert concept.images(5, seed=3, captions="photo")[0].caption == samples[0].caption
     with pytest.raises(ValueError, match="n=31"):
         concept.images(31)
+    # by default captioned in the base model's own grammar: the same images, each with its scene's caption
+    scene_captioned = concept.images(5, seed=3)
+    assert [s.scene for s in scene_captioned] == [s.scene for s in samples]
+    assert [s.caption for s in scene_captioned] == [tw.caption(s.scene) for s in samples]
+    assert all(s.caption.startswith(("a large ", "a small ")) and concept.token in s.caption for s in scene_captioned)
+    with pytest.raises(ValueError, match="concept captions 'dreambooth'"):
+        concept.images(5, captions="dreambooth")
 
 
 @pytest.mark.parametrize("concept", tw.CONCEPTS, ids=lambda c: c.name)
 def test_context_prompts_are_held_out(concept):
-    training = {s.caption for seed in range(5) for s in concept.images(10, seed=seed)}
+    training = {s.caption for seed in range(5) for style in tw.CAPTION_STYLES
+                for s in concept.images(10, seed=seed, captions=style)}  # fmt: skip
     prompts = tw.context_prompts(concept)
     assert len(prompts) >= 7 and len({p.prompt for p in prompts}) == len(prompts)
     for context in prompts:

@@ -11,6 +11,7 @@ and the evaluator in ``tinyworld.evaluator``; import those modules directly.
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, build_tokenizer, build_vocab, write_tokenizer_files
 from .world import (
     BACKGROUNDS,
+    CAPTION_STYLES,
     COLOURS,
     CONCEPT_TRAIN_POSITIONS,
     CONCEPTS,
@@ -53,6 +54,7 @@ from .world import (
 __all__ = [
     "BACKGROUNDS",
     "BOS_TOKEN",
+    "CAPTION_STYLES",
     "COLOURS",
     "CONCEPT_TRAIN_POSITIONS",
     "CONCEPTS",

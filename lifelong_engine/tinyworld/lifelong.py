@@ -38,7 +38,16 @@ import numpy as np
 import torch
 
 from .. import reference
-from .world import CONCEPTS, Concept, caption, context_prompts, get_concept, sample_scenes, two_concept_layout
+from .world import (
+    CAPTION_STYLES,
+    CONCEPTS,
+    Concept,
+    caption,
+    context_prompts,
+    get_concept,
+    sample_scenes,
+    two_concept_layout,
+)
 
 __all__ = ["SequenceConfig", "ewa_argmax", "image_grid", "report_markdown", "run_sequence", "save_grid"]
 
@@ -46,7 +55,8 @@ __all__ = ["SequenceConfig", "ewa_argmax", "image_grid", "report_markdown", "run
 @dataclasses.dataclass(frozen=True)
 class SequenceConfig:
     """One lifelong run. Training: ``steps`` per concept at ``learning_rate``, LoRA ``rank``, batch
-    ``batch_size``, on ``images`` training images per concept; evaluation: ``samples`` images per
+    ``batch_size``, on ``images`` training images per concept captioned in the ``captions`` style
+    (:meth:`~.world.Concept.images`); evaluation: ``samples`` images per
     context prompt, ``inference_steps`` DDIM steps at ``guidance_scale``; ``pairs`` two-concept
     layouts of consecutive concepts. ``trainer_options`` go to :class:`ContinualTrainer` as keywords,
     ``method_options`` to the method's hyperparameters (:func:`~lifelong_engine.training.methods.config`),
@@ -56,6 +66,7 @@ class SequenceConfig:
     method: str = "cidm"
     concepts: tuple[str, ...] = tuple(c.name for c in CONCEPTS)
     images: int = 5
+    captions: str = "scene"
     steps: int = 100
     rank: int = 4
     learning_rate: float = 5e-3
@@ -78,6 +89,8 @@ class SequenceConfig:
         if self.pairs > len(self.concepts) // 2:
             n = len(self.concepts)
             raise ValueError(f"pairs={self.pairs}: {n} concepts make at most {n // 2}")
+        if self.captions not in CAPTION_STYLES:
+            raise ValueError(f"captions {self.captions!r}: expected one of {CAPTION_STYLES}")
         for field in ("images", "steps", "rank", "batch_size", "samples", "inference_steps"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -184,7 +197,7 @@ def run_sequence(
             base[c.name], images["base"][c.name] = _evaluate(lp, evaluator, c, references[c.name], config, base=True)
     for index, concept in enumerate(tqdm(concepts, desc=f"{config.method}: tasks", disable=not progress)):
         entry: dict = {"task": index + 1, "class_word": concept.class_word, "base": base[concept.name]}
-        samples = concept.images(config.images, seed=config.seed)
+        samples = concept.images(config.images, seed=config.seed, captions=config.captions)
         t0 = time.perf_counter()
         trainer.learn(concept.name, [s.image for s in samples], concept.class_word, [s.caption for s in samples])
         stats = trainer.stats[concept.name]

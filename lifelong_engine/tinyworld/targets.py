@@ -28,10 +28,12 @@
 - ``autoencoder``: the same scenes rendered exactly and passed through the model's VAE (encode,
   decode): how often the identity survives, a ceiling on ``oracle``.
 - ``learning``: where a learned concept gets lost. Each of :data:`LEARNED` is learned alone by CIDM
-  at the lifelong runs' settings, then prompted with its token in three sets: its own training
-  captions (``training``: "a photo of a <tw-target> circle on a white background"), the same
-  without "a photo of" (``training_plain``: words the base model's captions never contain), and its
-  context prompts (``contexts``, as the lifelong runs score); each read anywhere in the image by the
+  at the lifelong runs' settings (``--sequence JSON`` replaces some: ``'{"captions": "scene"}'``),
+  then prompted with its token in three sets: its own training captions (``training``; "a large
+  <tw-target> circle on the left on a white background", or with ``"captions": "photo"`` "a photo
+  of a <tw-target> circle on a white background"), its short prompt on the same backgrounds
+  (``training_plain``: "a <tw-target> circle on a white background"), and its context
+  prompts (``contexts``, as the lifelong runs score); each read anywhere in the image by the
   identity head and part by part.
 
 Each image is counted at score > 0.5. The report is JSON (printed, and written to ``--out``).
@@ -251,23 +253,23 @@ LEARNED = ("tw-target", "tw-tile", "tw-sail", "tw-badge")
 
 
 def learning(lp, evaluator, concepts: Sequence[str] = LEARNED, samples: int = 4, steps: int = 20,
-             guidance: float = 4.0, train_steps: int | None = None) -> dict:  # fmt: skip
-    """Each of ``concepts`` learned alone (CIDM at the lifelong runs' :class:`~.lifelong.SequenceConfig`
-    settings; ``train_steps`` replaces its steps), then read in three prompt sets (see the module
-    docstring). The pipeline is left without concepts."""
+             guidance: float = 4.0, train_steps: int | None = None, sequence: dict | None = None) -> dict:  # fmt: skip
+    """Each of ``concepts`` learned alone (at the lifelong runs' :class:`~.lifelong.SequenceConfig`
+    settings, ``sequence`` replacing some of them; ``train_steps`` its steps), then read in three
+    prompt sets (see the module docstring). The pipeline is left without concepts."""
     from ..training import ContinualTrainer, methods
     from .lifelong import SequenceConfig
 
     if lp.concepts:
         raise ValueError(f"learning: the pipeline already has concepts {sorted(lp.concepts)}; start from the base")
-    cfg = SequenceConfig()
+    cfg = SequenceConfig(**(sequence or {}))
     options = {"rank": cfg.rank, "max_steps": train_steps or cfg.steps, "learning_rate": cfg.learning_rate,
-               "batch_size": cfg.batch_size, "seed": cfg.seed, "progress": False}  # fmt: skip
+               "batch_size": cfg.batch_size, "seed": cfg.seed, "progress": False, **cfg.trainer_options}  # fmt: skip
     reads: dict[str, dict[str, list]] = {key: {"recognised": [], "parts": []} for key in PROMPT_SETS}
     for c_index, name in enumerate(concepts):
         concept = get_concept(name)
-        trainer = ContinualTrainer(lp, method=methods.config(cfg.method), **options)
-        train = concept.images(cfg.images, seed=cfg.seed)
+        trainer = ContinualTrainer(lp, method=methods.config(cfg.method, **cfg.method_options), **options)
+        train = concept.images(cfg.images, seed=cfg.seed, captions=cfg.captions)
         trainer.learn(concept.name, [s.image for s in train], concept.class_word, [s.caption for s in train])
         try:
             prompts = {"training": [(s.caption, s.scene) for s in train],
@@ -281,7 +283,7 @@ def learning(lp, evaluator, concepts: Sequence[str] = LEARNED, samples: int = 4,
                 reads[key]["parts"] += pred.parts_read(concept)
         finally:
             lp.remove_concept(concept.name)
-    report: dict = {"concepts": list(concepts), "train_steps": train_steps or cfg.steps}
+    report: dict = {"concepts": list(concepts), "train_steps": train_steps or cfg.steps, "sequence": sequence or {}}
     for key, r in reads.items():
         report[key] = {"images": len(r["parts"]), "recognised_anywhere": float(np.mean(r["recognised"])),
                        "parts_anywhere": float(np.mean(r["parts"]))}  # fmt: skip
@@ -314,9 +316,10 @@ MEASURES = {"layout": layout, "position": position, "regions": regions, "two_obj
             "autoencoder": autoencoder, "learning": learning}  # fmt: skip
 
 
-def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None) -> dict:
-    """Every measure in ``only`` (``quick``: a few images each, for tests); ``on_update`` is called
-    with the report after each one."""
+def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None,
+            options: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """Every measure in ``only`` (``quick``: a few images each, for tests), ``options[name]`` its
+    keywords; ``on_update`` is called with the report after each one."""
     unknown = [m for m in only if m not in MEASURES]
     if unknown:
         raise ValueError(f"measures {unknown}: expected some of {list(MEASURES)}")
@@ -326,7 +329,7 @@ def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = 
     report = {}
     for name in only:
         started = time.perf_counter()
-        report[name] = MEASURES[name](lp, evaluator, **sizes.get(name, {}))
+        report[name] = MEASURES[name](lp, evaluator, **sizes.get(name, {}), **(options or {}).get(name, {}))
         report[name]["seconds"] = round(time.perf_counter() - started, 1)
         if on_update is not None:
             on_update(report)
@@ -343,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated, from {', '.join(MEASURES)}")
     parser.add_argument("--quick", action="store_true", help="a few images per measure")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument("--sequence", type=json.loads, default=None,
+                        help="learning: SequenceConfig fields as JSON, e.g. '{\"captions\": \"scene\"}'")  # fmt: skip
     args = parser.parse_args(argv)
     lp = LifelongPipeline.from_pipe(load_tinyworld_pipeline("cpu", args.weights))
     lp.pipe.set_progress_bar_config(disable=True)
@@ -357,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out.write_text(json.dumps({**header, **report}, indent=2) + "\n")
 
     only = [m.strip() for m in args.only.split(",") if m.strip()]
-    report = measure(lp, evaluator, only, quick=args.quick, on_update=save)
+    options = {"learning": {"sequence": args.sequence}} if args.sequence else None
+    report = measure(lp, evaluator, only, quick=args.quick, on_update=save, options=options)
     print(json.dumps({**header, **report}, indent=2))
     return 0
 

@@ -615,11 +615,16 @@ class Concept:
         text = f"{'a photo of ' if photo else ''}a {self.token} {self.class_word}"
         return text if background is None else f"{text} {_background_phrase(background)}"
 
-    def images(self, n: int = 5, seed: int = 0, size: int = 32) -> list[Sample]:
-        """``n`` (at most 30) training samples, captioned ``a photo of a <token> <class word> on a
-        <background> background``: backgrounds cycle through ``train_backgrounds``, positions
-        through a seeded permutation of :data:`CONCEPT_TRAIN_POSITIONS`, sizes alternate, so no
-        two images share background, position and size."""
+    def images(self, n: int = 5, seed: int = 0, size: int = 32, captions: str = "scene") -> list[Sample]:
+        """``n`` (at most 30) training samples: backgrounds cycle through ``train_backgrounds``,
+        positions through a seeded permutation of :data:`CONCEPT_TRAIN_POSITIONS`, sizes alternate,
+        so no two images share background, position and size. ``captions`` (:data:`CAPTION_STYLES`):
+        ``"scene"``, the world's own caption of the image, in the only grammar the base model was
+        trained on (``a large <tw-target> circle on the left on a white background``), as "a photo
+        of" is for Stable Diffusion; ``"photo"``, ``a photo of a <token> <class word> on a
+        <background> background``, DreamBooth's words, which the base model never saw: a concept
+        learned from them is bound to them (README, ``targets.learning``)."""
+        _check(captions, CAPTION_STYLES, "concept captions")
         combos = len(self.train_backgrounds) * len(CONCEPT_TRAIN_POSITIONS) * len(SIZES)
         if not 1 <= n <= combos:
             raise ValueError(f"concept {self.name!r} images n={n}: expected 1 to {combos}")
@@ -631,8 +636,13 @@ class Concept:
             background = self.train_backgrounds[i % len(self.train_backgrounds)]
             obj = self.spec(SIZES[(first_size + i) % len(SIZES)], positions[i % len(positions)])
             scene = Scene(background, (obj,))
-            samples.append(Sample(render(scene, size), self.prompt(background, photo=True), scene))
+            text = self.prompt(background, photo=True) if captions == "photo" else caption(scene)
+            samples.append(Sample(render(scene, size), text, scene))
         return samples
+
+
+#: How :meth:`Concept.images` captions a concept's training images.
+CAPTION_STYLES = ("photo", "scene")
 
 
 def _concept(name, class_word, colour, accent, split, emblem, train_backgrounds) -> Concept:
