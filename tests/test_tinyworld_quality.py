@@ -188,7 +188,7 @@ def test_learning_measure_reads_three_prompt_sets_and_leaves_the_pipeline_clean(
 
     lp, evaluator = shipped
     report = targets.learning(lp, evaluator, concepts=("tw-target",), samples=1, train_steps=5)
-    assert report["train_steps"] == 5 and not lp.concepts
+    assert report["train_steps"] == 5 and report["captions"] == "scene" and not lp.concepts
     assert {k: report[k]["images"] for k in targets.PROMPT_SETS} == {"training": 5, "training_plain": 5, "contexts": 9}
     for key in targets.PROMPT_SETS:
         assert 0 <= report[key]["recognised_anywhere"] <= 1 and 0 <= report[key]["parts_anywhere"] <= 1

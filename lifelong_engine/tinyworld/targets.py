@@ -283,7 +283,8 @@ def learning(lp, evaluator, concepts: Sequence[str] = LEARNED, samples: int = 4,
                 reads[key]["parts"] += pred.parts_read(concept)
         finally:
             lp.remove_concept(concept.name)
-    report: dict = {"concepts": list(concepts), "train_steps": train_steps or cfg.steps, "sequence": sequence or {}}
+    report: dict = {"concepts": list(concepts), "train_steps": train_steps or cfg.steps, "captions": cfg.captions,
+                    "sequence": sequence or {}}  # fmt: skip
     for key, r in reads.items():
         report[key] = {"images": len(r["parts"]), "recognised_anywhere": float(np.mean(r["recognised"])),
                        "parts_anywhere": float(np.mean(r["parts"]))}  # fmt: skip
