@@ -59,10 +59,13 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
         for stage in ("base", "after_learning", "final"):
             assert -1 <= e[stage]["ia"] <= 1 and 0 <= e[stage]["ta"] <= 1
             assert 0 <= e[stage]["recognised"] <= e[stage]["recognised_anywhere"] <= 1  # its place is one place
+            assert 0 <= e[stage]["parts_anywhere"] <= 1
         assert e["forgetting"] == pytest.approx(e["after_learning"]["ia"] - e["final"]["ia"])
     s = report["summary"]
     assert s["forgetting"] == pytest.approx(report["concepts"][names[0]]["forgetting"], abs=1e-4)  # not the last
     assert s["ia_final"] == pytest.approx(np.mean([report["concepts"][n]["final"]["ia"] for n in names]), abs=1e-4)
+    parts = [report["concepts"][n]["final"]["parts_anywhere"] for n in names]
+    assert s["parts_anywhere_final"] == pytest.approx(np.mean(parts), abs=1e-4)
     (pair,) = report["pairs"]
     assert pair["concepts"] == names and all(0 <= p <= 1 for p in pair["presence"])
     ewa = report["ewa"]  # ψ and the cosines it is made of, each a mean in its range

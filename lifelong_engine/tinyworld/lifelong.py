@@ -14,7 +14,9 @@ For every concept, the evaluation images are the concept's held-out :func:`~.wor
   IA starts from;
 - **recognised**: the fraction of those images in which the evaluator's identity head names the
   concept at the object's place; **recognised anywhere**: at any place (the identity drawn, maybe
-  where the prompt did not put it — TA checks the place);
+  where the prompt did not put it — TA checks the place); **parts anywhere**: at any place, every part
+  of the identity read right (:meth:`~.evaluator.Prediction.parts_read`; the identity head asks more
+  of a blurred image);
 - **presence** (multi-concept): two learned concepts, each in its own half of the image through
   regional synthesis; the evaluator's confidence that each concept is in its box (counted at > 0.5);
 - **composed** (``custom-diffusion`` only): IA / TA after the last task once the concepts are
@@ -132,6 +134,7 @@ def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarr
         "ta": float(np.mean(ta)),
         "recognised": float(np.mean(at_slot)),
         "recognised_anywhere": float(np.mean(anywhere)),
+        "parts_anywhere": float(np.mean(pred.parts_read(concept))),
     }
 
 
@@ -328,6 +331,9 @@ def _summary(report: dict) -> dict:
         "recognised_anywhere_after_learning": _mean(e["after_learning"].get("recognised_anywhere") for e in entries),
         "recognised_anywhere_final": _mean(e["final"].get("recognised_anywhere") for e in entries),
         "base_recognised_anywhere": _mean(e["base"].get("recognised_anywhere") for e in entries),
+        "parts_anywhere_after_learning": _mean(e["after_learning"].get("parts_anywhere") for e in entries),
+        "parts_anywhere_final": _mean(e["final"].get("parts_anywhere") for e in entries),
+        "base_parts_anywhere": _mean(e["base"].get("parts_anywhere") for e in entries),
         # the last task cannot have been forgotten yet; average over the earlier ones
         "forgetting": _mean(e["forgetting"] for e in entries if e is not last),
         "presence": _mean(p for pair in report.get("pairs", []) for p in pair["presence"]),
@@ -341,18 +347,22 @@ def _summary(report: dict) -> dict:
 # --------------------------------------------------------------------------------------------- output
 
 
+_READINGS = ("recognised", "recognised_anywhere", "parts_anywhere")
+
+
 def report_markdown(reports: Sequence[dict], title: str) -> str:
     """A CIDM-paper style table: one row per method (IA/TA after the last task, forgetting,
     multi-concept presence), then IA per concept per method."""
     head = ("| method | IA ↑ | TA ↑ | forgetting ↓ | IA right after learning | base IA "
-            "| recognised ↑ at its place / anywhere | the same right after learning "
+            "| recognised ↑ at its place / anywhere / part by part | the same right after learning "
             "| presence ↑ | both present ↑ |")  # fmt: skip
     lines = [f"# {title}", "", head, "|" + "---|" * 10]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for r in reports:
         s = r["summary"]
-        final = f"{fmt(s.get('recognised_final'))} / {fmt(s.get('recognised_anywhere_final'))}"
-        after = f"{fmt(s.get('recognised_after_learning'))} / {fmt(s.get('recognised_anywhere_after_learning'))}"
+        final, after = (
+            " / ".join(fmt(s.get(f"{key}_{when}")) for key in _READINGS) for when in ("final", "after_learning")
+        )
         lines.append(
             f"| {r['method']} | {fmt(s['ia_final'])} | {fmt(s['ta_final'])} | {fmt(s['forgetting'])} | "
             f"{fmt(s['ia_after_learning'])} | {fmt(s['base_ia'])} | {final} | {after} | "
