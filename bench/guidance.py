@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = list(zip(concepts[0::2], concepts[1::2]))
     results, grid = {}, []
     for name, options in settings.items():
-        objects, present, first_losses, row = [], [], [], []
+        objects, present, parts, first_losses, row = [], [], [], [], []
         t0 = time.perf_counter()
         for a, b in pairs:
             prompt = f"a {a.token} {a.class_word} and a {b.token} {b.class_word} on a white background"
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             for image in images:
                 objects.append(len(evaluator.describe(image)["objects"]))
                 present.append([evaluator.presence(image, (0, 0, 1, 1), c) > 0.5 for c in (a, b)])
+            prediction = evaluator.predict(images)  # each concept read part by part, anywhere
+            parts += zip(prediction.parts_read(a), prediction.parts_read(b), strict=True)
             if result.guidance_losses:
                 first_losses.append(result.guidance_losses[0] / args.seeds)
         seconds = time.perf_counter() - t0
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             "two_or_more_objects": round(float(np.mean([n >= 2 for n in objects])), 4),
             "concept_present": round(float(np.mean(present)), 4),
             "both_present": round(float(np.mean([all(p) for p in present])), 4),
+            "parts_read": round(float(np.mean(parts)), 4),
+            "both_parts_read": round(float(np.mean([all(p) for p in parts])), 4),
             "first_step_loss_per_image": round(float(np.mean(first_losses)), 4) if first_losses else None,
             "seconds_per_image": round(seconds / len(objects), 3),
         }

@@ -185,4 +185,5 @@ def test_guidance_bench_quick(weights, tmp_path):
     assert record["pairs"] == [["tw-badge", "tw-target"]] and (tmp_path / "guidance-quick.png").is_file()
     for name, r in record["results"].items():
         assert r["images"] == 2 and 0 <= r["two_or_more_objects"] <= 1 and 0 <= r["both_present"] <= 1
+        assert 0 <= r["both_parts_read"] <= r["parts_read"] <= 1
         assert (r["first_step_loss_per_image"] is None) == (name == "none")
