@@ -256,7 +256,11 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     to a concept's ê (DESIGN §3.3), its mean for the named concept (``cosine_named``), for the
     closest other concept (``cosine_largest_other``), over every concept for generic captions that
     name none (``cosine_no_concept``), and the mean cosine between the ê of two concepts
-    (``cosine_between_concepts``)."""
+    (``cosine_between_concepts``). Two readings of M that EWA does not make, to see where it fails
+    (the formula is the paper's and stays): ``argmax_concept_words``, M with the max over the
+    prompt's concept-token positions only (are the ê themselves distinct?), and ``argmax_centred``,
+    M after the mean row of the generic captions is taken from every row and every ê (is a common
+    direction, shared by every encoded word, what makes all cosines alike?)."""
     library = lp.library()
     index = {a.name: i for i, a in enumerate(library.adapters)}
     prompts, named = [], []
@@ -272,8 +276,15 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     own = psi.gather(-1, target[..., None]).squeeze(-1)
     others = psi.scatter(-1, target[..., None], float("-inf")).amax(-1)
     e = library.embeddings.float()  # (L, G, D)
-    m = reference.ewa_similarity(encoded.per_layer.float(), e, encoded.ewa_mask)  # (n, L, G)
+    rows, mask = encoded.per_layer.float(), encoded.ewa_mask
+    m = reference.ewa_similarity(rows, e, mask)  # (n, L, G)
     m_prompts = m[: len(prompts)]
+    m_words = reference.ewa_similarity(rows[: len(prompts)], e, encoded.concept_mask[: len(prompts)])
+    generic_mask = mask[len(prompts) :, None, :, None].float()
+    mean_row = (rows[len(prompts) :] * generic_mask).sum((0, 2)) / generic_mask.sum((0, 2))  # (L, D)
+    m_centred = reference.ewa_similarity(
+        rows[: len(prompts)] - mean_row[:, None], e - mean_row[:, None], mask[: len(prompts)]
+    )
     g = e.shape[1]
     e = torch.nn.functional.normalize(e, dim=-1)
     between = torch.einsum("lgd,lhd->lgh", e, e)[:, ~torch.eye(g, dtype=torch.bool, device=e.device)]
@@ -282,6 +293,8 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         "layers": int(psi.shape[1]),
         "concepts": int(psi.shape[2]),
         "argmax_rate": float((psi.argmax(-1) == target).float().mean()),
+        "argmax_concept_words": float((m_words.argmax(-1) == target).float().mean()),
+        "argmax_centred": float((m_centred.argmax(-1) == target).float().mean()),
         "psi_named": float(own.mean()),
         "psi_largest_other": float(others.mean()),
         "cosine_named": float(m_prompts.gather(-1, target[..., None]).mean()),
