@@ -256,11 +256,13 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     to a concept's ê (DESIGN §3.3), its mean for the named concept (``cosine_named``), for the
     closest other concept (``cosine_largest_other``), over every concept for generic captions that
     name none (``cosine_no_concept``), and the mean cosine between the ê of two concepts
-    (``cosine_between_concepts``). Two readings of M that EWA does not make, to see where it fails
-    (the formula is the paper's and stays): ``argmax_concept_words``, M with the max over the
-    prompt's concept-token positions only (are the ê themselves distinct?), and ``argmax_centred``,
-    M after the mean row of the generic captions is taken from every row and every ê (is a common
-    direction, shared by every encoded word, what makes all cosines alike?)."""
+    (``cosine_between_concepts``); ``argmax_most_won``, the share of pairs won by the concept that
+    wins most (1/G when the wins spread, 1 when one concept takes every prompt). Two readings of M
+    that EWA does not make, to see where it fails (the formula is the paper's and stays):
+    ``argmax_concept_words``, M with the max over the prompt's concept-token positions only (are
+    the ê themselves distinct?), and ``argmax_centred``, M after the mean row of the generic
+    captions is taken from every row and every ê (is a common direction, shared by every encoded
+    word, what makes all cosines alike?)."""
     library = lp.library()
     index = {a.name: i for i, a in enumerate(library.adapters)}
     prompts, named = [], []
@@ -293,6 +295,8 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         "layers": int(psi.shape[1]),
         "concepts": int(psi.shape[2]),
         "argmax_rate": float((psi.argmax(-1) == target).float().mean()),
+        # the share of (prompt, layer) pairs won by the concept that wins most: 1/G if ψ spreads its wins
+        "argmax_most_won": float(torch.bincount(psi.argmax(-1).flatten(), minlength=g).max() / psi[..., 0].numel()),
         "argmax_concept_words": float((m_words.argmax(-1) == target).float().mean()),
         "argmax_centred": float((m_centred.argmax(-1) == target).float().mean()),
         "psi_named": float(own.mean()),
