@@ -72,6 +72,9 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
     assert ewa["concepts"] == 2 and 0 <= ewa["argmax_rate"] <= 1 and 0 <= ewa["psi_named"] <= 1
     assert 0 <= ewa["argmax_concept_words"] <= 1 and 0 <= ewa["argmax_centred"] <= 1
     assert 1 / 2 <= ewa["argmax_most_won"] <= 1  # two concepts: the one that wins most wins at least half
+    assert 0 <= ewa["argmax_without_first_word"] <= 1
+    if ewa["lost_at"] is not None:  # where the other concept's match was found, one place per lost pair
+        assert sum(ewa["lost_at"].values()) == pytest.approx(1.0) and min(ewa["lost_at"].values()) >= 0
     for key in ("cosine_named", "cosine_largest_other", "cosine_no_concept", "cosine_between_concepts"):
         assert -1 - 1e-5 <= ewa[key] <= 1 + 1e-5, (key, ewa[key])
 

@@ -262,7 +262,11 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     ``argmax_concept_words``, M with the max over the prompt's concept-token positions only (are
     the ê themselves distinct?), and ``argmax_centred``, M after the mean row of the generic
     captions is taken from every row and every ê (is a common direction, shared by every encoded
-    word, what makes all cosines alike?)."""
+    word, what makes all cosines alike?). ``lost_at``: in the pairs where another concept has the
+    largest M, the share in which its match is on the named concept's own words, on the prompt's
+    first word (right after BOS, where a concept's words stand when ê is encoded alone), on the EOS,
+    or on another word (None when the named concept always wins); ``argmax_without_first_word``, M
+    with the max over every word but the first."""
     library = lp.library()
     index = {a.name: i for i, a in enumerate(library.adapters)}
     prompts, named = [], []
@@ -287,9 +291,29 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
     m_centred = reference.ewa_similarity(
         rows[: len(prompts)] - mean_row[:, None], e - mean_row[:, None], mask[: len(prompts)]
     )
-    g = e.shape[1]
+    g, n = e.shape[1], len(prompts)
     e = torch.nn.functional.normalize(e, dim=-1)
     between = torch.einsum("lgd,lhd->lgh", e, e)[:, ~torch.eye(g, dtype=torch.bool, device=e.device)]
+    # where in the prompt the concept with the largest M found its match, in the pairs it is not the named one
+    cos = torch.einsum("nltd,lgd->nlgt", torch.nn.functional.normalize(rows[:n], dim=-1), e)
+    cos = cos.masked_fill(~mask[:n, None, None, :], -2.0)
+    winner = m_prompts.argmax(-1)  # (n, L)
+    where = cos.gather(2, winner[:, :, None, None].expand(-1, -1, 1, cos.shape[-1]))[:, :, 0].argmax(-1)
+    lost = winner != target
+    at_words = encoded.concept_mask[:n].gather(1, where)[lost]
+    at_first = (where == 1)[lost] & ~at_words  # the prompt's first word, right after BOS
+    at_eos = (where == encoded.eos[:n, None])[lost]
+    lost_at = None
+    if lost.any():
+        lost_at = {
+            "concept_words": float(at_words.float().mean()),
+            "first_word": float(at_first.float().mean()),
+            "eos": float(at_eos.float().mean()),
+            "other_words": float((~at_words & ~at_first & ~at_eos).float().mean()),
+        }
+    without_first = mask[:n].clone()
+    without_first[:, 1] = False
+    m_without_first = reference.ewa_similarity(rows[:n], library.embeddings.float(), without_first)
     return {
         "prompts": len(prompts),
         "layers": int(psi.shape[1]),
@@ -299,12 +323,14 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         "argmax_most_won": float(torch.bincount(psi.argmax(-1).flatten(), minlength=g).max() / psi[..., 0].numel()),
         "argmax_concept_words": float((m_words.argmax(-1) == target).float().mean()),
         "argmax_centred": float((m_centred.argmax(-1) == target).float().mean()),
+        "argmax_without_first_word": float((m_without_first.argmax(-1) == target).float().mean()),
         "psi_named": float(own.mean()),
         "psi_largest_other": float(others.mean()),
         "cosine_named": float(m_prompts.gather(-1, target[..., None]).mean()),
         "cosine_largest_other": float(m_prompts.scatter(-1, target[..., None], -2.0).amax(-1).mean()),
         "cosine_no_concept": float(m[len(prompts) :].mean()),
         "cosine_between_concepts": float(between.mean()) if between.numel() else None,
+        "lost_at": lost_at,
     }
 
 
