@@ -3,15 +3,18 @@ released code's consolidation terms, its EWA over token rows, and the replay bas
 
 Each formula is written here from the paper / the issue, independently of the engine's code."""
 
+import json
+
 import pytest
 import torch
 from kernel_testing import DEVICE, requires_triton
 from tiny_pipes import tiny_sd_pipeline
 
 from lifelong_engine import LifelongPipeline, ops
+from lifelong_engine.concepts import ConceptAdapter
 from lifelong_engine.tinyworld import get_concept
 from lifelong_engine.training import ContinualTrainer, losses, methods
-from lifelong_engine.training.methods.base import Batch
+from lifelong_engine.training.methods.base import Batch, training_captions
 
 # ---------------------------------------------------------------------------------------------- R1
 
@@ -134,13 +137,43 @@ def test_replay_rehearses_only_past_concepts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr.strategy, "replay_batch", record)
     names = ["tw-badge", "tw-flag", "tw-kite"]
+    taught = {}
     for i, name in enumerate(names):
         drawn.clear()
-        tr.learn(name, _images(name), get_concept(name).class_word)
+        concept = get_concept(name)
+        samples = concept.images(n=3, size=16)  # captioned in the world's grammar, not "a photo of"
+        taught[name] = [s.caption for s in samples]
+        adapter = tr.learn(name, [s.image for s in samples], concept.class_word, taught[name])
+        assert json.loads(adapter.metadata["captions"]) == list(dict.fromkeys(taught[name]))
         seen = set().union(*drawn) if drawn else set()
         assert seen <= set(names[:i]), (name, seen)  # never the concept being learned
         assert (len(drawn) == 3) == (i > 0)  # every step of every later task rehearses
     assert set(tr.strategy.latents) == set(names[:2])  # images of the last one are made when a task needs them
+    for name in names[:2]:  # a past concept is rehearsed with the captions it was taught with, in turn
+        known = list(dict.fromkeys(taught[name]))
+        assert tr.strategy.captions[name] == [known[i % len(known)] for i in range(2)]
+        assert len(tr.strategy.latents[name]) == 2
+
+
+def test_l2dm_remembers_a_past_concept_under_the_captions_it_was_taught(tmp_path):
+    lp = _pipeline()
+    tr = ContinualTrainer(lp, methods.config("l2dm", replay_per_concept=2), max_steps=2, learning_rate=2e-2,
+                          seed=0, progress=False, run_dir=tmp_path, sample_steps=2)  # fmt: skip
+    taught = {}
+    for name in ("tw-badge", "tw-flag"):
+        concept = get_concept(name)
+        samples = concept.images(n=3, size=16)
+        taught[name] = [s.caption for s in samples]
+        tr.learn(name, [s.image for s in samples], concept.class_word, taught[name])
+    kept = tr.strategy.memory.samples("tw-badge")
+    assert len(kept) == 2 and {s.caption for s in kept} <= set(taught["tw-badge"])
+
+
+def test_a_concept_without_recorded_captions_is_rehearsed_with_the_default_caption():
+    adapter = ConceptAdapter(name="old", token="<old>", words=["<old>"], class_word="dog", layers=[], lora={}, rank=1)
+    assert training_captions(adapter) == ["a photo of a <old> dog"]
+    adapter.metadata["captions"] = json.dumps(["a <old> dog on grass", "a large <old> dog"])
+    assert training_captions(adapter) == ["a <old> dog on grass", "a large <old> dog"]
 
 
 # ------------------------------------------------------------------------------------ official EWA

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -258,7 +259,10 @@ class ContinualTrainer:
             losses=list(losses_),
         )
         adapter.metadata.update(
-            steps=str(self.max_steps), final_loss=f"{self.stats[name].final_loss:.6g}", seed=str(self.seed)
+            steps=str(self.max_steps),
+            final_loss=f"{self.stats[name].final_loss:.6g}",
+            seed=str(self.seed),
+            captions=json.dumps(list(dict.fromkeys(task.captions))),  # what rehearsal methods prompt it with
         )
         self._publish(adapter)
         ckpt.unlink(missing_ok=True)

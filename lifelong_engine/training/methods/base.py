@@ -20,6 +20,7 @@ into every checkpoint (:meth:`Method.checkpoint_state`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import TYPE_CHECKING, ClassVar
 
@@ -56,6 +57,15 @@ class TaskState:
     frozen: AdapterPool | None = None
     frozen_names: list[str] = dataclasses.field(default_factory=list)
     teacher: dict[str, Tensor] | None = None
+
+
+def training_captions(concept: ConceptAdapter) -> list[str]:
+    """The distinct captions ``concept`` was trained with (``metadata["captions"]``, written by the
+    trainer), for methods that rehearse a past concept; a concept learned without that record gets
+    the trainer's default caption, "a photo of a <token> <class>"."""
+    if "captions" in concept.metadata:
+        return json.loads(concept.metadata["captions"])
+    return [f"a photo of a {concept.token} {concept.class_word or ''}".strip()]
 
 
 @dataclasses.dataclass

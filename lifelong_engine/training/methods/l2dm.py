@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import losses
 from ..memory import MemorySample, RainbowMemory
-from .base import Batch, Method, MethodConfig, TaskState
+from .base import Batch, Method, MethodConfig, TaskState, training_captions
 
 
 @dataclasses.dataclass
@@ -41,11 +41,12 @@ class L2DM(Method):
         if not state.past:
             return
         for concept in state.past:
-            caption = f"a photo of a {concept.token} {concept.class_word or ''}".strip()
-            latents = self.trainer.generate_latents(caption, 2 * self.config.replay_per_concept, gen)
+            known = training_captions(concept)  # prompted as it was taught, each candidate its own caption
+            captions = [known[i % len(known)] for i in range(2 * self.config.replay_per_concept)]
+            latents = [self.trainer.generate_latents(c, 1, gen)[0] for c in captions]
             self.memory.propose(
                 concept.name,
-                [MemorySample(concept.name, z.cpu(), caption, z.flatten().float().cpu()) for z in latents],
+                [MemorySample(concept.name, z.cpu(), c, z.flatten().float().cpu()) for z, c in zip(latents, captions)],
             )
         self.memory.consolidate()
 
