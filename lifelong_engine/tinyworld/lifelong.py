@@ -292,6 +292,9 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
         rows[: len(prompts)] - mean_row[:, None], e - mean_row[:, None], mask[: len(prompts)]
     )
     g, n = e.shape[1], len(prompts)
+    without_first = mask[:n].clone()
+    without_first[:, 1] = False
+    m_without_first = reference.ewa_similarity(rows[:n], e, without_first)
     e = torch.nn.functional.normalize(e, dim=-1)
     between = torch.einsum("lgd,lhd->lgh", e, e)[:, ~torch.eye(g, dtype=torch.bool, device=e.device)]
     # where in the prompt the concept with the largest M found its match, in the pairs it is not the named one
@@ -311,9 +314,6 @@ def ewa_argmax(lp, concepts: Sequence[Concept]) -> dict:
             "eos": float(at_eos.float().mean()),
             "other_words": float((~at_words & ~at_first & ~at_eos).float().mean()),
         }
-    without_first = mask[:n].clone()
-    without_first[:, 1] = False
-    m_without_first = reference.ewa_similarity(rows[:n], library.embeddings.float(), without_first)
     return {
         "prompts": len(prompts),
         "layers": int(psi.shape[1]),

@@ -49,7 +49,7 @@ from ..errors import LifelongError
 from ..pool import AdapterPool
 from ..store import atomic_torch_save as _atomic_save
 from . import losses, methods
-from .methods.base import KV, Batch, MethodConfig, TaskState
+from .methods.base import KV, Batch, MethodConfig, TaskState, default_caption
 
 __all__ = ["ContinualTrainer", "TrainingStats", "TrainingError", "METHODS", "Task"]
 
@@ -188,7 +188,7 @@ class ContinualTrainer:
         token = f"<{name}>"
         pixels = self._load_images(images)
         if captions is None:
-            captions = [f"a photo of a {token} {class_word}"] * len(pixels)
+            captions = [default_caption(token, class_word)] * len(pixels)
         if len(captions) != len(pixels) or not all(token in c for c in captions):
             raise ValueError(f"captions: need one per image ({len(pixels)}), each containing the token {token!r}")
         task = self._encode_task(name, token, class_word, pixels, captions, masks)
@@ -506,9 +506,11 @@ class ContinualTrainer:
         return adapter
 
     @torch.no_grad()
-    def generate_latents(self, caption: str, n: int, gen: torch.Generator, base_only: bool = False) -> Tensor:
-        """(n, C, h, w) VAE latents (scaled, posterior means) of images generated for ``caption`` with the
-        pipeline as it is (or the base model alone), seeded from ``gen`` (reproducible)."""
+    def generate_latents(
+        self, caption: str | list[str], n: int, gen: torch.Generator, base_only: bool = False
+    ) -> Tensor:
+        """(n · captions, C, h, w) VAE latents (scaled, posterior means) of ``n`` images per caption (caption-major),
+        generated in one batch with the pipeline as it is (or the base model alone), seeded from ``gen``."""
         lp = self.pipeline
         with _without_concepts(lp) if base_only else contextlib.nullcontext(), _quiet(lp.pipe):
             images = lp(

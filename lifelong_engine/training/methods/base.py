@@ -59,13 +59,24 @@ class TaskState:
     teacher: dict[str, Tensor] | None = None
 
 
+def default_caption(token: str, class_word: str | None) -> str:
+    """The caption of a concept's images when none is given: "a photo of a <token> <class>"."""
+    return f"a photo of a {token} {class_word or ''}".strip()
+
+
 def training_captions(concept: ConceptAdapter) -> list[str]:
     """The distinct captions ``concept`` was trained with (``metadata["captions"]``, written by the
     trainer), for methods that rehearse a past concept; a concept learned without that record gets
-    the trainer's default caption, "a photo of a <token> <class>"."""
+    :func:`default_caption`."""
     if "captions" in concept.metadata:
         return json.loads(concept.metadata["captions"])
-    return [f"a photo of a {concept.token} {concept.class_word or ''}".strip()]
+    return [default_caption(concept.token, concept.class_word)]
+
+
+def rehearsal_captions(concept: ConceptAdapter, n: int) -> list[str]:
+    """``n`` captions to generate a past concept's rehearsal images with: its training captions in turn."""
+    known = training_captions(concept)
+    return [known[i % len(known)] for i in range(n)]
 
 
 @dataclasses.dataclass

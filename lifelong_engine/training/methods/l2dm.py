@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import losses
 from ..memory import MemorySample, RainbowMemory
-from .base import Batch, Method, MethodConfig, TaskState, training_captions
+from .base import Batch, Method, MethodConfig, TaskState, rehearsal_captions
 
 
 @dataclasses.dataclass
@@ -41,9 +41,8 @@ class L2DM(Method):
         if not state.past:
             return
         for concept in state.past:
-            known = training_captions(concept)  # prompted as it was taught, each candidate its own caption
-            captions = [known[i % len(known)] for i in range(2 * self.config.replay_per_concept)]
-            latents = [self.trainer.generate_latents(c, 1, gen)[0] for c in captions]
+            captions = rehearsal_captions(concept, 2 * self.config.replay_per_concept)  # as it was taught
+            latents = self.trainer.generate_latents(captions, 1, gen)
             self.memory.propose(
                 concept.name,
                 [MemorySample(concept.name, z.cpu(), c, z.flatten().float().cpu()) for z, c in zip(latents, captions)],
