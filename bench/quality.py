@@ -16,6 +16,11 @@ two-concept column without regional noise aggregation). They can also be named i
 each image denoised with the mean of the per-concept guided noise estimates of every learned concept
 (``composition="lora-c"``); it runs by default with the methods.
 
+``--seed N`` runs the same rows with another seed (training images, training and sampling) into
+``quality-seed<N>.json``; ``--spread A.json B.json ...`` then writes ``quality-spread.md``: every row
+finished under every seed, as the mean and the range over the seeds, and how many seeds CIDM beats
+each baseline in.
+
 Writes ``bench/results/<device>/quality.json`` (every method's report, the environment and the
 command) and ``quality.md`` (the CIDM-paper style table). The JSON is rewritten after every task;
 a method whose finished report with the same settings is already there is not run again, so an
@@ -39,7 +44,13 @@ common.ensure_engine_importable()
 from lifelong_engine import LifelongPipeline  # noqa: E402
 from lifelong_engine.tinyworld import CAPTION_STYLES, CONCEPTS  # noqa: E402
 from lifelong_engine.tinyworld.evaluator import Evaluator  # noqa: E402
-from lifelong_engine.tinyworld.lifelong import SequenceConfig, report_markdown, run_sequence, write_json  # noqa: E402
+from lifelong_engine.tinyworld.lifelong import (  # noqa: E402
+    SequenceConfig,
+    report_markdown,
+    run_sequence,
+    spread_markdown,
+    write_json,
+)
 from lifelong_engine.tinyworld.model import load_tinyworld_pipeline  # noqa: E402
 from lifelong_engine.training import METHODS  # noqa: E402
 
@@ -78,12 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=None, help="two-concept layouts (default: concepts // 2)")
     parser.add_argument("--captions", choices=CAPTION_STYLES, default=None,
                         help="training captions (Concept.images; default: SequenceConfig's)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the run's seed: training images, training and sampling (default 0); a seed other "
+                             "than 0 writes quality-seed<N>.json")  # fmt: skip
+    parser.add_argument("--spread", type=Path, nargs="+", metavar="JSON", default=None,
+                        help="write no run: the mean and spread over these quality JSONs (one per seed) "
+                             "to quality-spread.md in --out")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--weights", default=None, help="TinyWorld model directory (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>")
     parser.add_argument("--quick", action="store_true", help="3 concepts, 40 steps, 1 sample (a smoke run)")
     parser.add_argument("--restart", action="store_true", help="run the listed methods again even when finished")
     args = parser.parse_args(argv)
+    if args.spread:
+        return write_spread(parser, args.spread, args.out)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
     if args.ablations:
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 3 if args.quick else args.concepts
     if not 2 <= n <= len(CONCEPTS):
         parser.error(f"--concepts must be 2 to {len(CONCEPTS)}")
-    base = SequenceConfig(concepts=tuple(c.name for c in CONCEPTS[:n]), pairs=n // 2)
+    base = SequenceConfig(concepts=tuple(c.name for c in CONCEPTS[:n]), pairs=n // 2, seed=args.seed)
     if args.quick:
         base = dataclasses.replace(base, steps=40, samples=1, inference_steps=10, pairs=1)
     if args.steps is not None:
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     info = common.describe_device(device)
     out = args.out or common.BENCH_DIR / "results" / info.slug
     out.mkdir(parents=True, exist_ok=True)
-    name = "quality-quick" if args.quick else "quality"
+    name = ("quality-quick" if args.quick else "quality") + (f"-seed{args.seed}" if args.seed else "")
     path = out / f"{name}.json"
     results = {"reports": {}}
     if path.is_file():  # other methods' reports stay; --restart only re-runs the listed ones
@@ -145,11 +164,29 @@ def main(argv: list[str] | None = None) -> int:
 
     finished = [results["reports"][m] for m in ROWS if results["reports"].get(m, {}).get("status") == "finished"]
     if finished:
-        title = f"TinyWorld lifelong quality: {n} concepts, {base.steps} steps each ({info.name})"
+        seed = f", seed {args.seed}" if args.seed else ""
+        title = f"TinyWorld lifelong quality: {n} concepts, {base.steps} steps each{seed} ({info.name})"
         commands = dict.fromkeys(r.get("command", results["command"]) for r in finished)  # runs may add methods
         footer = f"\n{results['date']}, git {results['git_sha'][:10]}, " + "; ".join(f"`{c}`" for c in commands) + "\n"
         (out / f"{name}.md").write_text(report_markdown(finished, title) + footer)
         print(f"wrote {path} and {out / f'{name}.md'}")
+    return 0
+
+
+def write_spread(parser: argparse.ArgumentParser, paths: list[Path], out: Path | None) -> int:
+    """The mean and spread of every row finished in all of ``paths`` (one quality JSON per seed)."""
+    runs = []
+    for p in paths:
+        if not p.is_file():
+            parser.error(f"--spread: no such file {p}")
+        runs.append(json.loads(p.read_text()))
+    seeds = [{r["config"]["seed"] for r in run["reports"].values()} for run in runs]
+    if any(len(s) != 1 for s in seeds) or len(set.union(*seeds)) != len(runs):
+        parser.error(f"--spread: expected one seed per file and a different seed in each, got {seeds}")
+    out = out or paths[0].parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality-spread.md").write_text(spread_markdown([run["reports"] for run in runs], ROWS))
+    print(f"wrote {out / 'quality-spread.md'}")
     return 0
 
 

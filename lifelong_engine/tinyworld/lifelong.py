@@ -51,7 +51,15 @@ from .world import (
     two_concept_layout,
 )
 
-__all__ = ["SequenceConfig", "ewa_argmax", "image_grid", "report_markdown", "run_sequence", "save_grid"]
+__all__ = [
+    "SequenceConfig",
+    "ewa_argmax",
+    "image_grid",
+    "report_markdown",
+    "run_sequence",
+    "save_grid",
+    "spread_markdown",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +437,57 @@ def report_markdown(reports: Sequence[dict], title: str) -> str:
             pairs = ", ".join(f"{' + '.join(p['concepts'])}: {p['presence'][0]:.2f} / {p['presence'][1]:.2f}"
                               for p in r["pairs"])  # fmt: skip
             lines.append(f"\n{r['method']} presence per pair (left / right): {pairs}")
+    return "\n".join(lines) + "\n"
+
+
+#: (summary key, column, True when higher is better): the columns of :func:`spread_markdown`
+_SPREAD = (
+    ("ia_final", "IA ↑", True),
+    ("ta_final", "TA ↑", True),
+    ("forgetting", "forgetting ↓", False),
+    ("recognised_anywhere_final", "recognised anywhere ↑", True),
+    ("parts_anywhere_final", "part by part ↑", True),
+)
+
+
+def spread_markdown(runs: Sequence[dict], rows: Sequence[str], reference: str = "cidm") -> str:
+    """The same table rows run under several seeds: ``runs`` holds one ``{row: report}`` per seed.
+    Every row finished under every seed gets its mean and range (min–max) per column; then, per
+    baseline, how many seeds ``reference`` beats it in and the mean margin (positive: ``reference``
+    better)."""
+    finished = [r for r in rows if all(run.get(r, {}).get("status") == "finished" for run in runs)]
+    seeds = [next(iter(run.values()))["config"]["seed"] for run in runs]
+    first = runs[0][finished[0]]["config"] if finished else {}
+    title = (f"# TinyWorld lifelong quality over {len(runs)} seeds ({', '.join(map(str, seeds))}): "
+             f"{len(first.get('concepts', ()))} concepts, {first.get('steps')} steps each")  # fmt: skip
+    lines = [title, "", "Each cell: the mean over the seeds, then the least and the most in brackets.", ""]
+    lines += ["| method | " + " | ".join(c for _, c, _ in _SPREAD) + " |", "|" + "---|" * (len(_SPREAD) + 1)]
+    values = {r: {k: [run[r]["summary"].get(k) for run in runs] for k, _, _ in _SPREAD} for r in finished}
+    for r in finished:
+        cells = []
+        for key, _, _ in _SPREAD:
+            v = values[r][key]
+            cells.append("n/a" if None in v else f"{np.mean(v):.3f} ({min(v):.3f}–{max(v):.3f})")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    if reference in finished:
+        lines += ["", f"{reference} against each row: the seeds it is better in, of {len(runs)}, and the mean "
+                  f"margin ({reference}'s better side positive).", ""]  # fmt: skip
+        lines += ["| against | " + " | ".join(c for _, c, _ in _SPREAD) + " |", "|" + "---|" * (len(_SPREAD) + 1)]
+        for r in finished:
+            if r == reference:
+                continue
+            cells = []
+            for key, _, higher in _SPREAD:
+                ours, theirs = values[reference][key], values[r][key]
+                if None in ours or None in theirs:
+                    cells.append("n/a")
+                    continue
+                margins = [(a - b) if higher else (b - a) for a, b in zip(ours, theirs)]
+                cells.append(f"{sum(m > 0 for m in margins)} of {len(runs)}, {np.mean(margins):+.3f}")
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    missing = [r for r in rows if r not in finished and any(r in run for run in runs)]
+    if missing:
+        lines += ["", "Not finished under every seed, left out: " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 
