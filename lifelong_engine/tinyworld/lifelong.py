@@ -135,11 +135,16 @@ def _score(evaluator, concept: Concept, images: np.ndarray, references: np.ndarr
 
     pred = evaluator.predict(images)  # one pass for every image's TA checks
     contexts = [p for p in context_prompts(concept) for _ in range(samples)]
-    ta = [np.mean(list(alignment_checks(pred[i], p.scene, p.specified).values())) for i, p in enumerate(contexts)]
+    checks = [alignment_checks(pred[i], p.scene, p.specified) for i, p in enumerate(contexts)]
+    by_check: dict[str, list[bool]] = {}
+    for c in checks:
+        for name, held in c.items():
+            by_check.setdefault(name, []).append(held)
     at_slot, anywhere = pred.recognised(concept, [p.scene for p in contexts])
     return {
         "ia": float(evaluator.image_alignment(images, references)),
-        "ta": float(np.mean(ta)),
+        "ta": float(np.mean([np.mean(list(c.values())) for c in checks])),
+        "ta_checks": {name: float(np.mean(held)) for name, held in sorted(by_check.items())},
         "recognised": float(np.mean(at_slot)),
         "recognised_anywhere": float(np.mean(anywhere)),
         "parts_anywhere": float(np.mean(pred.parts_read(concept))),
@@ -392,7 +397,14 @@ def _summary(report: dict) -> dict:
         "ewa_argmax": (report.get("ewa") or {}).get("argmax_rate"),
         "ia_composed": _mean(e["final_composed"]["ia"] for e in entries if "final_composed" in e),
         "ta_composed": _mean(e["final_composed"]["ta"] for e in entries if "final_composed" in e),
+        # TA check by check (background, position, size, companion), over the concepts
+        **{f"ta_checks_{when}": _checks([e[when] for e in entries]) for when in ("base", "after_learning", "final")},
     }
+
+
+def _checks(scores: list[dict]) -> dict | None:
+    names = sorted({name for s in scores for name in s.get("ta_checks", {})})
+    return {n: _mean(s["ta_checks"].get(n) for s in scores if "ta_checks" in s) for n in names} or None
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -485,6 +497,23 @@ def spread_markdown(runs: Sequence[dict], rows: Sequence[str], reference: str = 
                 margins = [(a - b) if higher else (b - a) for a, b in zip(ours, theirs)]
                 cells.append(f"{sum(m > 0 for m in margins)} of {len(runs)}, {np.mean(margins):+.3f}")
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    checks = sorted({n for r in finished for run in runs for n in (run[r]["summary"].get("ta_checks_final") or {})})
+    if checks:
+        lines += ["", "TA check by check after the last task (the mean over the seeds that recorded it; "
+                  "base: the base model on the same prompts without the token):", ""]  # fmt: skip
+        lines += ["| method | " + " | ".join(checks) + " |", "|" + "---|" * (len(checks) + 1)]
+        for label, key in [("base", "ta_checks_base")] + [(r, "ta_checks_final") for r in finished]:
+            source = finished if label == "base" else [label]
+            cells = []
+            for n in checks:
+                v = [
+                    run[r]["summary"][key][n]
+                    for run in runs
+                    for r in source
+                    if (run[r]["summary"].get(key) or {}).get(n) is not None
+                ]
+                cells.append(f"{np.mean(v):.3f}" if v else "n/a")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     missing = [r for r in rows if r not in finished and any(r in run for run in runs)]
     if missing:
         lines += ["", "Not finished under every seed, left out: " + ", ".join(missing) + "."]
