@@ -146,7 +146,7 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(
         args.out, quick=args.quick, device=args.device, weights_dir=args.weights, progress=not args.no_progress
     )
-    s = {k: "n/a" if v is None else f"{v:.3f}" for k, v in report["summary"].items()}
+    s = {k: "n/a" if v is None else f"{v:.3f}" for k, v in report["summary"].items() if not isinstance(v, dict)}
     print(
         f"IA {s['ia_final']} (base model {s['base_ia']}), TA {s['ta_final']}, forgetting {s['forgetting']}, "
         f"both concepts present {s['both_present']}; wrote grid.png, report.md, report.json to {args.out}"

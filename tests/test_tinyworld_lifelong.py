@@ -66,6 +66,14 @@ def test_demo_writes_grid_and_reports(weights, tmp_path):
     assert s["ia_final"] == pytest.approx(np.mean([report["concepts"][n]["final"]["ia"] for n in names]), abs=1e-4)
     parts = [report["concepts"][n]["final"]["parts_anywhere"] for n in names]
     assert s["parts_anywhere_final"] == pytest.approx(np.mean(parts), abs=1e-4)
+    for n in names:  # TA is the mean of each image's checks; ta_checks reads them one by one
+        checks = report["concepts"][n]["final"]["ta_checks"]
+        assert set(checks) <= {"background", "position", "size", "companion"} and checks
+        assert all(0 <= v <= 1 for v in checks.values())
+        assert min(checks.values()) - 1e-9 <= report["concepts"][n]["final"]["ta"] <= max(checks.values()) + 1e-9
+    for check, value in s["ta_checks_final"].items():
+        assert value == pytest.approx(np.mean([report["concepts"][n]["final"]["ta_checks"][check] for n in names]),
+                                      abs=1e-4)  # fmt: skip
     (pair,) = report["pairs"]
     assert pair["concepts"] == names and all(0 <= p <= 1 for p in pair["presence"])
     ewa = report["ewa"]  # ψ and the cosines it is made of, each a mean in its range
@@ -119,6 +127,30 @@ def test_custom_diffusion_runs_are_also_evaluated_composed(weights, tmp_path):
     assert "| custom-diffusion, composed |" in report_markdown([report], "t")
 
 
+def test_spread_markdown_gives_mean_range_and_how_often_cidm_wins():
+    from lifelong_engine.tinyworld.lifelong import spread_markdown
+
+    def report(seed, ia, ta, forgetting, checks=None):
+        summary = {"ia_final": ia, "ta_final": ta, "forgetting": forgetting, "recognised_anywhere_final": 0.1,
+                   "parts_anywhere_final": None, "ta_checks_final": checks, "ta_checks_base": checks}  # fmt: skip
+        return {"status": "finished", "summary": summary, "config": {"seed": seed, "concepts": ["a"], "steps": 9}}
+
+    runs = [
+        {"cidm": report(0, 0.5, 0.4, 0.0, {"size": 0.5}), "c-lora": report(0, 0.3, 0.5, 0.1)},
+        {"cidm": report(1, 0.7, 0.6, 0.1, {"size": 1.0}), "c-lora": report(1, 0.4, 0.5, 0.0),
+         "lwf": report(1, 0.1, 0.1, 0.1)},
+    ]  # fmt: skip
+    md = spread_markdown(runs, ("cidm", "c-lora", "lwf"))
+    assert "over 2 seeds (0, 1): 1 concepts, 9 steps each" in md
+    assert (
+        "| cidm | 0.600 (0.500–0.700) | 0.500 (0.400–0.600) | 0.050 (0.000–0.100) | 0.100 (0.100–0.100) | n/a |" in md
+    )
+    # IA better in both seeds; TA better in one (a tie is not better); forgetting: lower is better
+    assert "| c-lora | 2 of 2, +0.250 | 1 of 2, +0.000 | 1 of 2, +0.000 | 0 of 2, +0.000 | n/a |" in md
+    assert "| cidm | 0.750 |" in md and "| c-lora | n/a |" in md  # size check: cidm recorded it, c-lora did not
+    assert "left out: lwf." in md
+
+
 def test_report_markdown_has_a_row_per_method():
     concept = {"after_learning": {"ia": 0.5, "ta": 0.5}, "final": {"ia": 0.4, "ta": 0.5}, "forgetting": 0.1}
     summary = dict.fromkeys(("ia_final", "ta_final", "forgetting", "ia_after_learning", "base_ia", "presence",
@@ -155,6 +187,19 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert restarted.returncode == 0 and "skipped" not in restarted.stdout, restarted.stderr[-2000:]
     kept = json.loads(path.read_text())["reports"]
     assert kept["finetune"] == other and kept["lora-m"]["status"] == "finished"
+
+    # another seed goes to its own file; --spread reads the seeds' files and writes no run
+    seeded = subprocess.run([*cmd, "--seed", "3"], capture_output=True, text=True, timeout=600)
+    assert seeded.returncode == 0, seeded.stderr[-2000:]
+    other_seed = json.loads((tmp_path / "q" / "quality-quick-seed3.json").read_text())["reports"]
+    assert list(other_seed) == ["lora-m"] and other_seed["lora-m"]["config"]["seed"] == 3
+    spread = [sys.executable, str(ROOT / "bench" / "quality.py"), "--spread", str(path)]
+    done = subprocess.run([*spread, str(tmp_path / "q" / "quality-quick-seed3.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "q" / "quality-spread.md").read_text()
+    assert "over 2 seeds (0, 3)" in table and "| lora-m |" in table and "finetune" in table  # only under seed 0
+    same = subprocess.run([*spread, str(path)], capture_output=True, text=True)
+    assert same.returncode == 2 and "a different seed in each" in same.stderr
 
 
 @pytest.mark.slow
