@@ -280,37 +280,3 @@ def test_a_step_encodes_each_distinct_caption_once_and_equals_one_sample_at_a_ti
         assert encoded == [2]
         alone = torch.cat([tr.predict(state, task, [c], noisy[i : i + 1], t[i : i + 1]) for i, c in enumerate(batch)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
-
-
-def test_custom_diffusion_prior_is_the_concepts_captions_without_its_token(tmp_path, monkeypatch):
-    """Custom Diffusion's prior images are the base model's under the concept's own captions with the
-    token taken out, one image per caption in turn, and each regularisation step prompts an image with
-    the caption it was made from."""
-    from lifelong_engine.training.methods.custom_diffusion import class_caption
-
-    assert class_caption("a large <tw-flag> square on the left", "<tw-flag>") == "a large square on the left"
-    assert class_caption("<tw-flag> square", "<tw-flag>") == "square"
-    lp = new_pipeline()
-    tr = trainer(lp, tmp_path, "custom-diffusion", {"class_images": 3}, max_steps=2)
-    made, prompted = [], []
-    real_generate, real_predict = tr.generate_latents, tr.predict
-
-    def generate(caption, n, gen, base_only=False):
-        made.append((caption, n, base_only))
-        return real_generate(caption, n, gen, base_only)
-
-    def predict(state, task, captions, noisy, t, teacher=False):
-        prompted.append(list(captions))
-        return real_predict(state, task, captions, noisy, t, teacher)
-
-    monkeypatch.setattr(tr, "generate_latents", generate)
-    monkeypatch.setattr(tr, "predict", predict)
-    samples = get_concept("tw-flag").images(n=2, size=16)
-    captions = [s.caption for s in samples]
-    assert all("<tw-flag>" in c for c in captions) and len(set(captions)) == 2
-    tr.learn("tw-flag", [s.image for s in samples], "square", captions)
-    prior = [class_caption(c, "<tw-flag>") for c in captions]
-    assert made == [([prior[0], prior[1], prior[0]], 1, True)]  # three images, the two captions in turn
-    assert tr.strategy.prior_captions == [prior[0], prior[1], prior[0]] and len(tr.strategy.prior) == 3
-    regularised = [p for p in prompted if not any("<tw-flag>" in c for c in p)]
-    assert regularised and all(set(p) <= set(prior) for p in regularised)
