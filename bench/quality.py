@@ -175,17 +175,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_spread(parser: argparse.ArgumentParser, paths: list[Path], out: Path | None) -> int:
     """The mean and spread of every row finished in all of ``paths`` (one quality JSON per seed)."""
-    runs = []
+    runs, seeds = [], []
     for p in paths:
         if not p.is_file():
             parser.error(f"--spread: no such file {p}")
-        runs.append(json.loads(p.read_text()))
-    seeds = [{r["config"]["seed"] for r in run["reports"].values()} for run in runs]
+        try:
+            runs.append(json.loads(p.read_text())["reports"])
+            seeds.append({r["config"]["seed"] for r in runs[-1].values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            parser.error(f"--spread: {p} is not a quality JSON written by this script ({type(e).__name__}: {e})")
     if any(len(s) != 1 for s in seeds) or len(set.union(*seeds)) != len(runs):
         parser.error(f"--spread: expected one seed per file and a different seed in each, got {seeds}")
     out = out or paths[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality-spread.md").write_text(spread_markdown([run["reports"] for run in runs], ROWS))
+    (out / "quality-spread.md").write_text(spread_markdown(runs, ROWS))
     print(f"wrote {out / 'quality-spread.md'}")
     return 0
 

@@ -174,6 +174,10 @@ def test_a_concept_without_recorded_captions_is_rehearsed_with_the_default_capti
     assert training_captions(adapter) == ["a photo of a <old> dog"]
     adapter.metadata["captions"] = json.dumps(["a <old> dog on grass", "a large <old> dog"])
     assert training_captions(adapter) == ["a <old> dog on grass", "a large <old> dog"]
+    for bad in ("a <old> dog", json.dumps([]), json.dumps({"a": 1}), json.dumps(["ok", 3])):  # e.g. another tool's
+        adapter.metadata["captions"] = bad
+        with pytest.raises(ValueError, match="'old': metadata 'captions' must be a JSON list"):
+            training_captions(adapter)
 
 
 # ------------------------------------------------------------------------------------ official EWA

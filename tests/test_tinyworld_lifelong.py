@@ -200,6 +200,9 @@ def test_cli_demo_and_quality_bench_quick(weights, tmp_path, monkeypatch):
     assert "over 2 seeds (0, 3)" in table and "| lora-m |" in table and "finetune" in table  # only under seed 0
     same = subprocess.run([*spread, str(path)], capture_output=True, text=True)
     assert same.returncode == 2 and "a different seed in each" in same.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"results": {}}))
+    foreign = subprocess.run([*spread, str(tmp_path / "other.json")], capture_output=True, text=True)
+    assert foreign.returncode == 2 and "is not a quality JSON" in foreign.stderr
 
 
 @pytest.mark.slow

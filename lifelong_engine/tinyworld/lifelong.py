@@ -502,16 +502,13 @@ def spread_markdown(runs: Sequence[dict], rows: Sequence[str], reference: str = 
         lines += ["", "TA check by check after the last task (the mean over the seeds that recorded it; "
                   "base: the base model on the same prompts without the token):", ""]  # fmt: skip
         lines += ["| method | " + " | ".join(checks) + " |", "|" + "---|" * (len(checks) + 1)]
-        for label, key in [("base", "ta_checks_base")] + [(r, "ta_checks_final") for r in finished]:
-            source = finished if label == "base" else [label]
+        for label, row, key in [("base", finished[0], "ta_checks_base")] + [
+            (r, r, "ta_checks_final") for r in finished
+        ]:
+            recorded = [run[row]["summary"].get(key) or {} for run in runs]
             cells = []
             for n in checks:
-                v = [
-                    run[r]["summary"][key][n]
-                    for run in runs
-                    for r in source
-                    if (run[r]["summary"].get(key) or {}).get(n) is not None
-                ]
+                v = [c[n] for c in recorded if c.get(n) is not None]
                 cells.append(f"{np.mean(v):.3f}" if v else "n/a")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     missing = [r for r in rows if r not in finished and any(r in run for run in runs)]

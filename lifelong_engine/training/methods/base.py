@@ -68,9 +68,18 @@ def training_captions(concept: ConceptAdapter) -> list[str]:
     """The distinct captions ``concept`` was trained with (``metadata["captions"]``, written by the
     trainer), for methods that rehearse a past concept; a concept learned without that record gets
     :func:`default_caption`."""
-    if "captions" in concept.metadata:
-        return json.loads(concept.metadata["captions"])
-    return [default_caption(concept.token, concept.class_word)]
+    if "captions" not in concept.metadata:
+        return [default_caption(concept.token, concept.class_word)]
+    try:
+        captions = json.loads(concept.metadata["captions"])
+    except json.JSONDecodeError:
+        captions = None
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
+        raise ValueError(
+            f"concept {concept.name!r}: metadata 'captions' must be a JSON list of its training captions, "
+            f"got {concept.metadata['captions'][:80]!r}"
+        )
+    return captions
 
 
 def rehearsal_captions(concept: ConceptAdapter, n: int) -> list[str]:
