@@ -84,6 +84,34 @@ def test_regional_trusted_entry_under_autograd(case):
     assert gradcheck(lambda *x: ops.regional_cross_attention_trusted(*x, region_ids, kv_len, scale), leaves)
 
 
+def test_regional_backward_under_autograd_is_linear_in_the_rows():
+    """Autograd through the torch forward touches each row's gradient a few times: indexing a row
+    (k[row]) would make its backward write a gradient the size of the whole batch per row and slot,
+    so a training batch of B rows wrote B·P times the batch (a third of a TinyWorld base-training
+    step). Counted as the elements every op of the backward outputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Written(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves(out)
+            Written.elements += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+            return out
+
+    B, P = 16, 3
+    q, k, v, _, _, scale = _regional_case(B=B, P=P, T=7, N=12, dtype=torch.float32)
+    region_ids = torch.arange(12).remainder(P).expand(B, 12).contiguous()  # every row reads every slot
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ops.regional_cross_attention_trusted(*leaves, region_ids, None, scale)
+    grad = torch.randn_like(q)
+    with Written():
+        grads = torch.autograd.grad(out, leaves, grad)
+    _close_all(grads, reference.regional_cross_attention_backward(grad, q, k, v, region_ids, None, scale), q.dtype)
+    assert Written.elements <= 12 * sum(t.numel() for t in (q, k, v))
+
+
 @pytest.mark.parametrize("P", [1, 3])
 def test_regional_masked_keys_never_reach_the_output(P):
     """NaN/inf in keys and values past kv_len (or in slots no query reads) leave output and gradients finite."""

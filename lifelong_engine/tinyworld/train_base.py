@@ -300,20 +300,19 @@ class _Run:
         unet.set_attn_processor(processors)
         return layers
 
-    def _regional_context(self, hidden: torch.Tensor, paint: list):
+    def _regional_context(self, encoded: torch.Tensor, index: torch.Tensor, paint: list):
         """The :class:`~lifelong_engine.attention.GenerationContext` of a training batch: every
-        layer's K/V of the (B, P, T, D) prompt slots, and the boxes each row paints."""
+        layer's K/V of the (B, P) prompt slots, ``index`` into the distinct texts ``encoded`` (U, T, D)
+        (each text projected once, then gathered), and the boxes each row paints."""
         from ..attention import GenerationContext
         from ..regions import RegionPlan
 
-        unet, (B, P, T, D) = self.components["unet"], hidden.shape
+        unet, (B, P), T = self.components["unet"], index.shape, encoded.shape[1]
         kv = {}
-        flat = hidden.reshape(B * P, T, D)
         for layer in self.layers:
             attn = unet.get_submodule(layer)
-            k, v = attn.to_k(flat), attn.to_v(flat)
-            heads = attn.heads
-            kv[layer] = tuple(x.view(B, P, T, heads, -1).permute(0, 1, 3, 2, 4) for x in (k, v))
+            k, v = attn.to_k(encoded)[index], attn.to_v(encoded)[index]  # (B, P, T, H·d)
+            kv[layer] = tuple(x.view(B, P, T, attn.heads, -1).permute(0, 1, 3, 2, 4) for x in (k, v))
         latent = self.components["unet"].config.sample_size
         levels = len(unet.config.block_out_channels)
         return GenerationContext(kv, RegionPlan(paint, (latent, latent), P, self.device, levels))
@@ -425,9 +424,8 @@ class _Run:
         v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
         if any(paint):
             index = torch.tensor([[unique.index(text) for text in row] for row in slots], device=self.device)
-            hidden = encoded[index]  # (B, P, T, D)
-            kwargs = {"cross_attention_kwargs": {"lifelong_context": self._regional_context(hidden, paint)}}
-            prediction = c["unet"](noisy, t, hidden[:, 0], **kwargs).sample
+            kwargs = {"cross_attention_kwargs": {"lifelong_context": self._regional_context(encoded, index, paint)}}
+            prediction = c["unet"](noisy, t, encoded[index[:, 0]], **kwargs).sample
         else:
             hidden = encoded[torch.tensor([unique.index(row[0]) for row in slots], device=self.device)]
             prediction = c["unet"](noisy, t, hidden).sample
