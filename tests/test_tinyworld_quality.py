@@ -192,3 +192,25 @@ def test_learning_measure_reads_three_prompt_sets_and_leaves_the_pipeline_clean(
     assert {k: report[k]["images"] for k in targets.PROMPT_SETS} == {"training": 5, "training_plain": 5, "contexts": 9}
     for key in targets.PROMPT_SETS:
         assert 0 <= report[key]["recognised_anywhere"] <= 1 and 0 <= report[key]["parts_anywhere"] <= 1
+
+
+def test_targets_repeat_multiplies_every_measures_images(monkeypatch):
+    """``targets --repeat K``: each measure draws K times its default images (layout's noise samples,
+    the oracle's samples per prompt); ``--quick`` keeps its test sizes; K < 1 is refused."""
+    from lifelong_engine.tinyworld import targets
+
+    asked = {}
+    for name, (key, _) in targets.DEFAULT_SIZES.items():
+
+        def fake(lp, evaluator, _name=name, _key=key, **kwargs):
+            asked[_name] = kwargs[_key]
+            return {}
+
+        monkeypatch.setitem(targets.MEASURES, name, fake)
+    targets.measure(None, None, list(targets.DEFAULT_SIZES), repeat=3)
+    assert asked["regions"] == 3 * 32 and asked["oracle"] == 3 * 2 and asked["layout"] == 3 * 16
+    assert all(asked[name] == 3 * default for name, (_, default) in targets.DEFAULT_SIZES.items())
+    targets.measure(None, None, ["regions"], quick=True, repeat=3)
+    assert asked["regions"] == 4
+    with pytest.raises(ValueError, match="repeat 0"):
+        targets.measure(None, None, ["regions"], repeat=0)

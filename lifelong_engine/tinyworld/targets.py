@@ -1,6 +1,6 @@
 """Measure what the TinyWorld base model can draw, with the shipped evaluator (issue 14's targets).
 
-    python -m lifelong_engine.tinyworld.targets [--weights DIR] [--n N] [--only NAMES] [--out FILE]
+    python -m lifelong_engine.tinyworld.targets [--weights DIR] [--only NAMES] [--repeat K] [--out FILE]
 
 - ``layout``: what the model predicts at the first sampling step (t = T, pure noise) for "a large
   red circle at the <position> on a white background", at each of the nine positions: where the
@@ -42,6 +42,7 @@ Each image is counted at score > 0.5. The report is JSON (printed, and written t
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -317,16 +318,27 @@ MEASURES = {"layout": layout, "position": position, "regions": regions, "two_obj
             "autoencoder": autoencoder, "learning": learning}  # fmt: skip
 
 
+#: Per measure, the keyword that sets how many images (or samples per prompt) it draws, and its default.
+DEFAULT_SIZES = {name: (key, inspect.signature(MEASURES[name]).parameters[key].default)
+                 for name, key in (("layout", "n"), ("position", "n"), ("two_objects", "n"), ("regions", "n"),
+                                   ("oracle", "samples"), ("learning", "samples"))}  # fmt: skip
+
+
 def measure(lp, evaluator, only: Sequence[str] = tuple(MEASURES), quick: bool = False, on_update=None,
-            options: dict[str, dict] | None = None) -> dict:  # fmt: skip
-    """Every measure in ``only`` (``quick``: a few images each, for tests), ``options[name]`` its
-    keywords; ``on_update`` is called with the report after each one."""
+            options: dict[str, dict] | None = None, repeat: int = 1) -> dict:  # fmt: skip
+    """Every measure in ``only`` (``quick``: a few images each, for tests; ``repeat``: ``repeat``
+    times its default images, for a smaller sampling error), ``options[name]`` its keywords;
+    ``on_update`` is called with the report after each one."""
     unknown = [m for m in only if m not in MEASURES]
     if unknown:
         raise ValueError(f"measures {unknown}: expected some of {list(MEASURES)}")
-    sizes = ({"layout": {"n": 2}, "position": {"n": 8}, "two_objects": {"n": 8}, "regions": {"n": 4},
-             "oracle": {"samples": 1}, "learning": {"concepts": LEARNED[:1], "samples": 1, "train_steps": 5}}
-             if quick else {})  # fmt: skip
+    if repeat < 1:
+        raise ValueError(f"repeat {repeat}: expected at least 1")
+    sizes = {name: {key: default * repeat} for name, (key, default) in DEFAULT_SIZES.items()}
+    if quick:
+        sizes = {"layout": {"n": 2}, "position": {"n": 8}, "two_objects": {"n": 8}, "regions": {"n": 4},
+                 "oracle": {"samples": 1},
+                 "learning": {"concepts": LEARNED[:1], "samples": 1, "train_steps": 5}}  # fmt: skip
     report = {}
     for name in only:
         started = time.perf_counter()
@@ -346,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="model directory (default: the shipped one)")
     parser.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated, from {', '.join(MEASURES)}")
     parser.add_argument("--quick", action="store_true", help="a few images per measure")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="K times each measure's images (a smaller sampling error)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--sequence", type=json.loads, default=None,
                         help="learning: SequenceConfig fields as JSON, e.g. '{\"captions\": \"scene\"}'")  # fmt: skip
@@ -364,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     options = {"learning": {"sequence": args.sequence}} if args.sequence else None
-    report = measure(lp, evaluator, only, quick=args.quick, on_update=save, options=options)
+    report = measure(lp, evaluator, only, quick=args.quick, on_update=save, options=options, repeat=args.repeat)
     print(json.dumps({**header, **report}, indent=2))
     return 0
 
