@@ -325,28 +325,39 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
     if keys is not None:  # plain cross-attention
         return F.scaled_dot_product_attention(q, k[:, 0, :, :keys], v[:, 0, :, :keys], scale=scale)
     order, groups = _groups(region_ids, kv_len, k.shape[1], k.shape[3])
-    # Rows are taken apart by split and put back by cat: under autograd that is one backward node each,
-    # where indexing a row (k[row]) would zero-fill a gradient of the whole batch per row and slot (a
-    # training batch of 32 rows spent a third of its step there). SDPA gets 4-D tensors (its fused kernel).
+    # Rows and slots are taken apart by unbind/split; under autograd each row's output is its own
+    # tensor and the rows are joined by stack: one backward node each, where indexing a row (k[row],
+    # out[row]) would write a gradient of the whole batch per row and slot (a training batch of 32
+    # rows spent a third of its step there). Without autograd rows are written straight into the output.
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out = None if grad else torch.empty_like(q)
     rows = []
-    for q_row, k_row, v_row, order_row, row_groups in zip(q.split(1), k.split(1), v.split(1), order, groups):
-        k_slots, v_slots = k_row.split(1, dim=1), v_row.split(1, dim=1)  # (1, 1, H, T, d) each
+    for row, (q_row, k_row, v_row, order_row, row_groups) in enumerate(
+        zip(q.unbind(0), k.split(1), v.split(1), order, groups)
+    ):
+        k_slots, v_slots = k_row.split(1, dim=1), v_row.split(1, dim=1)  # (1, 1, H, T, d) each; SDPA gets 4-D
+        dest = torch.empty_like(q_row) if grad else out[row]
         if len(row_groups) == 1:  # every query of the row reads one slot: no gather
             slot, _, _, keys = row_groups[0]
             kk, vv = k_slots[slot][:, 0, :, :keys], v_slots[slot][:, 0, :, :keys]
-            rows.append(F.scaled_dot_product_attention(q_row, kk, vv, scale=scale))
+            part = F.scaled_dot_product_attention(q_row[None], kk, vv, scale=scale)[0]
+            if grad:
+                rows.append(part)
+            else:
+                dest.copy_(part)
             continue
-        qs, out = q_row.index_select(2, order_row), torch.empty_like(q_row)  # qs: (1, H, N, d), grouped by slot
+        qs = q_row.index_select(1, order_row)  # (H, N, d), grouped by slot
         for slot, start, n, keys in row_groups:  # each slot's queries (a strided view) against its keys
-            part = F.scaled_dot_product_attention(
-                qs[:, :, start : start + n], k_slots[slot][:, 0, :, :keys], v_slots[slot][:, 0, :, :keys], scale=scale
-            )
-            out.index_copy_(2, order_row[start : start + n], part)
-        rows.append(out)
-    return torch.cat(rows) if rows else torch.empty_like(q)  # B = 0
+            kk, vv = k_slots[slot][:, 0, :, :keys], v_slots[slot][:, 0, :, :keys]
+            part = F.scaled_dot_product_attention(qs[None, :, start : start + n], kk, vv, scale=scale)
+            dest.index_copy_(1, order_row[start : start + n], part[0])
+        rows.append(dest)
+    if not grad:
+        return out
+    return torch.stack(rows) if rows else torch.empty_like(q)  # B = 0
 
 
-regional_cross_attention.differentiable = True  # SDPA, unbind/stack, index_select, slices
+regional_cross_attention.differentiable = True  # SDPA, unbind/split/stack, index_select, slices
 
 
 def _attention_vjp(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float):
