@@ -319,6 +319,34 @@ def test_train_base_resumes_to_the_same_weights(tmp_path):
     ev.Evaluator.load(split / "evaluator")
 
 
+def test_train_base_exports_an_unfinished_runs_ema(tmp_path):
+    """``--export DIR`` writes a running (stopped) run's checkpoint as a loadable model: the EMA of
+    the UNet and text encoder in the diffusion phase, the run's evaluator, the phase and step in the
+    manifest; the run itself resumes as if nothing happened."""
+    from lifelong_engine.tinyworld.train_base import export_checkpoint, main
+
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_checkpoint(run, tmp_path / "none")
+    assert train(TrainConfig(out=run, stop_after_steps=1, **_TINY))["phase"] == "autoencoder"
+    with pytest.raises(ValueError, match="autoencoder phase"):
+        export_checkpoint(run, tmp_path / "none")
+    assert train(TrainConfig(out=run, stop_after_steps=3, **_TINY)) == {"finished": False, "phase": "diffusion",
+                                                                         "step": 2}  # fmt: skip
+    ev.train_evaluator(2, 4, 0, "cpu", progress=False).save(run / "evaluator")
+    assert main(["--out", str(run), "--export", str(tmp_path / "exported")]) == 0
+    manifest = tm.read_manifest(tmp_path / "exported")
+    assert manifest["checkpoint"]["phase"] == "diffusion" and manifest["checkpoint"]["step"] == 2
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    loaded = tm.load_tinyworld_pipeline("cpu", tmp_path / "exported")
+    params = [*loaded.unet.parameters(), *loaded.text_encoder.parameters()]
+    assert all(torch.equal(p, e.half().float()) for p, e in zip(params, ckpt["ema"], strict=True))
+    trained = ckpt["models"]["unet"]["conv_in.weight"]
+    assert not torch.equal(trained.half().float(), loaded.unet.conv_in.weight)  # the EMA, not the raw weights
+    ev.Evaluator.load(tmp_path / "exported" / "evaluator")
+    assert train(TrainConfig(out=run, **_TINY))["finished"]
+
+
 def test_train_base_continues_from_other_weights_with_regional_rows(tmp_path):
     """--init-from keeps the autoencoder and every known token's embedding, skips phase 1, and
     trains regional rows (per-object prompts in boxes) through the engine's processors."""

@@ -1,6 +1,7 @@
 """Train TinyWorld's base model (and its evaluator) from scratch, reproducibly, on a CPU.
 
     python -m lifelong_engine.tinyworld.train_base [--out DIR] [--minutes M] [--seed S] [--device D]
+    python -m lifelong_engine.tinyworld.train_base --out RUN --export DIR
 
 Three phases, each on freshly rendered generic-world samples (:func:`~.world.sample_scene`,
 :func:`~.world.render_batch`, :func:`~.world.caption`: the stream :func:`~.world.generic_dataset`
@@ -26,9 +27,11 @@ same on any machine; before starting, the script times a few steps and, if the p
 checkpoint (temp file + rename) is written every ``--checkpoint-minutes`` and at each phase's end;
 running the same command again resumes from it, and a resumed run ends with the same weights as
 an uninterrupted one. ``--stop-after-minutes`` stops early with a checkpoint (to split a run over
-sessions). At the end: the weights via :func:`~.model.save_weights`, the evaluator in
-``evaluator/``, ``training_stats.json`` (throughput, losses, held-out evaluator accuracy, prompt
-following of the new model) and ``samples.png`` (generated images above renders of their captions).
+sessions); ``--export DIR`` writes a run's latest checkpoint (in the diffusion phase its EMA) to
+``DIR`` as a model, so that ``targets --weights DIR`` can measure a long run part-way. At the
+end: the weights via :func:`~.model.save_weights`, the evaluator in ``evaluator/``,
+``training_stats.json`` (throughput, losses, held-out evaluator accuracy, prompt following of the
+new model) and ``samples.png`` (generated images above renders of their captions).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from ..store import atomic_torch_save as _atomic_save
 from .model import MODEL_VERSION, WEIGHTS_DIR, build_pipeline, save_weights, tinyworld_components
 from .world import caption, object_box, object_prompt, render_batch, sample_scene, sample_scenes
 
-__all__ = ["DEFAULT_STEPS", "TrainConfig", "main", "train", "v_loss_weight"]
+__all__ = ["DEFAULT_STEPS", "TrainConfig", "export_checkpoint", "main", "train", "v_loss_weight"]
 
 #: Steps of each phase for a model trained from scratch, sized for ~50 minutes on a 2-core CPU.
 DEFAULT_STEPS = {"autoencoder": 1500, "diffusion": 5500, "evaluator": 1000}
@@ -735,6 +738,39 @@ def train(config: TrainConfig) -> dict:
     return report
 
 
+def export_checkpoint(directory: str | Path, out: str | Path) -> Path:
+    """The weights of an unfinished run in ``directory`` (its checkpoint) as a model directory that
+    :func:`~.model.load_tinyworld_pipeline` and ``targets --weights`` read, for watching a long run:
+    in the diffusion phase the EMA (what the run would ship), the run's evaluator when it has one.
+    The manifest records ``checkpoint``: the phase and step. Returns ``out``."""
+    import shutil
+
+    path = Path(directory) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (a finished run's weights are {directory} itself)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("version") != MODEL_VERSION:
+        raise ValueError(f"checkpoint {path} is for {ckpt.get('version')!r}, not {MODEL_VERSION!r}")
+    state = ckpt["state"]
+    if state["phase"] == "autoencoder":
+        raise ValueError(f"checkpoint {path} is in the autoencoder phase: there is no diffusion model to export yet")
+    c = tinyworld_components(ckpt["recipe"]["seed"])
+    c["vae"].register_to_config(scaling_factor=ckpt["scaling_factor"])
+    for name, weights in ckpt["models"].items():
+        c[name].load_state_dict(weights)
+    if ckpt["ema"] is not None:  # the diffusion phase: its EMA, in diffusion_step's parameter order
+        with torch.no_grad():
+            for p, e in zip([*c["unet"].parameters(), *c["text_encoder"].parameters()], ckpt["ema"], strict=True):
+                p.copy_(e)
+    out = Path(out)
+    save_weights(build_pipeline(c), out, extra={"seed": ckpt["recipe"]["seed"], "recipe": ckpt["recipe"],
+                 "checkpoint": {"phase": state["phase"], "step": state["step"], "steps": state["steps"]}})  # fmt: skip
+    evaluator = Path(directory) / "evaluator"
+    if (evaluator / "config.json").is_file():
+        shutil.copytree(evaluator, out / "evaluator", dirs_exist_ok=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights directory (default: the package's)")
@@ -756,7 +792,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: the recipe's)")
     parser.add_argument("--snr-floor", type=float, default=None,
                         help="least x0-loss weight of a timestep (default: the recipe's, 0: Min-SNR)")  # fmt: skip
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="train nothing: write the --out run's checkpoint (its EMA) to DIR, a model")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.export is not None:
+        print(f"[train_base] {args.out / CHECKPOINT} → {export_checkpoint(args.out, args.export)}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {p: getattr(args, f"{p}_steps") for p in _PHASES}
