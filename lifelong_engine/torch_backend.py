@@ -336,7 +336,6 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
         zip(q.unbind(0), k.split(1), v.split(1), order, groups)
     ):
         k_slots, v_slots = k_row.split(1, dim=1), v_row.split(1, dim=1)  # (1, 1, H, T, d) each; SDPA gets 4-D
-        dest = torch.empty_like(q_row) if grad else out[row]
         if len(row_groups) == 1:  # every query of the row reads one slot: no gather
             slot, _, _, keys = row_groups[0]
             kk, vv = k_slots[slot][:, 0, :, :keys], v_slots[slot][:, 0, :, :keys]
@@ -344,8 +343,9 @@ def regional_cross_attention(q, k, v, region_ids, kv_len=None, scale=None):
             if grad:
                 rows.append(part)
             else:
-                dest.copy_(part)
+                out[row].copy_(part)
             continue
+        dest = torch.empty_like(q_row) if grad else out[row]
         qs = q_row.index_select(1, order_row)  # (H, N, d), grouped by slot
         for slot, start, n, keys in row_groups:  # each slot's queries (a strided view) against its keys
             kk, vv = k_slots[slot][:, 0, :, :keys], v_slots[slot][:, 0, :, :keys]

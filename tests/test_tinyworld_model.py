@@ -334,6 +334,8 @@ def test_train_base_exports_an_unfinished_runs_ema(tmp_path):
     assert train(TrainConfig(out=run, stop_after_steps=3, **_TINY)) == {"finished": False, "phase": "diffusion",
                                                                          "step": 2}  # fmt: skip
     ev.train_evaluator(2, 4, 0, "cpu", progress=False).save(run / "evaluator")
+    with pytest.raises(SystemExit):  # a clear CLI error, not a traceback
+        main(["--out", str(run), "--export", str(run)])
     assert main(["--out", str(run), "--export", str(tmp_path / "exported")]) == 0
     manifest = tm.read_manifest(tmp_path / "exported")
     assert manifest["checkpoint"]["phase"] == "diffusion" and manifest["checkpoint"]["step"] == 2

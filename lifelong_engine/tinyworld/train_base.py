@@ -115,6 +115,11 @@ def v_loss_weight(snr: torch.Tensor, floor: float, gamma: float) -> torch.Tensor
     return snr.clamp(min=floor, max=gamma) / (snr + 1)
 
 
+def _diffusion_params(components: dict) -> list[torch.nn.Parameter]:
+    """The parameters the diffusion phase trains, in the order its optimizer and EMA list them."""
+    return [*components["unet"].parameters(), *components["text_encoder"].parameters()]
+
+
 class _Stop(Exception):
     """Raised inside a phase when the run should stop here (after a checkpoint)."""
 
@@ -436,7 +441,7 @@ class _Run:
         snr = (alpha_bar / (1 - alpha_bar)).flatten()
         loss = (mse * v_loss_weight(snr, cfg.snr_floor, cfg.min_snr_gamma)).mean()
         loss.backward()
-        params = [*c["unet"].parameters(), *c["text_encoder"].parameters()]
+        params = _diffusion_params(c)
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total, min(cfg.warmup, total // 10))
@@ -588,7 +593,7 @@ class _Run:
         c["vae"].eval().requires_grad_(False)
         c["unet"].train().requires_grad_(True)
         c["text_encoder"].train().requires_grad_(True)
-        params = [*c["unet"].parameters(), *c["text_encoder"].parameters()]
+        params = _diffusion_params(c)
         optimizer = torch.optim.AdamW(params, lr=self.config.lr, betas=(0.9, 0.999), weight_decay=0.01)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -746,6 +751,8 @@ def export_checkpoint(directory: str | Path, out: str | Path) -> Path:
     import shutil
 
     path = Path(directory) / CHECKPOINT
+    if Path(out).resolve() == Path(directory).resolve():
+        raise ValueError(f"--export {out}: the run's own directory; export to another one")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (a finished run's weights are {directory} itself)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -760,7 +767,7 @@ def export_checkpoint(directory: str | Path, out: str | Path) -> Path:
         c[name].load_state_dict(weights)
     if ckpt["ema"] is not None:  # the diffusion phase: its EMA, in diffusion_step's parameter order
         with torch.no_grad():
-            for p, e in zip([*c["unet"].parameters(), *c["text_encoder"].parameters()], ckpt["ema"], strict=True):
+            for p, e in zip(_diffusion_params(c), ckpt["ema"], strict=True):
                 p.copy_(e)
     out = Path(out)
     save_weights(build_pipeline(c), out, extra={"seed": ckpt["recipe"]["seed"], "recipe": ckpt["recipe"],
@@ -796,7 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train nothing: write the --out run's checkpoint (its EMA) to DIR, a model")  # fmt: skip
     args = parser.parse_args(argv)
     if args.export is not None:
-        print(f"[train_base] {args.out / CHECKPOINT} → {export_checkpoint(args.out, args.export)}")
+        try:
+            print(f"[train_base] {args.out / CHECKPOINT} → {export_checkpoint(args.out, args.export)}")
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
