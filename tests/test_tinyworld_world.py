@@ -122,7 +122,7 @@ def test_world_is_pinned():
         for sample in concept.images(5, seed=0, captions="photo"):
             digest.update(sample.caption.encode())
             digest.update(np.asarray(sample.image).tobytes())
-    assert digest.hexdigest() == "c2a34f3c5bbc7e26cac050a537ca332646cac373d6af79221c4202da3479ad0c"
+    assert digest.hexdigest() == "87b140c068bf20dd988961d33dccdb3960079add81c73710cacd2fb29350bf55"
 
 
 def test_render_batch_matches_render_and_other_sizes_scale(scenes):
@@ -278,6 +278,27 @@ def test_positions_and_sizes_are_visible():
             assert min(centres, key=lambda n: np.linalg.norm(centres[n] - centroid)) == position
             areas[size] = coverage.sum()
         assert areas["large"] > 1.8 * areas["small"], shape
+
+
+def test_every_named_part_shows():
+    """A caption names only what the image shows: every two-colour generic object (and every
+    concept, at both sizes) shows at least MIN_PART_PIXELS of its colour, its accent and its
+    emblem; a ring's concentric accent is the inner half of its band, not the scaled ring (which
+    would lie in its hole), and an emblem that would fall in a ring's hole is dropped."""
+    objects = [o for scene in tw.sample_scenes(20_000, seed=7) for o in scene.objects if o.identity is not None]
+    assert all(tw.parts_show(o) for o in objects)
+    assert any(o.shape == "ring" and o.identity.split == "concentric" for o in objects)
+    assert not any(o.shape == "ring" and o.identity.emblem is not None for o in objects)
+    for concept in tw.CONCEPTS:
+        assert all(tw.parts_show(concept.spec(size, "center")) for size in tw.SIZES)
+    # in pixels: a ring split concentrically shows its accent, and a ring's dot would not show
+    ring = tw.ObjectSpec("ring", "red", identity=tw.Identity("blue", "concentric"))
+    image = tw.render_array(tw.Scene("white", (ring,))).reshape(-1, 3).astype(float)
+    blue = np.linalg.norm(image - np.array(tw.COLOURS["blue"]), axis=1) < 30
+    assert blue.sum() >= tw.MIN_PART_PIXELS
+    assert tw.part_pixels("ring", "small", "concentric", None)[1] >= tw.MIN_PART_PIXELS
+    assert tw.part_pixels("ring", "large", "vertical", "dot")[2] == 0
+    assert not tw.parts_show(dataclasses.replace(ring, identity=tw.Identity("blue", "vertical", "dot")))
 
 
 # ---------------------------------------------------------------------------------------------

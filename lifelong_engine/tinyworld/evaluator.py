@@ -70,6 +70,7 @@ from .world import (
     concept_of,
     context_prompts,
     generic_dataset,
+    parts_show,
     render_batch,
 )
 
@@ -530,7 +531,8 @@ def _near_miss(rng: np.random.Generator, background: str, size: str, position: s
         else:
             ident = dataclasses.replace(ident, emblem=_pick(rng, (None, *EMBLEMS)))
         obj = ObjectSpec(shape, colour, "solid", size, position, ident)
-        if concept_of(obj) is None and background not in (colour, ident.accent) and colour != ident.accent:
+        distinct = background not in (colour, ident.accent) and colour != ident.accent
+        if concept_of(obj) is None and distinct and parts_show(obj):  # a ring hides an emblem in its hole
             return obj
 
 

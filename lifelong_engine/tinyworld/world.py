@@ -19,8 +19,9 @@ so a seed gives the same pixels and captions on every run and machine.
 
 Personal concepts (:data:`CONCEPTS`) are objects with a unique identity: a two-colour split of
 their base shape and sometimes a white emblem (:class:`Identity`). The generic sampler renders
-every part a concept is made of (every colour, split and emblem, named in its captions), but never
-the exact combination of any concept (:func:`concept_of`), so a concept can be drawn by the base
+every part a concept is made of (every colour, split and emblem, named in its captions; an object
+whose image would not show a part its caption names, such as an emblem in a ring's hole, is drawn
+again: :func:`parts_show`), but never the exact combination of any concept (:func:`concept_of`), so a concept can be drawn by the base
 model from its full description, yet its identity must be learned. Each has a prompt token
 (``<tw-badge>``), a class word that is a generic shape word (``circle``), a handful of training
 images, held-out context prompts with the scene each describes, and two-concept layouts for
@@ -108,6 +109,8 @@ SPLIT_PHRASES: dict[str, str] = {
     "concentric": "concentric",
 }
 EMBLEMS: tuple[str, ...] = ("cross", "dot")
+#: Fewest pixels (at 32×32) each named part of a generic two-colour object shows (:func:`parts_show`).
+MIN_PART_PIXELS = 4
 #: Largest offset of an object from its named position, per axis, normalised (3 pixels at 32×32).
 MAX_OFFSET = 3 / 32
 #: Most objects in a scene.
@@ -281,6 +284,46 @@ def _emblem_mask(emblem: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"emblem {emblem!r}: expected one of {', '.join(map(repr, EMBLEMS))}")
 
 
+def _split_mask(shape: str, split: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where a two-colour object shows its accent (within its shape mask)."""
+    if split == "vertical":
+        return np.broadcast_to(u >= 0.0, np.broadcast_shapes(u.shape, v.shape))
+    if split == "horizontal":
+        return np.broadcast_to(v >= 0.0, np.broadcast_shapes(u.shape, v.shape))
+    if split == "diagonal":
+        return u + v >= 0.0
+    if shape == "ring":  # concentric: the inner half of the band (the ring at 55 % scale would lie in its hole)
+        return u * u + v * v <= 0.600625  # radius 0.775
+    return _shape_mask(shape, u / 0.55, v / 0.55)  # concentric: the same shape at 55 % scale
+
+
+@lru_cache(maxsize=512)
+def part_pixels(shape: str, size: str, split: str, emblem: str | None) -> tuple[int, int, int]:
+    """How many pixels (at 32×32) a two-colour object drawn whole at the image centre gives mostly
+    (at least half their area) to its colour, its accent and its emblem (0 without one)."""
+    hi = _hires(32)
+    window, u, v, mask = _local_grid(shape, size, (0.5, 0.5), hi)
+    on_emblem = _emblem_mask(emblem, u, v) if emblem is not None else np.zeros(mask.shape, dtype=bool)
+    accent = _split_mask(shape, split, u, v)
+    counts = []
+    for part in (mask & ~accent & ~on_emblem, mask & accent & ~on_emblem, mask & on_emblem):
+        canvas = np.zeros((hi, hi), dtype=np.int64)
+        canvas[window] = part
+        area = canvas.reshape(32, _SS, 32, _SS).sum(axis=(1, 3))
+        counts.append(int((2 * area >= _SS**2).sum()))
+    return tuple(counts)
+
+
+def parts_show(obj: ObjectSpec) -> bool:
+    """Whether every part ``obj``'s caption names shows in its image: for a two-colour object, at
+    least :data:`MIN_PART_PIXELS` of its colour, of its accent and of its emblem (if any)."""
+    if obj.identity is None:
+        return True
+    ident = obj.identity
+    main, accent, emblem = part_pixels(obj.shape, obj.size, ident.split, ident.emblem)
+    return min(main, accent) >= MIN_PART_PIXELS and (ident.emblem is None or emblem >= MIN_PART_PIXELS)
+
+
 def _shade(colour: str) -> tuple[int, int, int]:
     return tuple(c * _SHADE_PERCENT // 100 for c in COLOURS[colour])
 
@@ -354,15 +397,7 @@ def _paint(canvas: np.ndarray, obj: ObjectSpec, hi: int) -> None:
     ident = obj.identity
     if ident is None:
         return
-    if ident.split == "vertical":
-        second = np.broadcast_to(u >= 0.0, mask.shape)
-    elif ident.split == "horizontal":
-        second = np.broadcast_to(v >= 0.0, mask.shape)
-    elif ident.split == "diagonal":
-        second = u + v >= 0.0
-    else:  # concentric: the same shape at 55 % scale
-        second = _shape_mask(obj.shape, u / 0.55, v / 0.55)
-    _fill(crop, mask & second, COLOURS[ident.accent])
+    _fill(crop, mask & _split_mask(obj.shape, ident.split, u, v), COLOURS[ident.accent])
     if ident.emblem is not None:
         _fill(crop, mask & _emblem_mask(ident.emblem, u, v), COLOURS[ident.emblem_colour])
 
@@ -494,7 +529,8 @@ def _pick(rng: np.random.Generator, options: Sequence):
 
 
 def _sample_object(rng: np.random.Generator, background: str, position: str) -> ObjectSpec:
-    """One generic object; draws until it is no personal concept (so the stream stays seeded)."""
+    """One generic object; draws until it is no personal concept and shows every part its caption
+    names (:func:`parts_show`), so the stream stays seeded."""
     while True:
         shape = _pick(rng, SHAPES)
         colour = _pick(rng, tuple(c for c in OBJECT_COLOURS if c != background))
@@ -507,7 +543,7 @@ def _sample_object(rng: np.random.Generator, background: str, position: str) -> 
         if "white" in (colour, accent):
             emblem = None  # a white emblem on a white part would not show
         obj = ObjectSpec(shape, colour, "solid", size, position, Identity(accent, split, emblem))
-        if concept_of(obj) is None:
+        if concept_of(obj) is None and parts_show(obj):
             return obj
 
 
