@@ -349,6 +349,18 @@ def test_train_base_exports_an_unfinished_runs_ema(tmp_path):
     assert train(TrainConfig(out=run, **_TINY))["finished"]
 
 
+def test_train_base_reuses_a_finished_evaluator_with_its_training_time(tmp_path):
+    """An evaluator already trained into the run's directory with the same steps, batch and seed is
+    reused, and the stats keep the seconds its training took rather than the 0 s of reusing it."""
+    run = tmp_path / "run"
+    trained = ev.train_evaluator(2, 4, 0, "cpu", progress=False)
+    trained.save(run / "evaluator", extra={"training": {"steps": 2, "batch": 4, "seed": 0, "seconds": 12.5}})
+    stats = train(TrainConfig(out=run, **_TINY))
+    assert stats["finished"] and stats["evaluator"]["seconds"] == 12.5
+    saved = json.loads((run / "evaluator" / "config.json").read_text())["training"]
+    assert saved["seconds"] == 12.5 and saved["steps"] == 2
+
+
 def test_train_base_continues_from_other_weights_with_regional_rows(tmp_path):
     """--init-from keeps the autoencoder and every known token's embedding, skips phase 1, and
     trains regional rows (per-object prompts in boxes) through the engine's processors."""

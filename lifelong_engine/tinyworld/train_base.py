@@ -685,17 +685,20 @@ def train(config: TrainConfig) -> dict:
         print(f"[train_base] stopped at {run.state['phase']} step {run.state['step']}; run again to resume")
         return {"finished": False, "phase": run.state["phase"], "step": run.state["step"]}
 
-    started = time.perf_counter()
     recorded = {"steps": steps["evaluator"], "batch": config.evaluator_batch, "seed": config.seed}
     evaluator = _finished_evaluator(config.out / "evaluator", recorded, run.device)
     if evaluator is None:
+        started = time.perf_counter()
         evaluator = train_evaluator(
             steps["evaluator"], config.evaluator_batch, config.seed, run.device, progress=config.progress
         )
+        recorded["seconds"] = round(time.perf_counter() - started, 1)
         evaluator.save(config.out / "evaluator", extra={"training": recorded})  # kept if a later step fails
+    else:  # reused: the time its training took, as recorded then (None if it was not)
+        training = json.loads((config.out / "evaluator" / "config.json").read_text())["training"]
+        recorded["seconds"] = training.get("seconds")
     stats["evaluator"] = {
         **recorded,
-        "seconds": round(time.perf_counter() - started, 1),
         "held_out_accuracy": held_out_accuracy(evaluator, n=200 if steps["evaluator"] < 50 else 1000),
         "identity_accuracy": identity_accuracy(evaluator, per_class=5 if steps["evaluator"] < 50 else 40),
         "identity_alignment": identity_separation(evaluator),

@@ -21,8 +21,9 @@ Personal concepts (:data:`CONCEPTS`) are objects with a unique identity: a two-c
 their base shape and sometimes a white emblem (:class:`Identity`). The generic sampler renders
 every part a concept is made of (every colour, split and emblem, named in its captions; an object
 whose image would not show a part its caption names, such as an emblem in a ring's hole, is drawn
-again: :func:`parts_show`), but never the exact combination of any concept (:func:`concept_of`), so a concept can be drawn by the base
-model from its full description, yet its identity must be learned. Each has a prompt token
+again: :func:`parts_show`), but never the exact combination of any concept (:func:`concept_of`),
+so a concept can be drawn by the base model from its full description, yet its identity must be
+learned. Each has a prompt token
 (``<tw-badge>``), a class word that is a generic shape word (``circle``), a handful of training
 images, held-out context prompts with the scene each describes, and two-concept layouts for
 regional synthesis.
