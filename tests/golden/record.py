@@ -3,8 +3,8 @@
 Run once from the code the outputs must be kept equal to (it was run before issue 15's rewrite):
 ``python tests/golden/record.py``. Re-running it on later code would make test_golden.py check nothing.
 The ``tinyworld`` entry depends on the shipped weights: when TinyWorld v3's weights replaced v2's, and again
-when the from-scratch model replaced the first v3 model, that entry alone was re-recorded (same code, right
-after the old entry had passed on it).
+when the from-scratch model replaced the first v3 model, and when its continuation on the world with the parts
+rule replaced it, that entry alone was re-recorded (same code, right after the old entry had passed on it).
 """
 
 import sys
